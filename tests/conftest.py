@@ -1,0 +1,119 @@
+"""Shared fixtures. Tests mirror the files: tests/test_tools.py for tools.py, ...
+
+Real-stack tests are marked `stack` and call `require_stack(...)`: on a laptop
+without the stack they skip with a message saying what to run; with CI=true a
+missing stack fails the test instead, so CI never reports a skipped check as
+passing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import config as config_module  # noqa: E402
+import db  # noqa: E402
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+STACK_HINT = 'start the real stack first: eval "$(scripts/stack.sh up)"'
+
+
+def require_stack(what: str, available: bool, why: str = "") -> None:
+    """Skip (laptop) or fail (CI=true) when a real-stack part is missing."""
+    if available:
+        return
+    message = f"{what} is not available{': ' + why if why else ''} ({STACK_HINT})"
+    if IN_CI:
+        pytest.fail(f"CI=true and {message}", pytrace=False)
+    pytest.skip(message)
+
+
+# ---------------------------------------------------------------------------
+# configuration: tests never see the operator's PIDEPLOY_* settings
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in list(os.environ):
+        if name.startswith("PIDEPLOY_") or name == "DATABASE_URL":
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.pi/agent/auth.json of the operator's
+
+
+def make_config(tmp_path: Path, **settings: object) -> config_module.Config:
+    """A Config for a test: home in tmp_path, settings given as field=value."""
+    env = {"PIDEPLOY_HOME": str(tmp_path / "pideploy")}
+    for key, value in settings.items():
+        env["PIDEPLOY_" + key.upper()] = str(value)
+    return config_module.load(env=env, cwd=tmp_path, auth_path=tmp_path / "no-auth.json")
+
+
+# ---------------------------------------------------------------------------
+# PostgreSQL: one embedded cluster per test session, a fresh database per test
+# ---------------------------------------------------------------------------
+
+
+def _short_home() -> Path:
+    # Not under pytest's tmp dir: that is 0700, and as root the cluster runs as
+    # `postgres`, which must be able to enter the home; /tmp also keeps the
+    # socket path short.
+    return Path(tempfile.mkdtemp(prefix="pdt-", dir="/tmp"))
+
+
+@pytest.fixture
+def pg_home() -> Iterator[Path]:
+    """A PIDEPLOY_HOME where an embedded cluster can live (removed afterwards)."""
+    home = _short_home()
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[db.EmbeddedPostgres | None]:
+    if db.find_server_bindir() is None:
+        yield None
+        return
+    home = _short_home()
+    cluster = db.EmbeddedPostgres(home)
+    cluster.start()
+    yield cluster
+    cluster.release()
+    shutil.rmtree(home, ignore_errors=True)
+
+
+_database_numbers = itertools.count(1)
+
+
+@pytest.fixture
+def database_url(pg_cluster: db.EmbeddedPostgres | None) -> Iterator[str]:
+    """The conninfo of a new, empty database (schema not applied)."""
+    require_stack("PostgreSQL", pg_cluster is not None, db.INSTALL_HINT)
+    assert pg_cluster is not None
+    name = f"test_{os.getpid()}_{next(_database_numbers)}"
+    with psycopg.connect(pg_cluster.admin_conninfo, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        conn.execute(f"CREATE DATABASE {name}")
+    yield f"host={pg_cluster.dir} dbname={name} user={db.DB_USER}"
+    with psycopg.connect(pg_cluster.admin_conninfo, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def database(database_url: str) -> Iterator[db.Database]:
+    """A fresh database with the schema applied."""
+    database = db.Database(database_url)
+    database.apply_schema()
+    yield database
+    database.close()

@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import db
+import errors
+from tests.conftest import ROOT, make_config, require_stack
+
+pytestmark = pytest.mark.stack
+
+
+def test_schema_applies_twice_and_reports_its_version(database: db.Database) -> None:
+    assert database.apply_schema() == db.SCHEMA_VERSION
+    assert database.apply_schema() == db.SCHEMA_VERSION
+
+
+def test_named_queries_are_loaded_from_queries_sql() -> None:
+    assert "instance_insert" in db.QUERIES
+    assert "%(user_id)s" in db.QUERIES["instance_insert"]
+
+
+def _instance(database: db.Database, name: str = "a", user: str = "u1") -> db.Row:
+    row = database.one("instance_insert", user_id=user, name=name, image="img", config={})
+    assert row is not None
+    return row
+
+
+def test_constraints_live_in_the_database(database: db.Database) -> None:
+    first = _instance(database, "a")
+    with pytest.raises(errors.BadRequest):
+        database.one("instance_set_status", id=first["id"], status="bogus", last_error=None)
+    with pytest.raises(errors.Conflict):
+        _instance(database, "a")  # (user_id, name) is unique
+    with pytest.raises(errors.BadRequest):
+        _instance(database, "Bad Name!")
+    second = _instance(database, "b")
+    common = {"status": "running", "container_id": "c", "storage_path": "/x", "image": "i", "config": {}}
+    database.one("instance_set_runtime", id=first["id"], port=20001, last_error=None, **common)
+    with pytest.raises(errors.Conflict):  # a host port belongs to one instance
+        database.one("instance_set_runtime", id=second["id"], port=20001, last_error=None, **common)
+
+
+def test_events_are_append_only(database: db.Database) -> None:
+    row = _instance(database)
+    event = database.one(
+        "event_insert", instance_id=row["id"], user_id="u1", task_id=None, kind="created", detail={}
+    )
+    assert event is not None
+    with pytest.raises(errors.Conflict), database.transaction() as conn:
+        conn.execute("DELETE FROM event")
+    assert database.all("event_list_for_instance", instance_id=row["id"], limit=10)
+
+
+def test_events_outlive_their_instance(database: db.Database) -> None:
+    row = _instance(database)
+    database.one("event_insert", instance_id=row["id"], user_id="u1", task_id=None, kind="created", detail={})
+    database.one("instance_delete", id=row["id"])
+    assert len(database.all("event_list_for_instance", instance_id=row["id"], limit=10)) == 1
+
+
+def test_embedded_cluster_survives_restart_and_is_shared(tmp_path: Path, pg_home: Path) -> None:
+    require_stack("PostgreSQL server binaries", db.find_server_bindir() is not None, db.INSTALL_HINT)
+    config = make_config(tmp_path, home=pg_home)
+    first = db.Postgres(config)
+    row = first.db.one("instance_insert", user_id="u", name="keep", image="i", config={})
+    assert row is not None
+    second = db.Postgres(config)  # a second process on the same data dir shares the cluster
+    first.close()  # not the last user: the cluster must stay up for `second`
+    assert second.db.one("instance_get", id=row["id"]) is not None
+    second.close()  # the last user stops it
+    assert not (config.home / "pg" / "data" / "postmaster.pid").exists()
+    third = db.Postgres(config)  # restarted: the data survived
+    kept = third.db.one("instance_get", id=row["id"])
+    third.close()
+    assert kept is not None and kept["name"] == "keep"
+
+
+def test_embedded_cluster_is_shared_across_processes(tmp_path: Path, pg_home: Path) -> None:
+    require_stack("PostgreSQL server binaries", db.find_server_bindir() is not None, db.INSTALL_HINT)
+    config = make_config(tmp_path, home=pg_home)
+    holder = db.Postgres(config)
+    script = (
+        f"import sys; sys.path.insert(0, {str(ROOT)!r}); import config, db; "
+        "pg = db.Postgres(config.load()); print(pg.db.schema_version()); pg.close()"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        env={"PIDEPLOY_HOME": str(config.home), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(db.SCHEMA_VERSION)
+    assert holder.db.schema_version() == db.SCHEMA_VERSION  # the child did not stop it under us
+    holder.close()
+
+
+def test_missing_server_binaries_say_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(db, "find_server_bindir", lambda: None)
+    with pytest.raises(errors.InfraUnavailable, match="apt-get install postgresql"):
+        db.Postgres(make_config(tmp_path))
