@@ -30,7 +30,7 @@ ERROR_CLASSES = (
 class PiDeployError(Exception):
     """Root of every error piDeploy raises on purpose."""
 
-    error_class: ClassVar[str] = "infra_unavailable"
+    error_class: str = "infra_unavailable"  # an instance may narrow it (see agent.finish)
 
     def __init__(self, message: str, **data: Any) -> None:
         super().__init__(message)

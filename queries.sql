@@ -94,3 +94,11 @@ SELECT model, until, reason FROM model_cooldown WHERE until > now();
 
 -- name: model_cooldown_clear
 DELETE FROM model_cooldown WHERE model = %(model)s;
+
+-- ======================================================================
+-- tasks (the queue's own queries follow in their section)
+-- ======================================================================
+
+-- name: task_set_instance
+-- instance_create submitted without an instance: the tool made the row.
+UPDATE task SET instance_id = %(instance_id)s, updated_at = now() WHERE id = %(id)s;
