@@ -8,9 +8,11 @@ passing.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -117,3 +119,46 @@ def database(database_url: str) -> Iterator[db.Database]:
     database.apply_schema()
     yield database
     database.close()
+
+
+# ---------------------------------------------------------------------------
+# engine and proxy (tests/test_engine.py, tests/test_proxy.py; usable by any
+# test that needs the real container engine, nginx or a free loopback port)
+# ---------------------------------------------------------------------------
+
+from engine import DockerEngine  # noqa: E402
+from errors import EngineError  # noqa: E402
+
+GATEWAY_IMAGE = "localhost/pideploy-gateway:latest"
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@functools.cache
+def _docker_unavailable() -> str:
+    """Why the real engine cannot be used ("" when it can): probed once per session."""
+    try:
+        real = DockerEngine(timeout=5)
+        real.version()
+    except EngineError as error:
+        return error.message
+    if not real.image_exists(GATEWAY_IMAGE):
+        return f"the image {GATEWAY_IMAGE} is not in the engine at {real.where}"
+    return ""
+
+
+@pytest.fixture
+def docker_engine() -> Iterator[DockerEngine]:
+    """The real engine (DOCKER_HOST) with the gateway image; skips or fails (CI) without it."""
+    why = _docker_unavailable()
+    require_stack("container engine", not why, why)
+    yield DockerEngine()
+
+
+def nginx_binary() -> str | None:
+    return shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
