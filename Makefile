@@ -2,7 +2,7 @@
 # (scripts/stack.sh up is idempotent and fast when everything is running).
 SHELL := /bin/bash
 PY := .venv/bin/python
-STACK := eval "$$(scripts/stack.sh up)"
+STACK := exports=$$(scripts/stack.sh up) && eval "$$exports"
 LIVE ?=
 
 .PHONY: venv run serve test lint typecheck eval bench e2e check stack-up stack-down clean
