@@ -102,3 +102,31 @@ DELETE FROM model_cooldown WHERE model = %(model)s;
 -- name: task_set_instance
 -- instance_create submitted without an instance: the tool made the row.
 UPDATE task SET instance_id = %(instance_id)s, updated_at = now() WHERE id = %(id)s;
+
+-- ======================================================================
+-- heartbeat (heartbeat.py)
+-- ======================================================================
+
+-- name: heartbeat_try_lock
+-- One heartbeat round at a time across processes (serve and cron): a session lock.
+SELECT pg_try_advisory_lock(%(key)s) AS ok;
+
+-- name: heartbeat_unlock
+SELECT pg_advisory_unlock(%(key)s) AS ok;
+
+-- name: heartbeat_busy_instances
+-- Instances some unfinished task works on: a transitional status there is not stuck.
+SELECT DISTINCT instance_id FROM task
+WHERE status IN ('queued', 'running') AND instance_id IS NOT NULL;
+
+-- name: heartbeat_counters_set
+-- Recovery bookkeeping only: updated_at is left alone (it dates the last status change).
+UPDATE instance
+SET recovery_failures = %(recovery_failures)s, next_recovery_at = %(next_recovery_at)s,
+    healthy_since = %(healthy_since)s
+WHERE id = %(id)s;
+
+-- name: heartbeat_round_insert
+INSERT INTO heartbeat_round (started_at, duration_s, drifts, repaired, unrepaired, cost_usd, source, trace_file)
+VALUES (%(started_at)s, %(duration_s)s, %(drifts)s, %(repaired)s, %(unrepaired)s, %(cost_usd)s, %(source)s,
+        %(trace_file)s);

@@ -1,0 +1,411 @@
+"""heartbeat.py's pure parts: diff, plan, backoff and counters. No I/O, `now` injected."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import heartbeat as hb
+from config import Config
+from engine import LABEL_INSTANCE, LABEL_NAMESPACE, LABEL_USER, Container
+
+NOW = 1_800_000_000.0
+CONFIG = Config(home=Path("/nonexistent"))  # backoff 5 s, max 60 s, 3 failures, reset 300 s, stuck 600 s
+
+
+def at(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
+
+
+def row(iid: int, status: str = "running", **columns: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "id": iid,
+        "user_id": "alice",
+        "name": f"i{iid}",
+        "status": status,
+        "container_id": f"c{iid:063d}",
+        "port": 20000 + iid,
+        "recovery_failures": 0,
+        "next_recovery_at": None,
+        "healthy_since": None,
+        "last_error": None,
+        "updated_at": at(NOW - 60),
+    }
+    return {**base, **columns}
+
+
+def container(iid: int | str, state: str = "running", **fields: Any) -> Container:
+    labels = {LABEL_INSTANCE: str(iid), LABEL_USER: "alice", LABEL_NAMESPACE: "default"}
+    ident = f"c{int(iid):063d}" if str(iid).isdigit() else f"x{iid}"
+    values: dict[str, Any] = {
+        "id": ident,
+        "name": f"pideploy-default-{iid}",
+        "image": "localhost/pideploy-gateway:latest",
+        "state": state,
+        "labels": labels,
+        "host_port": 20000 + int(iid) if str(iid).isdigit() else None,
+        **fields,
+    }
+    return Container(**values)
+
+
+def observe(
+    rows: list[dict[str, Any]],
+    containers: list[Container],
+    routes: dict[str, int] | None = None,
+    probes: dict[int, hb.Probe] | None = None,
+    busy: frozenset[int] = frozenset(),
+    now: float = NOW,
+) -> hb.Observation:
+    """A consistent world unless told otherwise: routes for running rows, every probe ok."""
+    if routes is None:
+        routes = {str(r["id"]): r["port"] for r in rows if r["status"] == "running"}
+    if probes is None:
+        running = {c.labels[LABEL_INSTANCE] for c in containers if c.running}
+        probes = {r["id"]: hb.Probe(True, "HTTP 200") for r in rows if str(r["id"]) in running}
+    return hb.Observation(now, containers, rows, routes, probes, busy)
+
+
+def kinds(drifts: list[hb.Drift]) -> list[tuple[str, int | None]]:
+    return sorted(((d.kind, d.instance_id) for d in drifts), key=str)
+
+
+# ---------------------------------------------------------------------------
+# diff
+# ---------------------------------------------------------------------------
+
+
+def test_a_consistent_fleet_has_no_drift() -> None:
+    rows = [row(1), row(2), row(3, "stopped"), row(4, "error", container_id=None)]
+    containers = [container(1), container(2), container(3, "exited", exit_code=0)]
+    assert hb.diff(observe(rows, containers), CONFIG) == []
+
+
+def test_an_empty_fleet_has_no_drift() -> None:
+    assert hb.diff(observe([], []), CONFIG) == []
+
+
+def test_a_crashed_container_carries_its_exit_code_and_oom_flag() -> None:
+    drifts = hb.diff(observe([row(1)], [container(1, "exited", exit_code=137, oom_killed=True)]), CONFIG)
+    assert kinds(drifts) == [("container_exited", 1)]
+    assert drifts[0].evidence["exit_code"] == 137
+    assert drifts[0].evidence["oom_killed"] is True
+    assert "exit code 137 (OOM killed)" in drifts[0].describe()
+
+
+@pytest.mark.parametrize("state", ["exited", "dead", "created", "paused", "restarting"])
+def test_any_state_but_running_is_an_exited_container(state: str) -> None:
+    drifts = hb.diff(observe([row(1)], [container(1, state)]), CONFIG)
+    assert kinds(drifts) == [("container_exited", 1)]
+
+
+def test_a_failing_probe_is_an_unhealthy_container() -> None:
+    obs = observe([row(1)], [container(1)], probes={1: hb.Probe(False, "HTTP 404")})
+    drifts = hb.diff(obs, CONFIG)
+    assert kinds(drifts) == [("container_unhealthy", 1)]
+    assert drifts[0].evidence["probe"] == "HTTP 404"
+
+
+def test_an_unprobed_instance_is_not_called_unhealthy() -> None:
+    # A targeted round probes only the instances it was asked about.
+    assert hb.diff(observe([row(1)], [container(1)], probes={}), CONFIG) == []
+
+
+def test_a_running_row_without_its_container_is_missing() -> None:
+    drifts = hb.diff(observe([row(1)], []), CONFIG)
+    assert kinds(drifts) == [("container_missing", 1)]
+
+
+def test_another_container_of_the_instance_does_not_stand_in_for_its_own() -> None:
+    stray = dataclasses.replace(container(1), id="f" * 64, name="pideploy-default-1-old")
+    drifts = hb.diff(observe([row(1)], [stray]), CONFIG)
+    assert kinds(drifts) == [("container_missing", 1)]
+    assert drifts[0].evidence["other_containers"] == ["f" * 12]
+
+
+def test_short_container_ids_match_full_ones() -> None:
+    rows = [row(1, container_id="c" + "0" * 11)]
+    assert hb.diff(observe(rows, [container(1)]), CONFIG) == []
+
+
+def test_a_stopped_row_whose_container_runs() -> None:
+    drifts = hb.diff(observe([row(1, "stopped")], [container(1)]), CONFIG)
+    assert kinds(drifts) == [("stopped_but_running", 1)]
+
+
+def test_a_stopped_row_with_a_stopped_or_no_container_is_fine() -> None:
+    assert hb.diff(observe([row(1, "stopped")], [container(1, "exited", exit_code=0)]), CONFIG) == []
+    assert hb.diff(observe([row(1, "stopped")], []), CONFIG) == []
+
+
+def test_error_rows_are_left_alone() -> None:
+    # The heartbeat stops at `error` until an operator starts the instance again.
+    obs = observe([row(1, "error")], [container(1, "exited", exit_code=3)])
+    assert hb.diff(obs, CONFIG) == []
+
+
+def test_a_labelled_container_without_a_row_is_an_orphan() -> None:
+    drifts = hb.diff(observe([], [container(7, "exited"), container("junk")]), CONFIG)
+    assert kinds(drifts) == [("orphan_container", 7), ("orphan_container", None)]
+    assert {d.evidence["name"] for d in drifts} == {"pideploy-default-7", "pideploy-default-junk"}
+
+
+def test_a_running_instance_without_a_route() -> None:
+    drifts = hb.diff(observe([row(1), row(2)], [container(1), container(2)], routes={"1": 20001}), CONFIG)
+    assert kinds(drifts) == [("route_missing", 2)]
+    assert drifts[0].evidence == {"route": "2", "expected_port": 20002}
+
+
+def test_a_route_to_the_wrong_port_or_for_no_running_instance_is_stale() -> None:
+    rows = [row(1), row(2, "stopped")]
+    routes = {"1": 20999, "2": 20002, "ghost": 21000}
+    drifts = hb.diff(observe(rows, [container(1)], routes=routes), CONFIG)
+    assert kinds(drifts) == [("route_stale", 1), ("route_stale", 2), ("route_stale", None)]
+    by_route = {d.evidence["route"]: d.evidence for d in drifts}
+    assert by_route["1"]["expected_port"] == 20001
+    assert by_route["2"]["expected_port"] is None
+    assert "route ghost" in next(d for d in drifts if d.instance_id is None).describe()
+
+
+def test_a_transitional_status_is_stuck_only_when_old_and_idle() -> None:
+    old = at(NOW - CONFIG.stuck_timeout - 1)
+    rows = [
+        row(1, "creating", updated_at=old),
+        row(2, "updating", updated_at=old),  # a task is working on it
+        row(3, "deleting", updated_at=at(NOW - 5)),  # too recent
+    ]
+    drifts = hb.diff(observe(rows, [], busy=frozenset({2})), CONFIG)
+    assert kinds(drifts) == [("stuck_transition", 1)]
+    assert drifts[0].evidence["status"] == "creating"
+    assert drifts[0].evidence["age_s"] == CONFIG.stuck_timeout + 1
+
+
+def test_drift_dicts_are_json() -> None:
+    drifts = hb.diff(observe([row(1, "creating", updated_at=at(0))], [container(9)]), CONFIG)
+    assert json.loads(json.dumps([d.to_dict() for d in drifts]))
+
+
+# ---------------------------------------------------------------------------
+# backoff and counters
+# ---------------------------------------------------------------------------
+
+
+def test_backoff_doubles_up_to_its_cap() -> None:
+    assert [hb.backoff(n, CONFIG) for n in range(7)] == [0, 5, 10, 20, 40, 60, 60]
+    tight = dataclasses.replace(CONFIG, recovery_backoff=0.0)
+    assert hb.backoff(5, tight) == 0
+
+
+def test_after_an_attempt_the_streak_grows_and_the_next_one_waits() -> None:
+    first = hb.after_attempt(row(1), healthy=True, now=NOW, config=CONFIG)
+    assert first == hb.Counters(1, NOW + 5, NOW)
+    second = hb.after_attempt(
+        row(1, recovery_failures=1, next_recovery_at=at(NOW + 5)), healthy=False, now=NOW + 6, config=CONFIG
+    )
+    assert second == hb.Counters(2, NOW + 6 + 10, None)
+
+
+def test_a_streak_ends_after_staying_healthy_for_healthy_reset() -> None:
+    streak = row(1, recovery_failures=2, healthy_since=at(NOW - CONFIG.healthy_reset))
+    assert hb.effective_failures(streak, NOW, CONFIG) == 0
+    assert hb.after_attempt(streak, healthy=True, now=NOW, config=CONFIG).failures == 1
+    recent = row(1, recovery_failures=2, healthy_since=at(NOW - 10))
+    assert hb.effective_failures(recent, NOW, CONFIG) == 2
+
+
+def test_recovery_due_at() -> None:
+    assert hb.recovery_due_at(row(1), NOW, CONFIG) is None
+    waiting = row(1, recovery_failures=1, next_recovery_at=at(NOW + 3))
+    assert hb.recovery_due_at(waiting, NOW, CONFIG) == NOW + 3
+    assert hb.recovery_due_at(waiting, NOW + 3, CONFIG) is None
+
+
+def test_settle_marks_healthy_since_then_clears_the_streak() -> None:
+    streak = row(1, recovery_failures=1, next_recovery_at=at(NOW - 1))
+    obs = observe([streak], [container(1)])
+    assert hb.settle(obs, [], CONFIG) == {1: hb.Counters(1, NOW - 1, NOW)}
+    later = observe([row(1, recovery_failures=1, healthy_since=at(NOW))], [container(1)], now=NOW + 300)
+    assert hb.settle(later, [], CONFIG) == {1: hb.CLEAR}
+    meanwhile = observe([row(1, recovery_failures=1, healthy_since=at(NOW))], [container(1)], now=NOW + 299)
+    assert hb.settle(meanwhile, [], CONFIG) == {}
+
+
+def test_settle_clears_counters_of_instances_no_longer_running() -> None:
+    rows = [row(1, "stopped", recovery_failures=2), row(2, "error", next_recovery_at=at(NOW + 9))]
+    assert hb.settle(observe(rows, []), [], CONFIG) == {1: hb.CLEAR, 2: hb.CLEAR}
+
+
+def test_settle_writes_nothing_for_a_healthy_fleet_or_unprobed_or_skipped_rows() -> None:
+    rows = [row(1), row(2, recovery_failures=1), row(3, recovery_failures=1)]
+    obs = observe(rows, [container(1), container(2), container(3)], probes={1: hb.Probe(True, "HTTP 200")})
+    assert hb.settle(obs, [], CONFIG) == {}
+    obs = observe(rows, [container(1), container(2), container(3)])
+    assert hb.settle(obs, [2, 3], CONFIG) == {}
+
+
+# ---------------------------------------------------------------------------
+# plan
+# ---------------------------------------------------------------------------
+
+
+def steps(drifts: list[hb.Drift], rows: list[dict[str, Any]], now: float = NOW) -> list[tuple[str, Any]]:
+    planned = hb.plan(drifts, {r["id"]: r for r in rows}, now, CONFIG)
+    return [(s.tool, s.arguments.get("instance_id")) for s in planned]
+
+
+def drift(kind: str, iid: int | None, **evidence: Any) -> hb.Drift:
+    return hb.Drift(kind, iid, evidence)
+
+
+@pytest.mark.parametrize("kind", hb.DOWN)
+def test_a_down_instance_is_started(kind: str) -> None:
+    assert steps([drift(kind, 1)], [row(1)]) == [("instance_start", 1)]
+
+
+def test_one_start_per_instance_however_many_drifts() -> None:
+    drifts = [drift("container_exited", 1), drift("container_unhealthy", 1), drift("container_missing", 1)]
+    assert steps(drifts, [row(1)]) == [("instance_start", 1)]
+
+
+def test_no_start_while_the_backoff_runs() -> None:
+    waiting = row(1, recovery_failures=1, next_recovery_at=at(NOW + 4))
+    assert steps([drift("container_exited", 1)], [waiting]) == []
+    assert steps([drift("container_exited", 1)], [waiting], now=NOW + 4) == [("instance_start", 1)]
+
+
+def test_after_max_failures_the_instance_is_marked_error_with_the_reason() -> None:
+    spent = row(1, recovery_failures=3, next_recovery_at=at(NOW + 60))
+    planned = hb.plan([drift("container_exited", 1, state="exited", exit_code=3)], {1: spent}, NOW, CONFIG)
+    assert [(s.tool, s.instance_id) for s in planned] == [("mark_error", 1)]
+    assert "3 consecutive recoveries did not hold" in planned[0].arguments["reason"]
+    assert "exit code 3" in planned[0].arguments["reason"]
+
+
+def test_a_streak_that_held_long_enough_is_not_held_against_a_new_crash() -> None:
+    held = row(1, recovery_failures=3, healthy_since=at(NOW - CONFIG.healthy_reset - 1))
+    assert steps([drift("container_exited", 1)], [held]) == [("instance_start", 1)]
+
+
+def test_a_stopped_instance_is_never_recovered() -> None:
+    # The diff would not report it; a row that changed since must not be started either.
+    assert steps([drift("container_exited", 1)], [row(1, "stopped")]) == []
+    assert steps([drift("container_missing", 1)], [row(1, "updating")]) == []
+
+
+def test_a_container_that_runs_against_a_stop_is_stopped() -> None:
+    assert steps([drift("stopped_but_running", 1)], [row(1, "stopped")]) == [("instance_stop", 1)]
+
+
+def test_route_drifts_need_one_nginx_sync_last() -> None:
+    drifts = [
+        drift("route_missing", 2),
+        drift("route_stale", None, route="ghost"),
+        drift("container_exited", 1),
+    ]
+    assert steps(drifts, [row(1), row(2)]) == [("instance_start", 1), ("nginx_sync", None)]
+
+
+def test_orphans_get_no_step() -> None:
+    assert steps([drift("orphan_container", 9), drift("orphan_container", None)], []) == []
+
+
+def test_a_stuck_instance_is_marked_error_with_the_reason() -> None:
+    stuck = drift("stuck_transition", 4, status="creating", age_s=900)
+    planned = hb.plan([stuck], {4: row(4, "creating")}, NOW, CONFIG)
+    assert [(s.tool, s.instance_id) for s in planned] == [("mark_error", 4)]
+    assert planned[0].arguments["reason"] == "stuck: instance 4: creating for 900s with no task working on it"
+
+
+def test_the_plan_orders_stops_starts_errors_then_routes() -> None:
+    drifts = [
+        drift("route_missing", 5),
+        drift("stuck_transition", 4, status="deleting", age_s=700),
+        drift("container_exited", 3),
+        drift("container_missing", 1),
+        drift("stopped_but_running", 2),
+    ]
+    rows = [row(1), row(2, "stopped"), row(3), row(4, "deleting"), row(5)]
+    assert steps(drifts, rows) == [
+        ("instance_stop", 2),
+        ("instance_start", 1),
+        ("instance_start", 3),
+        ("mark_error", 4),
+        ("nginx_sync", None),
+    ]
+
+
+def test_plan_steps_are_what_the_playbook_reads() -> None:
+    planned = hb.plan([drift("container_exited", 1)], {1: row(1)}, NOW, CONFIG)
+    step = planned[0].to_dict()
+    assert step["tool"] == "instance_start" and step["arguments"] == {"instance_id": 1}
+    assert json.loads(json.dumps(step)) == step
+
+
+def test_a_container_that_crashes_at_every_start_gets_exactly_three_recoveries() -> None:
+    """The rules together, with a clock: start, start, start (each after its backoff), then error."""
+    current = row(1)
+    now, starts, marked = NOW, 0, False
+    for _ in range(50):
+        planned = hb.plan([drift("container_exited", 1, exit_code=3)], {1: current}, now, CONFIG)
+        tools = [s.tool for s in planned]
+        if tools == ["mark_error"]:
+            marked = True
+            break
+        if tools == ["instance_start"]:
+            starts += 1
+            counters = hb.after_attempt(current, healthy=False, now=now, config=CONFIG)
+            current = {
+                **current,
+                "recovery_failures": counters.failures,
+                "next_recovery_at": at(counters.next_recovery_at or now),
+                "healthy_since": None,
+            }
+        now += 1.0
+    assert (starts, marked) == (3, True)
+    assert now == NOW + 5 + 10 + 1  # started at 0, 5 and 15 s (the backoffs); given up right after
+
+
+def test_a_container_that_answers_then_dies_is_not_restarted_forever() -> None:
+    """Recoveries that 'succeed' but do not last count towards the limit too."""
+    current, now = row(1), NOW
+    for attempt in range(1, 4):
+        assert steps([drift("container_exited", 1)], [current], now) == [("instance_start", 1)]
+        counters = hb.after_attempt(current, healthy=True, now=now, config=CONFIG)
+        assert counters.failures == attempt
+        current = {
+            **current,
+            "recovery_failures": counters.failures,
+            "next_recovery_at": at(counters.next_recovery_at or now),
+            "healthy_since": at(now),
+        }
+        now += hb.backoff(attempt, CONFIG) + 10  # it dies 10 s after each backoff
+    assert steps([drift("container_exited", 1)], [current], now) == [("mark_error", 1)]
+
+
+# ---------------------------------------------------------------------------
+# the report
+# ---------------------------------------------------------------------------
+
+
+def test_the_report_says_ok_only_without_unrepaired_drift() -> None:
+    report = hb.RoundReport("cron", NOW)
+    assert report.ok
+    orphan = drift("orphan_container", 9, name="pideploy-default-9", state="exited")
+    report.drifts, report.unrepaired = [orphan], [orphan]
+    assert not report.ok
+    text = report.render()
+    assert "UNREPAIRED  orphan_container" in text and "reported only" in text
+    data = report.to_dict()
+    assert data["ok"] is False and data["unrepaired"][0]["kind"] == "orphan_container"
+    assert json.loads(json.dumps(data)) == data
+
+
+def test_a_skipped_report_is_ok_and_says_why() -> None:
+    report = hb.RoundReport("cron", NOW, skipped=True)
+    assert report.ok
+    assert "another round holds the heartbeat lock" in report.render()
