@@ -8,25 +8,35 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
+import getpass
 import json
 import logging
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import api
 import config as config_module
 import db
 import gate
+import tasks
+import tools
 from config import Config
-from errors import PiDeployError
+from errors import BadRequest, ConfigError, NotFound, PiDeployError
 from observability import setup_logging
 
 logger = logging.getLogger("pideploy")
@@ -55,6 +65,23 @@ def open_database(config: Config) -> Iterator[db.Postgres]:
         yield postgres
     finally:
         postgres.close()
+
+
+@contextlib.contextmanager
+def open_runtime(config: Config, *, pool_size: int = 10) -> Iterator[tools.Runtime]:
+    """Postgres, the engine and the proxy (nginx running), closed in reverse order."""
+    from engine import engine_from_config
+    from proxy import proxy_from_config
+
+    with contextlib.ExitStack() as opened:
+        postgres = db.Postgres(config, max_size=pool_size)
+        opened.callback(postgres.close)
+        engine = engine_from_config(config)
+        opened.callback(getattr(engine, "close", lambda: None))
+        proxy = proxy_from_config(config)
+        opened.callback(proxy.close)
+        proxy.ensure_running()
+        yield tools.Runtime(config, postgres.db, engine, proxy)
 
 
 # ---------------------------------------------------------------------------
@@ -204,6 +231,304 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Other modules' subcommands (serve, submit, heartbeat, eval ...) register here.
 PARSER_EXTENSIONS: list[Callable[[Any], None]] = []
+
+
+# ---------------------------------------------------------------------------
+# serve, and the queue's commands: submit, tasks, instances, events, cancel.
+# These talk to the database directly, so they work with or without serve.
+# ---------------------------------------------------------------------------
+
+
+def _add_queue_commands(sub: Any) -> None:
+    serve = sub.add_parser("serve", help="run the service: task workers, the heartbeat loop and the HTTP API")
+    serve.add_argument("--workers", type=int, help="task worker threads (default: PIDEPLOY_WORKERS, 2)")
+    serve.add_argument("--listen", help="HOST:PORT of the HTTP API (default: PIDEPLOY_LISTEN)")
+    serve.add_argument("--no-heartbeat", action="store_true", help="do not run the heartbeat loop")
+    serve.add_argument(
+        "--grace", type=float, help="seconds running tasks get at shutdown (PIDEPLOY_SHUTDOWN_GRACE)"
+    )
+
+    submit = sub.add_parser("submit", help="queue a task (a running serve, now or later, works it)")
+    submit.add_argument("type", choices=tasks.TYPES)
+    submit.add_argument("--user", required=True, help="the acting user (heartbeat tasks: system)")
+    submit.add_argument(
+        "--instance", type=int, help="the instance (every type but heartbeat and a new create)"
+    )
+    submit.add_argument("--params", default="{}", help='JSON object, e.g. \'{"name": "alice"}\'')
+    submit.add_argument("--idempotency-key", help="a repeat with the same key returns the first task")
+    submit.add_argument(
+        "--wait", action="store_true", help="show progress; exit 0 only if the task succeeded"
+    )
+    submit.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
+
+    listing = {
+        "tasks": "recent tasks, newest first",
+        "instances": "instances",
+        "events": "instance history, newest first",
+    }
+    for name, text in listing.items():
+        parser = sub.add_parser(name, help=text)
+        parser.add_argument("--format", choices=("table", "json"), default="table")
+        parser.add_argument("--user", help="only this user's")
+        if name != "instances":
+            parser.add_argument("--instance", type=int, help="only this instance's")
+            parser.add_argument("--limit", type=int, default=50)
+        if name == "tasks":
+            parser.add_argument("--status", choices=("queued", "running", "succeeded", "failed", "cancelled"))
+
+    cancel = sub.add_parser(
+        "cancel", help="cancel a task: queued ones at once, running ones at their next lease renewal"
+    )
+    cancel.add_argument("task", type=int)
+
+
+PARSER_EXTENSIONS.append(_add_queue_commands)
+
+
+def _listen_address(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _dashboard_url(config: Config, host: str, port: int) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    base = f"http://{shown}:{port}/"
+    if not config.api_token:
+        return base
+    user = re.sub(r"[^A-Za-z0-9_.@-]", "", getpass.getuser()) or "admin"
+    # The token goes into the URL only for a loopback listener: that URL is for the operator's own browser.
+    token = config.api_token if api.is_loopback(host) else "<PIDEPLOY_API_TOKEN>"
+    return base + "?" + urllib.parse.urlencode({"token": token, "user": user})
+
+
+@command("serve")
+def cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    workers = args.workers or config.workers
+    grace = config.shutdown_grace if args.grace is None else args.grace
+    host, port = _listen_address(args.listen or config.listen)
+    if not config.api_token and not api.is_loopback(host):
+        raise ConfigError(
+            f"refusing to listen on {host}:{port} without PIDEPLOY_API_TOKEN: set a token, or listen on 127.0.0.1",
+            key="listen",
+        )
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        logger.info(
+            "%s received: shutting down", signal.Signals(signum).name, extra={"action": "serve_signal"}
+        )
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    # Each worker may hold a pool connection for an instance lock while its tool opens transactions.
+    with open_runtime(config, pool_size=3 * workers + 10) as rt:
+        queue = tasks.Queue(rt.db, config.max_attempts)
+        pool = tasks.WorkerPool(
+            queue,
+            lambda: tasks.agent_runner(rt, config),
+            workers,
+            lease_s=config.lease_seconds,
+            poll_interval=config.poll_interval,
+        )
+        server = api.make_server(api.Api(config, rt.db, queue, rt.proxy), host, port)
+        threads = [threading.Thread(target=server.serve_forever, args=(0.5,), name="http", daemon=True)]
+        heartbeat_class = tasks.heartbeat_module()
+        if heartbeat_class is not None and not args.no_heartbeat:
+            loop = heartbeat_class(rt, config)
+            threads.append(threading.Thread(target=loop.run, args=(stop,), name="heartbeat", daemon=True))
+        elif not args.no_heartbeat:
+            logger.warning(
+                "heartbeat.py is not installed: no heartbeat loop", extra={"action": "serve_no_heartbeat"}
+            )
+        pool.start()
+        for thread in threads:
+            thread.start()
+        bound_host, bound_port = str(server.server_address[0]), int(server.server_address[1])
+        if not config.api_token:
+            logger.warning(
+                "no PIDEPLOY_API_TOKEN: the API is open to local callers only (X-User-Id is still required)",
+                extra={"action": "serve_no_token"},
+            )
+        logger.info(
+            "serving on http://%s:%s with %d worker(s); dashboard: %s",
+            bound_host,
+            bound_port,
+            workers,
+            _dashboard_url(config, bound_host, bound_port),
+            extra={"action": "serve_ready", "listen": f"{bound_host}:{bound_port}", "workers": workers},
+        )
+        while not stop.wait(1.0):
+            pass
+        server.shutdown()  # new requests go to another serve; the queue keeps what they submitted
+        released = pool.shutdown(grace)
+        for thread in threads[1:]:
+            thread.join(grace)
+        server.server_close()
+        logger.info(
+            "stopped; %d task(s) given back to the queue",
+            len(released),
+            extra={"action": "serve_stopped", "released": released},
+        )
+    return 0
+
+
+def _print_rows(rows: list[dict[str, Any]], columns: list[tuple[str, str]], fmt: str) -> None:
+    """A list of objects as JSON, or as a table with aligned columns (header, key)."""
+    if fmt == "json":
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    cells = [[header.upper() for header, _ in columns]]
+    for row in rows:
+        cells.append([_cell(row.get(key)) for _, key in columns])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    for line in cells:
+        print("  ".join(value.ljust(width) for value, width in zip(line, widths, strict=True)).rstrip())
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime.datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    if isinstance(value, dict | list):
+        text = json.dumps(value, default=str)
+        return text if len(text) <= 60 else text[:57] + "..."
+    text = str(value).replace("\n", " ")
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+@command("submit")
+def cmd_submit(args: argparse.Namespace, config: Config) -> int:
+    try:
+        params = json.loads(args.params)
+    except ValueError as error:
+        raise BadRequest(f"--params is not valid JSON: {error}") from None
+    params = tasks.check_params(args.type, params)
+    with open_database(config) as postgres:
+        queue = tasks.Queue(postgres.db, config.max_attempts)
+        submitted = _submit(queue, args, params)
+        task = submitted.task
+        note = "" if submitted.created else " (a repeat: the unfinished task is returned)"
+        print(f"task {task['id']} {task['status']}{note}", file=sys.stderr)
+        if not args.wait:
+            print(json.dumps({"task_id": task["id"], "instance_id": task["instance_id"], "status": task["status"],
+                              "deduplicated": not submitted.created}))  # fmt: skip
+            return 0
+        final = _wait_for(queue, task["id"], args.timeout)
+    print(json.dumps(api.task_json(final), default=str))
+    if final["status"] == "succeeded":
+        return 0
+    print(
+        f"pideploy: task {final['id']} {final['status']}: {final['error_class']}: {final['last_error']}",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _submit(queue: tasks.Queue, args: argparse.Namespace, params: dict[str, Any]) -> tasks.Submitted:
+    if args.type == "heartbeat":
+        if args.user != tasks.SYSTEM_USER:
+            raise BadRequest(f"heartbeat tasks run as --user {tasks.SYSTEM_USER}")
+        key = f"idem:{args.user}:{args.idempotency_key}" if args.idempotency_key else "heartbeat"
+        return queue.submit("heartbeat", args.user, params, None, key)
+    if args.type == "instance_create":
+        if args.instance is not None:
+            row = queue.db.one("instance_get_owned", id=args.instance, user_id=args.user)
+            if row is None:
+                raise NotFound(f"no instance {args.instance} of user {args.user}")
+        key = f"instance_create:{args.user}:{params['name']}"
+        if args.idempotency_key:
+            key = f"idem:{args.user}:{args.idempotency_key}"
+        return queue.submit("instance_create", args.user, params, args.instance, key)
+    if args.instance is None:
+        raise BadRequest(f"{args.type} needs --instance")
+    return queue.submit_action(args.user, args.type, args.instance, params, args.idempotency_key)
+
+
+def _wait_for(queue: tasks.Queue, task_id: int, timeout: float | None) -> db.Row:
+    """Poll the task row until it ends, telling each change on stderr."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    seen = ""
+    while True:
+        task = queue.get(task_id)
+        state = f"{task['status']}:{task['attempts']}"
+        if state != seen:
+            seen = state
+            if task["status"] == "running":
+                print(
+                    f"task {task_id} running (attempt {task['attempts']}, {task['locked_by']})",
+                    file=sys.stderr,
+                )
+            elif task["status"] == "queued" and task["attempts"]:
+                print(f"task {task_id} queued again (after {task['attempts']} attempt(s))", file=sys.stderr)
+        if task["finished_at"] is not None:
+            took = f" in {task['duration_s']:.1f}s" if task["duration_s"] is not None else ""
+            print(f"task {task_id} {task['status']}{took}", file=sys.stderr)
+            return task
+        if deadline is not None and time.monotonic() >= deadline:
+            raise PiDeployError(f"task {task_id} is still {task['status']} after {timeout:.0f}s")
+        time.sleep(0.25)
+
+
+@command("tasks")
+def cmd_tasks(args: argparse.Namespace, config: Config) -> int:
+    with open_database(config) as postgres:
+        rows = tasks.Queue(postgres.db).list(args.user, args.status, args.instance, args.limit)
+    if args.format == "json":
+        _print_rows(
+            [{**api.task_json(r), "locked_by": r["locked_by"], "trace_file": r["trace_file"]} for r in rows],
+            [],
+            "json",
+        )
+        return 0
+    columns = [("id", "id"), ("type", "type"), ("status", "status"), ("user", "user_id"), ("instance", "instance_id"),
+               ("tries", "attempts"), ("created", "created_at"), ("took_s", "duration_s"), ("error", "last_error")]  # fmt: skip
+    _print_rows(rows, columns, "table")
+    return 0
+
+
+@command("instances")
+def cmd_instances(args: argparse.Namespace, config: Config) -> int:
+    with open_database(config) as postgres:
+        if args.user:
+            rows = postgres.db.all("instance_list_for_user", user_id=args.user)
+        else:
+            rows = postgres.db.all("instance_list_all")
+    columns = [("id", "id"), ("user", "user_id"), ("name", "name"), ("status", "status"), ("port", "port"),
+               ("image", "image"), ("error", "last_error")]  # fmt: skip
+    _print_rows([api.instance_json(r) for r in rows], columns, args.format)
+    return 0
+
+
+@command("events")
+def cmd_events(args: argparse.Namespace, config: Config) -> int:
+    with open_database(config) as postgres:
+        if args.instance is not None:
+            rows = postgres.db.all("event_list_for_instance", instance_id=args.instance, limit=args.limit)
+        elif args.user:
+            rows = postgres.db.all("event_list_for_user", user_id=args.user, limit=args.limit)
+        else:
+            rows = postgres.db.all("event_list_all", limit=args.limit)
+    if args.user:
+        rows = [r for r in rows if r["user_id"] == args.user]
+    columns = [("id", "id"), ("time", "created_at"), ("instance", "instance_id"), ("user", "user_id"),
+               ("task", "task_id"), ("kind", "kind"), ("detail", "detail")]  # fmt: skip
+    _print_rows(rows, columns, args.format)
+    return 0
+
+
+@command("cancel")
+def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
+    with open_database(config) as postgres:
+        row = tasks.Queue(postgres.db).cancel(args.task)
+    if row["status"] == "cancelled":
+        print(f"task {row['id']} cancelled")
+    else:
+        print(f"task {row['id']} is running: cancel requested (it stops at its next lease renewal)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,6 +104,144 @@ DELETE FROM model_cooldown WHERE model = %(model)s;
 UPDATE task SET instance_id = %(instance_id)s, updated_at = now() WHERE id = %(id)s;
 
 -- ======================================================================
+-- tasks: the queue (tasks.py). A task is claimable when it is queued, or
+-- running with a dead lease and attempts left, and no other unfinished task
+-- of its instance comes before it (or holds a live lease).
+-- ======================================================================
+
+-- name: task_insert
+-- A dedupe key already held by an unfinished task inserts nothing (index task_dedupe_unfinished).
+INSERT INTO task (type, params, instance_id, user_id, dedupe_key, max_attempts)
+VALUES (%(type)s, %(params)s, %(instance_id)s, %(user_id)s, %(dedupe_key)s, %(max_attempts)s)
+ON CONFLICT (dedupe_key) WHERE status IN ('queued', 'running') AND dedupe_key IS NOT NULL DO NOTHING
+RETURNING *;
+
+-- name: task_unfinished_by_dedupe_key
+SELECT * FROM task WHERE dedupe_key = %(dedupe_key)s AND status IN ('queued', 'running');
+
+-- name: task_unfinished_for_instance
+SELECT * FROM task WHERE instance_id = %(instance_id)s AND status IN ('queued', 'running') ORDER BY id;
+
+-- name: task_claim
+WITH candidate AS (
+    SELECT t.id FROM task t
+    WHERE (t.status = 'queued'
+           OR (t.status = 'running' AND t.lease_expires_at < now() AND t.attempts < t.max_attempts))
+      AND NOT EXISTS (
+          SELECT 1 FROM task o
+          WHERE o.instance_id = t.instance_id AND o.id <> t.id AND o.status IN ('queued', 'running')
+            AND (o.id < t.id OR o.lease_expires_at > now()))
+    ORDER BY t.id
+    LIMIT 1
+    FOR UPDATE OF t SKIP LOCKED
+)
+UPDATE task
+SET status = 'running', locked_by = %(worker)s,
+    lease_expires_at = now() + make_interval(secs => %(lease_s)s),
+    attempts = task.attempts + 1, started_at = now(), updated_at = now()
+FROM candidate
+WHERE task.id = candidate.id
+RETURNING task.*;
+
+-- name: task_renew
+-- No row back: the task is no longer ours (reclaimed, released or finished).
+UPDATE task SET lease_expires_at = now() + make_interval(secs => %(lease_s)s)
+WHERE id = %(id)s AND locked_by = %(worker)s AND status = 'running'
+RETURNING cancel_requested;
+
+-- name: task_finish
+UPDATE task
+SET status = %(status)s, result = %(result)s, error_class = %(error_class)s, last_error = %(last_error)s,
+    trace_file = %(trace_file)s, turns = %(turns)s, cost_usd = %(cost_usd)s, duration_s = %(duration_s)s,
+    locked_by = NULL, lease_expires_at = NULL, finished_at = now(), updated_at = now()
+WHERE id = %(id)s AND locked_by = %(worker)s AND status = 'running'
+RETURNING *;
+
+-- name: task_retry_later
+-- A failed attempt is treated like a dead worker's: the lease runs out after
+-- the back-off and any worker reclaims the task (or task_fail_exhausted ends it).
+UPDATE task
+SET error_class = %(error_class)s, last_error = %(last_error)s,
+    lease_expires_at = now() + make_interval(secs => %(delay_s)s), updated_at = now()
+WHERE id = %(id)s AND locked_by = %(worker)s AND status = 'running'
+RETURNING *;
+
+-- name: task_release
+-- Graceful shutdown: back to the queue, and the claim's attempt is given back.
+UPDATE task
+SET status = 'queued', locked_by = NULL, lease_expires_at = NULL,
+    attempts = greatest(task.attempts - 1, 0), updated_at = now()
+WHERE id = %(id)s AND locked_by = %(worker)s AND status = 'running'
+RETURNING *;
+
+-- name: task_fail_exhausted
+-- Dead leases with no attempts left end failed; an instance they were creating goes to error.
+WITH failed AS (
+    UPDATE task
+    SET status = 'failed', error_class = coalesce(error_class, 'infra_unavailable'),
+        last_error = coalesce(last_error, 'worker ' || locked_by || ' stopped renewing its lease')
+            || ' (attempt ' || attempts || ' of ' || max_attempts || ')',
+        locked_by = NULL, lease_expires_at = NULL, finished_at = now(), updated_at = now()
+    WHERE status = 'running' AND lease_expires_at < now() AND attempts >= max_attempts
+    RETURNING *
+), abandoned AS (
+    UPDATE instance
+    SET status = 'error', last_error = 'instance_create failed: ' || failed.last_error, updated_at = now()
+    FROM failed
+    WHERE failed.type = 'instance_create' AND instance.id = failed.instance_id AND instance.status = 'creating'
+    RETURNING instance.id
+)
+SELECT * FROM failed;
+
+-- name: task_cancel
+-- Queued: cancelled at once. Running: flagged; its worker sees the flag at its next lease renewal.
+WITH cancelled AS (
+    UPDATE task
+    SET cancel_requested = true,
+        status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
+        error_class = CASE WHEN status = 'queued' THEN 'cancelled' ELSE error_class END,
+        last_error = CASE WHEN status = 'queued' THEN 'cancelled before it ran' ELSE last_error END,
+        finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
+        updated_at = now()
+    WHERE id = %(id)s AND status IN ('queued', 'running')
+    RETURNING *
+), abandoned AS (
+    UPDATE instance
+    SET status = 'error', last_error = 'instance_create was cancelled before it ran', updated_at = now()
+    FROM cancelled
+    WHERE cancelled.type = 'instance_create' AND cancelled.status = 'cancelled'
+      AND instance.id = cancelled.instance_id AND instance.status = 'creating'
+    RETURNING instance.id
+)
+SELECT * FROM cancelled;
+
+-- name: task_get
+SELECT * FROM task WHERE id = %(id)s;
+
+-- name: task_get_owned
+SELECT * FROM task WHERE id = %(id)s AND user_id = %(user_id)s;
+
+-- name: task_list
+-- Newest first; each filter applies only when given.
+SELECT * FROM task
+WHERE (%(user_id)s::text IS NULL OR user_id = %(user_id)s)
+  AND (%(status)s::text IS NULL OR status = %(status)s)
+  AND (%(instance_id)s::bigint IS NULL OR instance_id = %(instance_id)s)
+ORDER BY id DESC
+LIMIT %(limit)s;
+
+-- name: event_list_for_instance_user
+SELECT * FROM event WHERE instance_id = %(instance_id)s AND user_id = %(user_id)s ORDER BY id DESC LIMIT %(limit)s;
+
+-- name: metrics_tasks
+SELECT type, status, count(*)::int AS n, coalesce(sum(duration_s), 0)::float8 AS duration_sum,
+       count(duration_s)::int AS duration_count, coalesce(sum(cost_usd), 0)::float8 AS cost_usd
+FROM task GROUP BY type, status ORDER BY type, status;
+
+-- name: metrics_heartbeat
+SELECT count(*)::int AS rounds, coalesce(sum(repaired), 0)::int AS repairs FROM heartbeat_round;
+
+-- ======================================================================
 -- heartbeat (heartbeat.py)
 -- ======================================================================
 

@@ -1,0 +1,694 @@
+"""The task queue on Postgres, and the worker threads that work it.
+
+Submitting inserts a `task` row (`queued`) and returns at once; a dedupe key
+makes a repeated submission find the unfinished task instead of adding one.
+Workers claim with FOR UPDATE SKIP LOCKED (queries.sql, task_claim), hold a
+lease that a small thread renews while the run goes on, and record the outcome.
+A worker that dies stops renewing: its lease runs out and another worker, in
+this process or another, reclaims the task; `attempts` counts claims and
+task_fail_exhausted ends a task that has none left.
+
+Tasks of one instance run one at a time, in submission order: the claim skips
+a task while an older unfinished task of its instance exists. For that to be
+exact, task ids of one instance must be handed out in commit order, so every
+submission for an existing instance locks the instance row first (`submit`).
+
+LISTEN/NOTIFY on `pideploy_task` wakes idle workers at once; polling every
+`poll_interval` is the backstop (and what notices dead leases).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jsonschema
+import psycopg
+
+import agent
+import tools
+from config import Config
+from db import Database, Row
+from errors import BadRequest, Conflict, NotFound, PiDeployError
+
+logger = logging.getLogger(__name__)
+
+CHANNEL = "pideploy_task"
+TYPES = (
+    "instance_create",
+    "instance_start",
+    "instance_stop",
+    "instance_delete",
+    "instance_update",
+    "heartbeat",
+)
+SYSTEM_USER = "system"  # the user_id of heartbeat tasks
+NAME_PATTERN = "^[a-z0-9][a-z0-9-]{0,62}$"
+USER_PATTERN = "^[A-Za-z0-9_.@-]{1,128}$"
+
+
+# ---------------------------------------------------------------------------
+# What a task may carry: the tools' own schemas, minus what the row binds
+# ---------------------------------------------------------------------------
+
+
+def _params_schema(properties: dict[str, Any], required: Sequence[str] = ()) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(required),
+        "additionalProperties": False,
+    }
+
+
+_UPDATE = tools.TOOLS["instance_update"].parameters["properties"]
+PARAM_SCHEMAS: dict[str, dict[str, Any]] = {
+    "instance_create": tools.TOOLS["instance_create"].parameters,
+    "instance_update": _params_schema({"image": _UPDATE["image"], "config": _UPDATE["config"]}),
+    "instance_start": _params_schema({}),
+    "instance_stop": _params_schema({}),
+    "instance_delete": _params_schema({}),
+    "heartbeat": {"type": "object"},  # the heartbeat round decides what it needs
+}
+
+
+def check_params(task_type: str, params: object) -> dict[str, Any]:
+    """A task's params, checked like the tool will check them; BadRequest if not."""
+    if task_type not in PARAM_SCHEMAS:
+        raise BadRequest(f"unknown task type {task_type!r} (one of {', '.join(TYPES)})", field="type")
+    if not isinstance(params, dict):
+        raise BadRequest("params must be a JSON object", field="params")
+    validator = jsonschema.Draft202012Validator(PARAM_SCHEMAS[task_type])
+    problems = sorted(validator.iter_errors(params), key=lambda e: list(e.path))
+    if problems:
+        where = "/".join(str(p) for p in problems[0].path) or "(body)"
+        raise BadRequest(f"invalid {task_type} request: {where}: {problems[0].message}", field=where)
+    return params
+
+
+# ---------------------------------------------------------------------------
+# The queue
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Submitted:
+    task: Row
+    created: bool  # False: a repeated submission, answered with the unfinished task
+
+
+class Queue:
+    """Named queries of the queue, with the rules that decide what may be submitted."""
+
+    def __init__(self, db: Database, max_attempts: int = 3) -> None:
+        self.db = db
+        self.max_attempts = max_attempts
+
+    # --- submitting -------------------------------------------------------
+
+    def submit(
+        self,
+        task_type: str,
+        user_id: str,
+        params: dict[str, Any] | None = None,
+        instance_id: int | None = None,
+        dedupe_key: str | None = None,
+        conn: psycopg.Connection[Row] | None = None,
+    ) -> Submitted:
+        """Insert a queued task, or find the unfinished one holding `dedupe_key`."""
+        if conn is None:
+            with self.db.transaction() as own:
+                return self.submit(task_type, user_id, params, instance_id, dedupe_key, own)
+        # Locking the instance row serialises submissions per instance, so their ids follow commit order.
+        if instance_id is not None and self.db.one("instance_get_for_update", conn, id=instance_id) is None:
+            raise NotFound(f"no instance {instance_id}", instance_id=instance_id)
+        for _ in range(3):
+            row = self.db.one(
+                "task_insert",
+                conn,
+                type=task_type,
+                params=params or {},
+                instance_id=instance_id,
+                user_id=user_id,
+                dedupe_key=dedupe_key,
+                max_attempts=self.max_attempts,
+            )
+            if row is not None:
+                return Submitted(row, True)
+            existing = self.db.one("task_unfinished_by_dedupe_key", conn, dedupe_key=dedupe_key)
+            if existing is not None:
+                return Submitted(existing, False)
+            # The holder of the key finished between our insert and our look-up: insert again.
+        raise Conflict(f"dedupe key {dedupe_key!r} keeps changing hands; submit again", dedupe_key=dedupe_key)
+
+    def submit_create(
+        self, user_id: str, name: str, config: dict[str, Any] | None, image: str, idempotency_key: str | None
+    ) -> tuple[Row, Submitted]:
+        """The instance row (`creating`) and its instance_create task, in one transaction."""
+        params: dict[str, Any] = {"name": name}
+        if config is not None:
+            params["config"] = config
+        check_params("instance_create", params)
+        key = _idempotency_key(user_id, idempotency_key) or f"instance_create:{user_id}:{name}"
+        for attempt in range(2):
+            try:
+                with self.db.transaction() as conn:
+                    existing = self.db.one("task_unfinished_by_dedupe_key", conn, dedupe_key=key)
+                    if existing is not None:
+                        instance = self.db.one("instance_get", conn, id=existing["instance_id"])
+                        if instance is not None and instance["user_id"] == user_id:
+                            return instance, Submitted(existing, False)
+                    if self.db.one("instance_by_name", conn, user_id=user_id, name=name) is not None:
+                        raise Conflict(f"an instance named {name!r} already exists", field="name")
+                    instance = self.db.one(
+                        "instance_insert", conn, user_id=user_id, name=name, image=image, config=config or {}
+                    )
+                    assert instance is not None
+                    self.db.one(
+                        "event_insert",
+                        conn,
+                        instance_id=instance["id"],
+                        user_id=user_id,
+                        task_id=None,
+                        kind="create_requested",
+                        detail={"name": name, "actor": user_id},
+                    )
+                    submitted = self.submit("instance_create", user_id, params, instance["id"], key, conn)
+                    return instance, submitted
+            except Conflict as error:
+                # A concurrent twin inserted the same name first: the second pass finds its task.
+                if attempt or error.data.get("constraint") != "instance_user_id_name_key":
+                    raise
+        raise AssertionError("unreachable: the second pass returns or raises")
+
+    def submit_action(
+        self,
+        user_id: str,
+        task_type: str,
+        instance_id: int,
+        params: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Submitted:
+        """start/stop/update/delete of a user's instance; 404 for others', 409 while it is deleted."""
+        params = check_params(task_type, params or {})
+        key = _idempotency_key(user_id, idempotency_key) or f"{task_type}:{instance_id}"
+        with self.db.transaction() as conn:
+            instance = self.db.one("instance_get_for_update", conn, id=instance_id)
+            if instance is None or instance["user_id"] != user_id:
+                raise NotFound(f"no instance {instance_id}", instance_id=instance_id)
+            pending = self.db.all("task_unfinished_for_instance", conn, instance_id=instance_id)
+            # A repeat of what is already queued is answered before the state rules.
+            for task in pending:
+                if task["dedupe_key"] == key:
+                    return Submitted(task, False)
+            if instance["status"] == "deleting" or any(t["type"] == "instance_delete" for t in pending):
+                raise Conflict(f"instance {instance_id} is being deleted", instance_id=instance_id)
+            return self.submit(task_type, user_id, params, instance_id, key, conn)
+
+    # --- working ----------------------------------------------------------
+
+    def claim(self, worker: str, lease_s: float) -> Row | None:
+        """The next task this worker may run (now `running`, leased to it), or None."""
+        for failed in self.db.all("task_fail_exhausted"):
+            logger.warning(
+                "task %s failed: no attempts left (%s)",
+                failed["id"],
+                failed["last_error"],
+                extra={
+                    "action": "task_exhausted",
+                    "task_id": failed["id"],
+                    "instance_id": failed["instance_id"],
+                },
+            )
+        return self.db.one("task_claim", worker=worker, lease_s=lease_s)
+
+    def renew(self, task_id: int, worker: str, lease_s: float) -> bool | None:
+        """Extend the lease: None if the task is no longer ours, else whether a cancel was asked for."""
+        row = self.db.one("task_renew", id=task_id, worker=worker, lease_s=lease_s)
+        return None if row is None else bool(row["cancel_requested"])
+
+    def finish(
+        self, task_id: int, worker: str, status: str, outcome: agent.Outcome | None, duration_s: float
+    ) -> Row | None:
+        """Record the end of a run; None if the task was no longer ours (the result is dropped)."""
+        return self.db.one(
+            "task_finish",
+            id=task_id,
+            worker=worker,
+            status=status,
+            result=outcome.result if outcome else None,
+            error_class=outcome.error_class if outcome else None,
+            last_error=outcome.error if outcome else None,
+            trace_file=outcome.trace_file if outcome else None,
+            turns=outcome.turns if outcome else None,
+            cost_usd=outcome.cost_usd if outcome else None,
+            duration_s=round(duration_s, 6),
+        )
+
+    def fail(
+        self, task: Row, worker: str, error: BaseException, duration_s: float, retry_in: float
+    ) -> Row | None:
+        """A run that raised: try again after `retry_in` seconds if attempts are left, else failed."""
+        error_class = error.error_class if isinstance(error, PiDeployError) else "tool_execution_error"
+        message = f"{type(error).__name__}: {error}"
+        if task["attempts"] < task["max_attempts"]:
+            return self.db.one(
+                "task_retry_later",
+                id=task["id"],
+                worker=worker,
+                error_class=error_class,
+                last_error=message,
+                delay_s=retry_in,
+            )
+        return self.db.one(
+            "task_finish",
+            id=task["id"],
+            worker=worker,
+            status="failed",
+            result=None,
+            error_class=error_class,
+            last_error=f"{message} (attempt {task['attempts']} of {task['max_attempts']})",
+            trace_file=None,
+            turns=None,
+            cost_usd=None,
+            duration_s=round(duration_s, 6),
+        )
+
+    def release(self, task_id: int, worker: str) -> Row | None:
+        return self.db.one("task_release", id=task_id, worker=worker)
+
+    # --- reading and cancelling ------------------------------------------
+
+    def get(self, task_id: int, user_id: str | None = None) -> Row:
+        row = (
+            self.db.one("task_get", id=task_id)
+            if user_id is None
+            else self.db.one("task_get_owned", id=task_id, user_id=user_id)
+        )
+        if row is None:
+            raise NotFound(f"no task {task_id}", task_id=task_id)
+        return row
+
+    def list(
+        self,
+        user_id: str | None = None,
+        status: str | None = None,
+        instance_id: int | None = None,
+        limit: int = 50,
+    ) -> list[Row]:
+        return self.db.all("task_list", user_id=user_id, status=status, instance_id=instance_id, limit=limit)
+
+    def cancel(self, task_id: int, user_id: str | None = None) -> Row:
+        """Queued: cancelled now. Running: its worker stops it at the next lease renewal."""
+        task = self.get(task_id, user_id)
+        row = self.db.one("task_cancel", id=task_id)
+        if row is None:
+            raise Conflict(f"task {task_id} already ended ({task['status']})", task_id=task_id)
+        return row
+
+
+def _idempotency_key(user_id: str, key: str | None) -> str | None:
+    # Scoped by user: one user's key can never answer with another user's task.
+    return f"idem:{user_id}:{key}" if key else None
+
+
+# ---------------------------------------------------------------------------
+# Running a task: the agent loop (or a heartbeat round)
+# ---------------------------------------------------------------------------
+
+Cancelled = Callable[[], bool]
+Runner = Callable[[Row, Cancelled], agent.Outcome]
+
+
+def spec_from_row(task: Row) -> agent.TaskSpec:
+    system = task["type"] == "heartbeat" and task["user_id"] == SYSTEM_USER
+    return agent.TaskSpec(
+        type=task["type"],
+        user_id=None if system else task["user_id"],
+        params=dict(task["params"] or {}),
+        instance_id=task["instance_id"],
+        id=task["id"],
+    )
+
+
+def agent_runner(rt: tools.Runtime, config: Config) -> Runner:
+    """The real runner: one chain per worker, the agent loop for each task."""
+    limits = agent.Limits.from_config(config)
+    chain = agent.Chain.from_config(config, agent.DatabaseCooldowns(rt.db), limits)
+    heartbeat_class = heartbeat_module()
+
+    def run(task: Row, cancelled: Cancelled) -> agent.Outcome:
+        if task["type"] == "heartbeat":
+            # The heartbeat module (its own issue) does the round; the queue only schedules it.
+            if heartbeat_class is None:
+                raise PiDeployError("heartbeat tasks need heartbeat.py, which this build does not have")
+            report = heartbeat_class(rt, config).round("task")
+            is_record = dataclasses.is_dataclass(report) and not isinstance(report, type)
+            result = dataclasses.asdict(report) if is_record else dict(report)
+            return agent.Outcome("succeeded", result, None, None, 0, 0.0, 0, "")
+        return agent.run_task(spec_from_row(task), rt, chain, limits, cancelled=cancelled)
+
+    return run
+
+
+def heartbeat_module() -> Any:
+    """heartbeat.Heartbeat if that module is present (written in its own issue), else None."""
+    try:
+        import heartbeat  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return None
+    return heartbeat.Heartbeat
+
+
+# ---------------------------------------------------------------------------
+# Waking workers: NOTIFY when a task is queued, polling as the backstop
+# ---------------------------------------------------------------------------
+
+
+class Wakeup:
+    """A generation counter under a condition: a wake between a worker's claim and its wait is not lost."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._generation = 0
+
+    def token(self) -> int:
+        with self._cond:
+            return self._generation
+
+    def notify(self) -> None:
+        with self._cond:
+            self._generation += 1
+            self._cond.notify_all()
+
+    def wait(self, token: int, timeout: float) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._generation != token, timeout)
+
+
+class Listener(threading.Thread):
+    """LISTENs on the queue's channel and wakes the workers; reconnects after errors."""
+
+    def __init__(self, db: Database, wakeup: Wakeup, stop: threading.Event, retry_s: float = 1.0) -> None:
+        super().__init__(name="task-listener", daemon=True)
+        self.db, self.wakeup, self.stop, self.retry_s = db, wakeup, stop, retry_s
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                with self.db.listen_connection(CHANNEL) as conn:
+                    self.wakeup.notify()  # whatever was queued while we were not listening
+                    while not self.stop.is_set():
+                        for _ in conn.notifies(timeout=1.0):
+                            self.wakeup.notify()
+            except (PiDeployError, psycopg.Error) as error:
+                logger.warning(
+                    "task listener lost its connection (%s); polling until it is back",
+                    error,
+                    extra={"action": "listener_error"},
+                )
+                self.stop.wait(self.retry_s)
+
+
+# ---------------------------------------------------------------------------
+# The lease and the worker
+# ---------------------------------------------------------------------------
+
+
+class Lease:
+    """Renews one claimed task's lease every lease/3 seconds while it runs.
+
+    It is also where the run learns it must stop: a cancel request read at
+    renewal, a lease found taken by another worker, or the shutdown's `abort`.
+    """
+
+    def __init__(self, queue: Queue, task: Row, worker: str, lease_s: float, abort: threading.Event) -> None:
+        self.queue, self.task_id, self.worker, self.lease_s, self.abort = (
+            queue,
+            task["id"],
+            worker,
+            lease_s,
+            abort,
+        )
+        self.cancel_requested = bool(task["cancel_requested"])
+        self.lost = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name=f"lease-{self.task_id}", daemon=True)
+
+    def __enter__(self) -> Lease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def cancelled(self) -> bool:
+        return self.lost or self.cancel_requested or self.abort.is_set()
+
+    def _renew(self) -> None:
+        while not self._done.wait(self.lease_s / 3):
+            try:
+                state = self.queue.renew(self.task_id, self.worker, self.lease_s)
+            except PiDeployError as error:  # the next renewal may work; the lease is still running
+                logger.warning(
+                    "cannot renew the lease of task %s: %s",
+                    self.task_id,
+                    error.message,
+                    extra={"action": "lease_renew_failed", "task_id": self.task_id},
+                )
+                continue
+            if state is None:
+                self.lost = True
+                logger.warning(
+                    "task %s is no longer leased to %s; stopping its run",
+                    self.task_id,
+                    self.worker,
+                    extra={"action": "lease_lost", "task_id": self.task_id},
+                )
+                return
+            if state and not self.cancel_requested:
+                logger.info(
+                    "cancel requested for task %s",
+                    self.task_id,
+                    extra={"action": "task_cancel_seen", "task_id": self.task_id},
+                )
+            self.cancel_requested = state
+
+
+CANCELLED_BEFORE_RUN = agent.Outcome("failed", None, "cancelled", "cancelled before it ran", 0, 0.0, 0, "")
+
+
+class Worker(threading.Thread):
+    """One task at a time: claim, run under a lease, record, log and back off on errors."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        runner: Runner,
+        worker_id: str,
+        *,
+        wakeup: Wakeup,
+        stop: threading.Event,
+        abort: threading.Event,
+        lease_s: float = 30.0,
+        poll_interval: float = 2.0,
+        backoff_max: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(name=f"worker-{worker_id}", daemon=True)
+        self.queue, self.runner, self.worker_id = queue, runner, worker_id
+        self.wakeup, self.stop, self.abort = wakeup, stop, abort
+        self.lease_s, self.poll_interval, self.backoff_max, self.clock = (
+            lease_s,
+            poll_interval,
+            backoff_max,
+            clock,
+        )
+        self.current: int | None = None  # the task id being run, for the shutdown's release
+        self.released: list[int] = []  # tasks given back to the queue at shutdown
+
+    def run(self) -> None:
+        failures = 0
+        while not self.stop.is_set():
+            token = self.wakeup.token()
+            try:
+                worked = self.step()
+                failures = 0
+            except Exception:  # the loop must outlive any one task or a database outage
+                failures += 1
+                logger.exception("worker %s failed", self.worker_id, extra={"action": "worker_error"})
+                self.stop.wait(min(self.backoff_max, 0.5 * 2**failures))
+                continue
+            if not worked:
+                self.wakeup.wait(token, self.poll_interval)
+
+    def step(self) -> bool:
+        """Claim and work one task; False when there was none."""
+        task = self.queue.claim(self.worker_id, self.lease_s)
+        if task is None:
+            return False
+        self.current = task["id"]
+        try:
+            self.work(task)
+        finally:
+            self.current = None
+        return True
+
+    def work(self, task: Row) -> None:
+        ids = {"task_id": task["id"], "instance_id": task["instance_id"]}
+        again = f" (attempt {task['attempts']} of {task['max_attempts']})" if task["attempts"] > 1 else ""
+        logger.info(
+            "running %s task %s%s", task["type"], task["id"], again, extra={"action": "task_claimed", **ids}
+        )
+        started = self.clock()
+        outcome = CANCELLED_BEFORE_RUN
+        with Lease(self.queue, task, self.worker_id, self.lease_s, self.abort) as lease:
+            try:
+                if not lease.cancel_requested:
+                    outcome = self.runner(task, lease.cancelled)
+            except Exception as error:
+                duration = self.clock() - started
+                logger.exception("task %s raised", task["id"], extra={"action": "task_error", **ids})
+                if not lease.lost:
+                    self.queue.fail(
+                        task,
+                        self.worker_id,
+                        error,
+                        duration,
+                        retry_in=min(self.lease_s, 2.0 ** task["attempts"]),
+                    )
+                return
+        duration = self.clock() - started
+        if lease.lost:
+            logger.warning(
+                "task %s: result dropped, another worker holds it",
+                task["id"],
+                extra={"action": "task_result_dropped", **ids},
+            )
+            return
+        if outcome.error_class == "cancelled" and lease.cancel_requested:
+            status = "cancelled"
+        elif outcome.error_class == "cancelled" and self.abort.is_set():
+            if self.queue.release(task["id"], self.worker_id) is not None:
+                self.released.append(task["id"])
+            logger.info(
+                "task %s released for another worker (shutdown)",
+                task["id"],
+                extra={"action": "task_released", **ids},
+            )
+            return
+        else:
+            status = outcome.status
+        row = self.queue.finish(task["id"], self.worker_id, status, outcome, duration)
+        if row is None:
+            logger.warning(
+                "task %s: result dropped, another worker holds it",
+                task["id"],
+                extra={"action": "task_result_dropped", **ids},
+            )
+            return
+        level = logging.INFO if status == "succeeded" else logging.WARNING
+        logger.log(
+            level,
+            "task %s %s in %.2fs%s",
+            task["id"],
+            status,
+            duration,
+            f": {row['error_class']}: {row['last_error']}" if row["last_error"] else "",
+            extra={
+                "action": f"task_{status}",
+                **{**ids, "instance_id": row["instance_id"]},
+                "trace_file": row["trace_file"],
+            },
+        )
+
+
+class WorkerPool:
+    """N workers and the listener; `shutdown` is the graceful stop that serve runs on SIGTERM."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        runners: Callable[[], Runner],
+        count: int,
+        *,
+        lease_s: float = 30.0,
+        poll_interval: float = 2.0,
+        listen: bool = True,
+    ) -> None:
+        self.queue = queue
+        self.stop, self.abort, self.wakeup = threading.Event(), threading.Event(), Wakeup()
+        prefix = f"{socket.gethostname()}:{os.getpid()}"
+        self.workers = [
+            Worker(
+                queue,
+                runners(),
+                f"{prefix}:w{i}",
+                wakeup=self.wakeup,
+                stop=self.stop,
+                abort=self.abort,
+                lease_s=lease_s,
+                poll_interval=poll_interval,
+            )
+            for i in range(count)
+        ]
+        self.listener = Listener(queue.db, self.wakeup, self.stop) if listen else None
+
+    def start(self) -> None:
+        if self.listener:
+            self.listener.start()
+        for worker in self.workers:
+            worker.start()
+
+    def shutdown(self, grace_s: float, release_wait_s: float = 5.0) -> list[int]:
+        """Stop claiming; give running tasks `grace_s`; then cancel them and release their leases.
+
+        Returns the ids of the tasks given back to the queue.
+        """
+        self.stop.set()
+        self.wakeup.notify()
+        running = sorted(w.current for w in self.workers if w.current is not None)
+        if running:
+            logger.info(
+                "shutting down: waiting up to %.0fs for %d running task(s)",
+                grace_s,
+                len(running),
+                extra={"action": "shutdown_wait", "tasks": running},
+            )
+        _join_all(self.workers, grace_s)
+        if any(w.is_alive() for w in self.workers):
+            # Past the grace period: the runs see cancelled() at their next turn and give their task back.
+            self.abort.set()
+            _join_all(self.workers, release_wait_s)
+            for worker in self.workers:
+                task_id = worker.current
+                # Still inside a tool call: give the task back from here; the thread dies with us.
+                alive = worker.is_alive() and task_id is not None
+                if (
+                    alive
+                    and task_id is not None
+                    and self.queue.release(task_id, worker.worker_id) is not None
+                ):
+                    worker.released.append(task_id)
+                    logger.info(
+                        "task %s released for another worker (shutdown)",
+                        task_id,
+                        extra={"action": "task_released", "task_id": task_id},
+                    )
+        if self.listener:
+            self.listener.join(2.0)
+        return sorted(t for w in self.workers for t in w.released)
+
+
+def _join_all(threads: Sequence[threading.Thread], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))

@@ -1,0 +1,383 @@
+"""The queue (tasks.py) on a real Postgres: dedupe, claim order, leases, reclaim, cancel, shutdown.
+
+A fake runner stands in for the agent loop, except in the test that works a
+hand-inserted task with the real loop (playbook) on MemoryEngine/MemoryProxy.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import agent
+import tasks
+import tools
+from db import Database, Row
+from engine import MemoryEngine
+from errors import BadRequest, Conflict, NotFound
+from proxy import MemoryProxy
+from tests.conftest import make_config
+
+LEASE = 0.3  # seconds: long enough for a claim, short enough that expiry tests are quick
+
+
+def ok(result: dict[str, Any] | None = None) -> agent.Outcome:
+    return agent.Outcome("succeeded", result or {"ok": True}, None, None, 1, 0.0, 0, "/tmp/trace.json")
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
+
+
+def instance(database: Database, name: str, user: str = "alice") -> int:
+    row = database.one("instance_insert", user_id=user, name=name, image="img", config={})
+    assert row is not None
+    return int(row["id"])
+
+
+def status(database: Database, task_id: int) -> Row:
+    row = database.one("task_get", id=task_id)
+    assert row is not None
+    return row
+
+
+@pytest.fixture
+def queue(database: Database) -> tasks.Queue:
+    return tasks.Queue(database, max_attempts=3)
+
+
+@pytest.fixture
+def pools() -> Iterator[list[tasks.WorkerPool]]:
+    started: list[tasks.WorkerPool] = []
+    yield started
+    for pool in started:
+        pool.shutdown(0.5, release_wait_s=0.5)
+
+
+def start_pool(
+    pools: list[tasks.WorkerPool], queue: tasks.Queue, runner: tasks.Runner, count: int = 1, **kw: Any
+) -> tasks.WorkerPool:
+    pool = tasks.WorkerPool(queue, lambda: runner, count, lease_s=kw.pop("lease_s", LEASE), **kw)
+    pools.append(pool)
+    pool.start()
+    return pool
+
+
+# --- params -----------------------------------------------------------------
+
+
+def test_params_are_checked_like_the_tools_check_them() -> None:
+    assert tasks.check_params("instance_create", {"name": "web-1"}) == {"name": "web-1"}
+    tasks.check_params("instance_update", {"image": "x:1", "config": {"env": {"A": "b"}}})
+    for task_type, params in [
+        ("instance_create", {}),
+        ("instance_create", {"name": "Bad_Name"}),
+        ("instance_create", {"name": "ok", "extra": 1}),
+        ("instance_create", {"name": "ok", "config": {"env": {"lower": "x"}}}),
+        ("instance_stop", {"force": True}),
+        ("instance_update", {"image": 5}),
+        ("nope", {}),
+    ]:
+        with pytest.raises(BadRequest):
+            tasks.check_params(task_type, params)
+
+
+# --- submitting -------------------------------------------------------------
+
+
+def test_a_repeated_submission_returns_the_unfinished_task(queue: tasks.Queue, database: Database) -> None:
+    iid = instance(database, "a")
+    first = queue.submit_action("alice", "instance_stop", iid)
+    again = queue.submit_action("alice", "instance_stop", iid)
+    assert first.created and not again.created
+    assert again.task["id"] == first.task["id"]
+    keyed = queue.submit_action("alice", "instance_stop", iid, idempotency_key="k1")
+    assert keyed.created and keyed.task["id"] != first.task["id"]
+    # Once the first has finished, the same submission is a new task.
+    claimed = queue.claim("w", LEASE)
+    assert claimed is not None and claimed["id"] == first.task["id"]
+    queue.finish(claimed["id"], "w", "succeeded", ok(), 0.1)
+    assert queue.submit_action("alice", "instance_stop", iid).created
+
+
+def test_create_inserts_the_instance_and_its_task_together(queue: tasks.Queue, database: Database) -> None:
+    row, submitted = queue.submit_create("alice", "web", {"env": {"A": "1"}}, "img:1", None)
+    assert row["status"] == "creating" and row["image"] == "img:1"
+    assert submitted.task["instance_id"] == row["id"] and submitted.task["type"] == "instance_create"
+    repeat_row, repeat = queue.submit_create("alice", "web", {"env": {"A": "1"}}, "img:1", None)
+    assert repeat_row["id"] == row["id"] and repeat.task["id"] == submitted.task["id"] and not repeat.created
+    # bob may use the same name; alice may not create a second "web" once the first is done.
+    queue.submit_create("bob", "web", None, "img:1", None)
+    claimed = queue.claim("w", LEASE)
+    assert claimed is not None
+    queue.finish(claimed["id"], "w", "succeeded", ok(), 0.1)
+    with pytest.raises(Conflict):
+        queue.submit_create("alice", "web", None, "img:1", None)
+
+
+def test_concurrent_twin_creates_make_one_instance(queue: tasks.Queue, database: Database) -> None:
+    results: list[tuple[Row, tasks.Submitted]] = []
+    barrier = threading.Barrier(4)
+
+    def twin() -> None:
+        barrier.wait()
+        results.append(queue.submit_create("alice", "twin", None, "img", None))
+
+    threads = [threading.Thread(target=twin) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({r[0]["id"] for r in results}) == 1
+    assert len({r[1].task["id"] for r in results}) == 1
+    assert sum(r[1].created for r in results) == 1
+    assert len(database.all("instance_list_for_user", user_id="alice")) == 1
+
+
+def test_actions_respect_ownership_and_deleting(queue: tasks.Queue, database: Database) -> None:
+    iid = instance(database, "mine")
+    with pytest.raises(NotFound):
+        queue.submit_action("mallory", "instance_stop", iid)
+    with pytest.raises(NotFound):
+        queue.submit_action("alice", "instance_stop", 999_999)
+    queue.submit_action("alice", "instance_delete", iid)
+    with pytest.raises(Conflict):
+        queue.submit_action("alice", "instance_start", iid)
+    # A repeat of the delete itself is still answered with the delete task.
+    assert not queue.submit_action("alice", "instance_delete", iid).created
+
+
+# --- claiming ---------------------------------------------------------------
+
+
+def test_tasks_of_one_instance_run_in_submission_order(queue: tasks.Queue, database: Database) -> None:
+    a, b = instance(database, "a"), instance(database, "b")
+    create = queue.submit("instance_create", "alice", {"name": "a"}, a, "c-a").task
+    stop = queue.submit("instance_stop", "alice", {}, a, "s-a").task
+    other = queue.submit("instance_start", "alice", {}, b, "s-b").task
+    first = queue.claim("w1", LEASE)
+    second = queue.claim("w2", LEASE)
+    assert first is not None and first["id"] == create["id"]
+    assert second is not None and second["id"] == other["id"]  # the stop waits for the create
+    assert queue.claim("w3", LEASE) is None
+    queue.finish(create["id"], "w1", "succeeded", ok(), 0.1)
+    third = queue.claim("w3", LEASE)
+    assert third is not None and third["id"] == stop["id"]
+
+
+def test_concurrent_workers_never_overlap_an_instance(
+    queue: tasks.Queue, database: Database, pools: list[tasks.WorkerPool]
+) -> None:
+    instances = [instance(database, f"i{n}") for n in range(3)]
+    submitted: dict[int, list[int]] = {i: [] for i in instances}
+    for n in range(8):
+        for iid in instances:
+            task = queue.submit("instance_start", "alice", {}, iid, f"k{n}-{iid}").task
+            submitted[iid].append(task["id"])
+    lock = threading.Lock()
+    running: set[int] = set()
+    ran: dict[int, list[int]] = {i: [] for i in instances}
+    overlaps: list[int] = []
+
+    def runner(task: Row, cancelled: tasks.Cancelled) -> agent.Outcome:
+        with lock:
+            if task["instance_id"] in running:
+                overlaps.append(task["instance_id"])
+            running.add(task["instance_id"])
+            ran[task["instance_id"]].append(task["id"])
+        time.sleep(0.005)
+        with lock:
+            running.discard(task["instance_id"])
+        return ok()
+
+    start_pool(pools, queue, runner, count=4, poll_interval=0.05)
+    wait_until(
+        lambda: not database.all("task_list", user_id=None, status="queued", instance_id=None, limit=1)
+    )
+    wait_until(
+        lambda: not database.all("task_list", user_id=None, status="running", instance_id=None, limit=1)
+    )
+    assert overlaps == []
+    assert ran == submitted  # each instance's tasks, one at a time, in submission order
+
+
+def test_an_expired_lease_is_reclaimed_and_attempts_count_claims(
+    queue: tasks.Queue, database: Database
+) -> None:
+    task = queue.submit("heartbeat", "system").task
+    claimed = queue.claim("dead-worker", 0.05)
+    assert claimed is not None and claimed["attempts"] == 1
+    assert queue.claim("w2", LEASE) is None  # the lease is still live
+    time.sleep(0.1)
+    reclaimed = queue.claim("w2", LEASE)
+    assert reclaimed is not None and reclaimed["id"] == task["id"]
+    assert reclaimed["attempts"] == 2 and reclaimed["locked_by"] == "w2"
+    # The dead worker's late renewal and result are refused: the task is w2's now.
+    assert queue.renew(task["id"], "dead-worker", LEASE) is None
+    assert queue.finish(task["id"], "dead-worker", "succeeded", ok(), 0.1) is None
+    assert queue.renew(task["id"], "w2", LEASE) is False
+
+
+def test_a_task_out_of_attempts_fails_with_the_last_error(queue: tasks.Queue, database: Database) -> None:
+    short = tasks.Queue(database, max_attempts=2)
+    iid = instance(database, "doomed")
+    task = short.submit("instance_create", "alice", {"name": "doomed"}, iid, "c").task
+    for _ in range(2):
+        assert short.claim("w", 0.05) is not None
+        time.sleep(0.1)
+    assert short.claim("w", LEASE) is None  # no attempts left: failed, not claimed
+    row = status(database, task["id"])
+    assert row["status"] == "failed" and row["attempts"] == 2
+    assert "stopped renewing its lease" in row["last_error"] and "attempt 2 of 2" in row["last_error"]
+    # The instance it was creating is left in error, not `creating` forever.
+    inst = database.one("instance_get", id=iid)
+    assert inst is not None and inst["status"] == "error"
+
+
+def test_release_gives_the_attempt_back(queue: tasks.Queue, database: Database) -> None:
+    task = queue.submit("heartbeat", "system").task
+    assert queue.claim("w", LEASE) is not None
+    released = queue.release(task["id"], "w")
+    assert released is not None
+    assert released["status"] == "queued" and released["attempts"] == 0 and released["locked_by"] is None
+    assert queue.release(task["id"], "w") is None
+
+
+# --- cancelling -------------------------------------------------------------
+
+
+def test_cancel_a_queued_task_and_its_waiting_create(queue: tasks.Queue, database: Database) -> None:
+    row, submitted = queue.submit_create("alice", "never", None, "img", None)
+    cancelled = queue.cancel(submitted.task["id"], "alice")
+    assert cancelled["status"] == "cancelled" and cancelled["error_class"] == "cancelled"
+    inst = database.one("instance_get", id=row["id"])
+    assert inst is not None and inst["status"] == "error"
+    with pytest.raises(Conflict):
+        queue.cancel(submitted.task["id"])
+    with pytest.raises(NotFound):
+        queue.cancel(submitted.task["id"], "mallory")
+
+
+def test_cancel_a_running_task_stops_it_at_lease_renewal(
+    queue: tasks.Queue, database: Database, pools: list[tasks.WorkerPool]
+) -> None:
+    started = threading.Event()
+
+    def runner(task: Row, cancelled: tasks.Cancelled) -> agent.Outcome:
+        started.set()
+        while not cancelled():
+            time.sleep(0.01)
+        return agent.Outcome("failed", None, "cancelled", "the task was cancelled", 1, 0.0, 0, "")
+
+    task = queue.submit("heartbeat", "system").task
+    start_pool(pools, queue, runner, poll_interval=0.05)
+    assert started.wait(10)
+    assert queue.cancel(task["id"])["status"] == "running"
+    wait_until(lambda: status(database, task["id"])["status"] == "cancelled")
+    assert status(database, task["id"])["error_class"] == "cancelled"
+
+
+# --- workers ----------------------------------------------------------------
+
+
+def test_a_run_that_raises_is_retried_then_recorded(
+    queue: tasks.Queue, database: Database, pools: list[tasks.WorkerPool]
+) -> None:
+    calls: list[int] = []
+
+    def runner(task: Row, cancelled: tasks.Cancelled) -> agent.Outcome:
+        calls.append(task["attempts"])
+        if len(calls) == 1:
+            raise RuntimeError("flaky infrastructure")
+        return ok({"done": True})
+
+    task = queue.submit("heartbeat", "system").task
+    start_pool(pools, queue, runner, lease_s=0.6, poll_interval=0.05)
+    wait_until(lambda: status(database, task["id"])["status"] == "succeeded")
+    row = status(database, task["id"])
+    assert calls == [1, 2] and row["attempts"] == 2 and row["result"] == {"done": True}
+    assert row["trace_file"] == "/tmp/trace.json" and row["duration_s"] is not None
+
+
+def test_notify_wakes_an_idle_worker(
+    queue: tasks.Queue, database: Database, pools: list[tasks.WorkerPool]
+) -> None:
+    # Polling every 60 s: only the NOTIFY can get this task worked within the wait below.
+    start_pool(pools, queue, lambda task, cancelled: ok(), poll_interval=60)
+    time.sleep(0.5)  # let the worker go idle and the listener subscribe
+    task = queue.submit("heartbeat", "system").task
+    wait_until(lambda: status(database, task["id"])["status"] == "succeeded", timeout=20)
+
+
+def test_shutdown_waits_the_grace_period_then_releases(queue: tasks.Queue, database: Database) -> None:
+    started = threading.Event()
+
+    def slow(task: Row, cancelled: tasks.Cancelled) -> agent.Outcome:
+        started.set()
+        while not cancelled():
+            time.sleep(0.01)
+        return agent.Outcome("failed", None, "cancelled", "the task was cancelled", 1, 0.0, 0, "")
+
+    task = queue.submit("heartbeat", "system").task
+    pool = tasks.WorkerPool(queue, lambda: slow, 1, lease_s=LEASE, poll_interval=0.05)
+    pool.start()
+    assert started.wait(10)
+    assert pool.shutdown(grace_s=0.2) == [task["id"]]
+    row = status(database, task["id"])
+    assert row["status"] == "queued" and row["attempts"] == 0 and row["locked_by"] is None
+
+
+def test_shutdown_lets_a_short_task_finish(queue: tasks.Queue, database: Database) -> None:
+    started = threading.Event()
+
+    def short(task: Row, cancelled: tasks.Cancelled) -> agent.Outcome:
+        started.set()
+        time.sleep(0.2)
+        return ok()
+
+    task = queue.submit("heartbeat", "system").task
+    pool = tasks.WorkerPool(queue, lambda: short, 1, lease_s=LEASE, poll_interval=0.05)
+    pool.start()
+    assert started.wait(10)
+    assert pool.shutdown(grace_s=10) == []
+    assert status(database, task["id"])["status"] == "succeeded"
+
+
+# --- the real loop on a hand-inserted task -----------------------------------
+
+
+def test_a_hand_inserted_task_is_worked_by_the_agent_loop(
+    database: Database, tmp_path: Path, pools: list[tasks.WorkerPool]
+) -> None:
+    config = make_config(tmp_path, agent="off", image="localhost/pideploy-gateway:latest")
+    engine = MemoryEngine()
+    rt = tools.Runtime(config, database, engine, MemoryProxy())
+    with database.transaction() as conn:
+        conn.execute(
+            "INSERT INTO task (type, user_id, params) VALUES ('instance_create', 'alice', '{\"name\": \"byhand\"}')"
+        )
+    queue = tasks.Queue(database)
+    start_pool(pools, queue, tasks.agent_runner(rt, config), lease_s=5, poll_interval=0.1)
+    wait_until(
+        lambda: (
+            database.all("task_list", user_id="alice", status=None, instance_id=None, limit=1)[0][
+                "finished_at"
+            ]
+            is not None
+        )
+    )
+    task = database.all("task_list", user_id="alice", status=None, instance_id=None, limit=1)[0]
+    assert task["status"] == "succeeded", task["last_error"]
+    inst = database.one("instance_by_name", user_id="alice", name="byhand")
+    assert inst is not None and inst["status"] == "running" and task["instance_id"] == inst["id"]
+    assert Path(task["trace_file"]).is_file() and task["turns"] >= 2
+    engine.close()
