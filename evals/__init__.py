@@ -1,0 +1,1 @@
+"""Evaluation harness: the local OpenAI-compatible replay server and recorded cases."""
