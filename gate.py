@@ -1,0 +1,1161 @@
+"""The read-only bash gate: every command of the agent's `bash` tool passes `check()` first.
+
+Why an allowlist over a parsed command: a blocklist of strings loses to quoting
+(`'r''m'`, `\\rm`, `"do"cker rm`), to look-alike characters and to the next
+program nobody thought of. So the command is parsed with bashlex, every node
+kind, program, subcommand, option and file argument must be one this module
+names, and anything else is refused with a short reason the model can act on.
+Any parser failure is a refusal ("cannot parse").
+
+Word values come from our own quote removal over the exact source text of each
+word (bashlex's own is lossy: `'r''m'` comes back as `r''m`), and every
+character of the command must be covered by a node we accepted (or be blank or
+a comment), so bashlex and bash cannot silently disagree about what runs.
+
+Policy decisions:
+- Pipelines (`|`, and `|&`, which is `2>&1 |`) and sequences (`;`, `&&`, `||`,
+  newlines) of allowed commands are allowed: each command passes the same check
+  on its own, so sequencing only saves the model a tool call. At most
+  MAX_COMMANDS simple commands. Background `&`, `!`, subshells, groups,
+  functions, if/for/while/case are refused.
+- Programs must be bare names (`cat`, not `/usr/bin/cat` or `./cat`): PATH comes
+  from piDeploy's own environment, and a path could name any binary.
+- No redirection except `2>&1`, which only merges stderr into stdout.
+- No `$` outside single quotes (no variables, `$(...)`, `$'...'`), no backticks,
+  no unquoted `~`, glob characters (`* ? [`) or braces: the agent quotes them.
+  `$` inside single quotes is literal (`grep 'error$'`). `run()` also starts
+  bash with globbing off, as a second line.
+- `find` is refused entirely (it can exec and delete); `ls -R`, `du` and
+  `grep -r` cover its read-only uses.
+- File arguments must be absolute and, after os.path.realpath (`..` and
+  symlinks), lie under a read root: those passed in plus DEFAULT_READ_ROOTS.
+  Relative paths are refused (`run()` works in `/`), and programs that would
+  default to the working directory (`ls`, `du`, `grep -r`) need a path.
+  A symlink swapped in between check and run is not caught; the roots are
+  piDeploy's own directories.
+- Only ASCII printable text, tabs and newlines, at most MAX_COMMAND_CHARS.
+- Options are allowlisted per program too (unknown option: refused), so a
+  follow flag, an output file or a file-reading option is never let through
+  by accident. Notable: `docker logs -n` is refused (it means --tail in docker
+  but --names in podman); `docker top` takes no ps options; `ps e` (process
+  environments) is refused; curl may not use --unix-socket (the engine socket
+  would expose every container), -L (a redirect leaves loopback), `@file`
+  header or write-out values, or the Docker Engine TCP ports 2375/2376.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import bashlex
+
+from errors import ToolRefused
+
+MAX_COMMAND_CHARS = 2000
+MAX_COMMANDS = 8
+MAX_CURL_URLS = 3
+
+DEFAULT_READ_ROOTS: tuple[Path, ...] = (
+    Path("/proc/loadavg"),
+    Path("/proc/meminfo"),
+    Path("/etc/os-release"),
+)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    reason: str  # "" when allowed; a short human reason when refused
+
+
+@dataclass(frozen=True)
+class BashResult:
+    exit_code: int | None  # None if killed on timeout
+    stdout: str
+    stderr: str
+    truncated: bool
+    timed_out: bool
+    duration_s: float
+
+
+class _Refused(Exception):
+    """Internal: unwinds the checker to check(), which turns it into a Verdict."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------
+# check(): parse, walk the tree, check each simple command
+# ---------------------------------------------------------------------------
+
+
+def check(command: str, read_roots: Sequence[Path] = ()) -> Verdict:
+    """Allowed, or refused with a reason. Never raises."""
+    try:
+        _check(command, _roots(read_roots))
+    except _Refused as refused:
+        return Verdict(False, refused.reason)
+    return Verdict(True, "")
+
+
+def _roots(read_roots: Sequence[Path]) -> tuple[Path, ...]:
+    return tuple(Path(os.path.realpath(root)) for root in (*read_roots, *DEFAULT_READ_ROOTS))
+
+
+_PRINTABLE = re.compile(r"[\x20-\x7e\t\n]*")
+
+
+def _check(command: str, roots: tuple[Path, ...]) -> None:
+    if len(command) > MAX_COMMAND_CHARS:
+        raise _Refused(f"command too long ({len(command)} > {MAX_COMMAND_CHARS} characters)")
+    if not _PRINTABLE.fullmatch(command):
+        bad = next(c for c in command if not _PRINTABLE.fullmatch(c))
+        raise _Refused(f"non-ASCII or control character {bad!r} (U+{ord(bad):04X})")
+    if all(not line.strip() or line.strip().startswith("#") for line in command.splitlines()):
+        raise _Refused("empty command")
+    walker = _Walker(command)
+    try:
+        for tree in bashlex.parse(command):
+            walker.walk(tree)
+    except _Refused:
+        raise
+    # bashlex fails on untrusted input in many ways (ParsingError, NotImplementedError,
+    # AttributeError...), and a tree of a shape the walker does not expect is no better:
+    # the gate fails closed, with the message as the reason.
+    except Exception as exc:
+        raise _Refused(f"cannot parse: {type(exc).__name__}: {exc}") from None
+    walker.check_coverage()
+    if len(walker.commands) > MAX_COMMANDS:
+        raise _Refused(f"too many commands ({len(walker.commands)} > {MAX_COMMANDS})")
+    for words in walker.commands:
+        _check_simple(words, roots)
+
+
+_COMPOUND_REASONS = {
+    "(": "subshell ( ) is not allowed",
+    "{": "group { } is not allowed",
+    "if": "if/for/while/case is not allowed",
+    "for": "if/for/while/case is not allowed",
+    "while": "if/for/while/case is not allowed",
+    "until": "if/for/while/case is not allowed",
+}
+
+
+class _Walker:
+    """Accepts only commands, pipelines and lists; records simple commands as word lists."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.covered = bytearray(len(source))
+        self.commands: list[list[str]] = []
+
+    def cover(self, node: Any) -> None:
+        start, end = node.pos
+        self.covered[start:end] = b"\x01" * (end - start)
+
+    def walk(self, node: Any) -> None:
+        kind = node.kind
+        if kind == "command":
+            self.command(node)
+        elif kind == "pipeline":
+            for part in node.parts:
+                if part.kind == "pipe":
+                    self.cover(part)
+                elif part.kind == "reservedword":
+                    raise _Refused(f"reserved word {part.word!r} is not allowed")
+                else:
+                    self.walk(part)
+        elif kind == "list":
+            for part in node.parts:
+                if part.kind == "operator":
+                    if part.op == "&":
+                        raise _Refused("background & is not allowed")
+                    if part.op not in (";", "&&", "||", "\n"):
+                        raise _Refused(f"operator {part.op!r} is not allowed")
+                    self.cover(part)
+                else:
+                    self.walk(part)
+        elif kind == "compound":
+            first = node.list[0]
+            word = first.word if first.kind == "reservedword" else getattr(first, "kind", "")
+            raise _Refused(_COMPOUND_REASONS.get(word, "compound commands are not allowed"))
+        elif kind == "function":
+            raise _Refused("function definitions are not allowed")
+        elif kind in ("if", "for", "while", "until"):
+            raise _Refused("if/for/while/case is not allowed")
+        else:
+            raise _Refused(f"{kind} is not allowed")
+
+    def command(self, node: Any) -> None:
+        words: list[str] = []
+        for part in node.parts:
+            if part.kind == "assignment":
+                raise _Refused("environment prefixes (NAME=value cmd) are not allowed")
+            if part.kind == "redirect":
+                text = self.source[part.pos[0] : part.pos[1]]
+                if text != "2>&1":
+                    raise _Refused(f"redirection ({part.type}) is not allowed; only 2>&1")
+                self.cover(part)
+                continue
+            if part.kind != "word":
+                raise _Refused(f"{part.kind} is not allowed")
+            inner = getattr(part, "parts", [])
+            if inner:  # bashlex saw an expansion; our own quote removal would refuse it too
+                raise _Refused(_EXPANSION_REASONS.get(inner[0].kind, f"{inner[0].kind} is not allowed"))
+            words.append(_unquote(self.source[part.pos[0] : part.pos[1]]))
+            self.cover(part)
+        if not words:
+            raise _Refused("empty command")
+        self.commands.append(words)
+
+    def check_coverage(self) -> None:
+        """Everything bashlex did not turn into an accepted node must be blank or a comment."""
+        i, text = 0, self.source
+        while i < len(text):
+            char = text[i]
+            if self.covered[i] or char in " \t\n":
+                i += 1
+            elif char == "\\" and text[i + 1 : i + 2] == "\n":
+                i += 2  # a line continuation between words
+            elif char == "#":
+                end = text.find("\n", i)
+                end = len(text) if end < 0 else end
+                if any(self.covered[i:end]):
+                    raise _Refused("cannot parse: comment and command overlap")
+                i = end
+            else:
+                raise _Refused(f"cannot parse: unexpected {char!r} at position {i}")
+
+
+_EXPANSION_REASONS = {
+    "commandsubstitution": "command substitution $(...) or `...` is not allowed",
+    "processsubstitution": "process substitution <(...) or >(...) is not allowed",
+    "parameter": "variable expansion ($NAME) is not allowed",
+    "tilde": "tilde expansion (~) is not allowed; use an absolute path",
+}
+
+
+def _unquote(raw: str) -> str:
+    """Bash quote removal for one word, refusing anything bash would expand."""
+    out: list[str] = []
+    i = 0
+    while i < len(raw):
+        char = raw[i]
+        if char == "'":
+            end = raw.find("'", i + 1)
+            if end < 0:
+                raise _Refused("cannot parse: unterminated single quote")
+            out.append(raw[i + 1 : end])
+            i = end + 1
+        elif char == '"':
+            i = _unquote_double(raw, i + 1, out)
+        elif char == "\\":
+            if i + 1 >= len(raw) or raw[i + 1] == "\n":
+                raise _Refused("line continuation inside a word is not allowed")
+            out.append(raw[i + 1])
+            i += 2
+        else:
+            _refuse_unquoted(char)
+            out.append(char)
+            i += 1
+    return "".join(out)
+
+
+def _unquote_double(raw: str, i: int, out: list[str]) -> int:
+    while i < len(raw):
+        char = raw[i]
+        if char == '"':
+            return i + 1
+        if char == "$":
+            raise _Refused(_dollar_reason(raw[i + 1 : i + 2]))
+        if char == "`":
+            raise _Refused(_EXPANSION_REASONS["commandsubstitution"])
+        if char == "\\" and raw[i + 1 : i + 2] in ("$", "`", '"', "\\"):
+            out.append(raw[i + 1])
+            i += 2
+        elif char == "\\" and raw[i + 1 : i + 2] == "\n":
+            raise _Refused("line continuation inside a word is not allowed")
+        else:
+            out.append(char)
+            i += 1
+    raise _Refused("cannot parse: unterminated double quote")
+
+
+def _dollar_reason(after: str) -> str:
+    if after == "(":
+        return _EXPANSION_REASONS["commandsubstitution"]
+    if after in ("'", '"'):
+        return "$'...' and $\"...\" quoting is not allowed"
+    return _EXPANSION_REASONS["parameter"]
+
+
+def _refuse_unquoted(char: str) -> None:
+    if char == "$":
+        raise _Refused(_EXPANSION_REASONS["parameter"])
+    if char == "`":
+        raise _Refused(_EXPANSION_REASONS["commandsubstitution"])
+    if char == "~":
+        raise _Refused(_EXPANSION_REASONS["tilde"])
+    if char in "*?[]":
+        raise _Refused(f"unquoted glob character {char!r}; quote it")
+    if char in "{}":
+        raise _Refused(f"unquoted brace {char!r} (brace expansion); quote it")
+    if char in "<>()|;&\n":
+        raise _Refused(f"cannot parse: {char!r} inside a word")
+
+
+# ---------------------------------------------------------------------------
+# options: a small getopt that only knows the options we allow
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Options:
+    flags: frozenset[str] = frozenset()  # "-a", "--all": no value
+    valued: Mapping[str, str] = field(default_factory=dict)  # option -> "text" | "path"
+    optional: frozenset[str] = frozenset()  # long options whose value must be attached with "="
+    refused: Mapping[str, str] = field(default_factory=dict)  # option -> why (a clearer refusal)
+    dash_number: bool = False  # head/tail -20
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+def _opts(
+    flags: str = "",
+    valued: Mapping[str, str] | None = None,
+    optional: str = "",
+    refused: Mapping[str, str] | None = None,
+    dash_number: bool = False,
+) -> _Options:
+    return _Options(
+        frozenset(flags.split()),
+        dict(valued or {}),
+        frozenset(optional.split()),
+        dict(refused or {}),
+        dash_number,
+    )
+
+
+@dataclass
+class _Parsed:
+    options: list[tuple[str, str]]  # (name, value or "")
+    positionals: list[str]
+
+    @property
+    def names(self) -> set[str]:
+        return {name for name, _ in self.options}
+
+    def option_paths(self, spec: _Options) -> list[str]:
+        """Values of options that name a file (grep -f, nginx -c): checked like file arguments."""
+        return [value for name, value in self.options if spec.valued.get(name) == "path"]
+
+
+def _parse(program: str, args: Sequence[str], spec: _Options) -> _Parsed:
+    """Options (known to spec, else refused) and positionals. Options may follow positionals (GNU)."""
+    options: list[tuple[str, str]] = []
+    positionals: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg == "--":
+            positionals.extend(args[i:])
+            break
+        if arg.startswith("--"):
+            name, eq, value = arg.partition("=")
+            if name in spec.valued:
+                if not eq:
+                    if i >= len(args):
+                        raise _Refused(f"{program} {name} needs a value")
+                    value, i = args[i], i + 1
+                options.append((name, value))
+            elif name in spec.flags and not eq:
+                options.append((name, ""))
+            elif name in spec.optional:
+                options.append((name, value))
+            else:
+                raise _Refused(_option_reason(program, name, spec))
+        elif arg.startswith("-") and len(arg) > 1:
+            if spec.dash_number and arg[1:].isdigit():
+                options.append(("-n", arg[1:]))
+                continue
+            for k in range(1, len(arg)):
+                name = "-" + arg[k]
+                if name in spec.valued:
+                    value = arg[k + 1 :]
+                    if not value:
+                        if i >= len(args):
+                            raise _Refused(f"{program} {name} needs a value")
+                        value, i = args[i], i + 1
+                    options.append((name, value))
+                    break
+                if name not in spec.flags:
+                    raise _Refused(_option_reason(program, name, spec))
+                options.append((name, ""))
+        else:
+            positionals.append(arg)
+    return _Parsed(options, positionals)
+
+
+def _option_reason(program: str, name: str, spec: _Options) -> str:
+    why = spec.refused.get(name)
+    if why:
+        return f"{program} {name} is not allowed: {why}"
+    return f"{program} option {name} is not allowed"
+
+
+# ---------------------------------------------------------------------------
+# paths
+# ---------------------------------------------------------------------------
+
+
+def _check_path(program: str, path: str, roots: tuple[Path, ...]) -> None:
+    if path == "-":
+        return  # stdin
+    if not path.startswith("/"):
+        raise _Refused(f"{program}: {path!r} is a relative path; use an absolute path under the read roots")
+    real = Path(os.path.realpath(path))
+    if not any(real.is_relative_to(root) for root in roots):
+        raise _Refused(f"{program}: {path} is outside the read roots")
+
+
+# ---------------------------------------------------------------------------
+# programs
+# ---------------------------------------------------------------------------
+
+_REFUSED_PROGRAMS: dict[str, str] = {
+    name: why
+    for names, why in (
+        ("sudo su doas pkexec runuser", "changes privileges"),
+        ("eval exec source . command builtin enable hash trap alias", "runs arbitrary code"),
+        ("sh bash dash zsh ksh mksh fish csh tcsh busybox rbash", "is a shell"),
+        (
+            "xargs find timeout nohup nice ionice watch setsid chroot unshare nsenter strace time",
+            "runs other programs",
+        ),
+        ("env printenv set export declare typeset unset", "exposes or changes the environment"),
+        ("awk gawk mawk nawk sed perl python python3 ruby node php lua tclsh", "is a scripting language"),
+        ("tee", "writes files"),
+        (
+            "rm rmdir mv cp dd chmod chown chgrp truncate ln touch mkdir install shred mknod mkfifo fallocate",
+            "modifies files",
+        ),
+        ("kill pkill killall reboot shutdown halt poweroff init telinit", "affects processes or the machine"),
+        ("nc ncat netcat socat wget ssh scp sftp rsync telnet ftp", "opens network connections"),
+        ("mount umount losetup fdisk parted", "changes filesystems"),
+    )
+    for name in names.split()
+}
+
+
+def _check_simple(words: list[str], roots: tuple[Path, ...]) -> None:
+    program, args = words[0], words[1:]
+    if "/" in program:
+        raise _Refused(f"program must be a bare name, not a path: {program}")
+    if program.startswith("mkfs"):
+        raise _Refused(f"'{program}' is not allowed: changes filesystems")
+    if program in _REFUSED_PROGRAMS:
+        raise _Refused(f"'{program}' is not allowed: {_REFUSED_PROGRAMS[program]}")
+    checker = _CHECKERS.get(program)
+    if checker is None:
+        raise _Refused(f"'{program}' is not on the allowlist")
+    for path in checker(program, args):
+        _check_path(program, path, roots)
+
+
+# A checker refuses (raises _Refused) or returns every file its command would read,
+# from positionals and from option values alike; _check_simple checks them against the roots.
+_Checker = Callable[[str, list[str]], list[str]]
+
+
+def _files_reader(spec: _Options, *, needs_path: bool = False, max_files: int | None = None) -> _Checker:
+    """A program whose positionals are all files (no file: stdin, unless needs_path)."""
+
+    def checker(program: str, args: list[str]) -> list[str]:
+        parsed = _parse(program, args, spec)
+        positionals = parsed.positionals
+        if needs_path and not positionals:
+            raise _Refused(f"{program} needs an absolute path under the read roots")
+        if max_files is not None and len(positionals) > max_files:
+            raise _Refused(f"{program} takes at most {max_files} file (a second one would be written)")
+        return parsed.option_paths(spec) + positionals
+
+    return checker
+
+
+def _no_files(spec: _Options, *, max_args: int | None = None) -> _Checker:
+    """A program whose positionals are plain words, never files."""
+
+    def checker(program: str, args: list[str]) -> list[str]:
+        positionals = _parse(program, args, spec).positionals
+        if max_args == 0 and positionals:
+            raise _Refused(f"{program} takes no arguments, got {positionals[0]!r}")
+        if max_args is not None and len(positionals) > max_args:
+            raise _Refused(f"{program} takes at most {max_args} arguments")
+        return []
+
+    return checker
+
+
+_FOLLOW = "follows forever"
+_CAT = _opts("-n -b -A -E -T -v -s -e -t --number --number-nonblank --show-all --squeeze-blank")
+_HEAD = _opts(
+    "-q -v -z --quiet --silent --verbose",
+    {"-n": "text", "-c": "text", "--lines": "text", "--bytes": "text"},
+    dash_number=True,
+)
+_TAIL = _opts(
+    "-q -v -z --quiet --silent --verbose",
+    {"-n": "text", "-c": "text", "--lines": "text", "--bytes": "text"},
+    refused={"-f": _FOLLOW, "-F": _FOLLOW, "--follow": _FOLLOW, "--retry": _FOLLOW, "--pid": _FOLLOW},
+    dash_number=True,
+)
+_WC = _opts("-l -w -c -m -L --lines --words --bytes --chars --max-line-length")
+_LS = _opts(
+    "-l -a -A -h -t -r -S -d -1 -R -i -n -F -s -c -u -U --all --almost-all --human-readable --recursive "
+    "--directory --full-time --numeric-uid-gid --inode --size",
+    optional="--color --time-style",
+)
+_STAT = _opts("-t -f --terse --file-system", {"-c": "text", "--format": "text", "--printf": "text"})
+_DU = _opts(
+    "-s -h -a -c -x -k -m -b --summarize --human-readable --all --total --one-file-system --apparent-size",
+    {"-d": "text", "--max-depth": "text", "--exclude": "text"},
+)
+_SORT = _opts(
+    "-n -r -u -h -V -f -b -s -M -g -R -z --numeric-sort --reverse --unique --human-numeric-sort "
+    "--version-sort --ignore-case --ignore-leading-blanks --stable --month-sort --general-numeric-sort",
+    {"-k": "text", "-t": "text", "--key": "text", "--field-separator": "text"},
+    refused={
+        "-o": "writes a file",
+        "--output": "writes a file",
+        "-T": "writes temporary files",
+        "--compress-program": "runs a program",
+        "--files0-from": "reads a file list",
+    },
+)
+_UNIQ = _opts(
+    "-c -d -u -i -z --count --repeated --unique --ignore-case",
+    {"-f": "text", "-s": "text", "-w": "text", "--skip-fields": "text", "--skip-chars": "text"},
+)
+_CUT = _opts(
+    "-s -z --complement --only-delimited",
+    {"-d": "text", "-f": "text", "-c": "text", "-b": "text", "--delimiter": "text", "--fields": "text"},
+)
+_TR = _opts("-d -s -c -C -t --delete --squeeze-repeats --complement --truncate-set1")
+_GREP_VALUED = {
+    "-e": "text",
+    "-f": "path",
+    "-A": "text",
+    "-B": "text",
+    "-C": "text",
+    "-m": "text",
+    "--regexp": "text",
+    "--file": "path",
+    "--after-context": "text",
+    "--before-context": "text",
+    "--context": "text",
+    "--max-count": "text",
+    "--include": "text",
+    "--exclude": "text",
+    "--exclude-dir": "text",
+}
+_GREP = _opts(
+    "-i -v -n -c -l -L -h -H -o -q -s -w -x -E -F -G -P -r -a -I -z -b "
+    "--ignore-case --invert-match --line-number --count --files-with-matches --files-without-match "
+    "--no-filename --with-filename --only-matching --quiet --silent --no-messages --word-regexp "
+    "--line-regexp --extended-regexp --fixed-strings --basic-regexp --perl-regexp --recursive --text",
+    _GREP_VALUED,
+    optional="--color --colour",
+    refused={
+        "-R": "follows symlinks out of the read roots; use -r",
+        "--dereference-recursive": "follows symlinks out of the read roots; use -r",
+    },
+)
+
+
+def _grep(program: str, args: list[str]) -> list[str]:
+    parsed = _parse(program, args, _GREP)
+    names, positionals = parsed.names, parsed.positionals
+    if not names & {"-e", "-f", "--regexp", "--file"}:
+        if not positionals:
+            raise _Refused(f"{program} needs a pattern")
+        positionals = positionals[1:]
+    if names & {"-r", "--recursive"} and not positionals:
+        raise _Refused(f"{program} -r needs an absolute path under the read roots")
+    return parsed.option_paths(_GREP) + positionals
+
+
+_JQ = _opts(
+    "-r -j -c -n -s -e -S -C -M -a --raw-output --join-output --compact-output --null-input --slurp "
+    "--exit-status --sort-keys --color-output --monochrome-output --ascii-output --tab --raw-input -R",
+    {"-f": "path", "--from-file": "path", "--indent": "text"},
+    refused={
+        "-L": "loads modules",
+        "--library-path": "loads modules",
+        # what follows --args is strings, what precedes it files: not worth the order-tracking
+        "--args": "use --arg NAME VALUE",
+        "--jsonargs": "use --argjson NAME VALUE",
+    },
+)
+
+
+def _jq(program: str, args: list[str]) -> list[str]:
+    # --arg/--argjson/--slurpfile/--rawfile take two values; handled before the generic parser.
+    rest: list[str] = []
+    files: list[str] = []
+    i = 0
+    while i < len(args):
+        if args[i] in ("--arg", "--argjson", "--slurpfile", "--rawfile"):
+            if i + 2 >= len(args):
+                raise _Refused(f"jq {args[i]} needs a name and a value")
+            if args[i] in ("--slurpfile", "--rawfile"):
+                files.append(args[i + 2])
+            i += 3
+        else:
+            rest.append(args[i])
+            i += 1
+    parsed = _parse(program, rest, _JQ)
+    names, positionals = parsed.names, parsed.positionals
+    files += parsed.option_paths(_JQ)
+    if not names & {"-f", "--from-file"}:
+        if not positionals:
+            return files  # `jq` alone is `jq .` on stdin
+        if re.search(r"\b(import|include|modulemeta)\b", positionals[0]):
+            raise _Refused("jq modules (import/include) are not allowed")
+        positionals = positionals[1:]
+    return files + positionals
+
+
+def _echo(program: str, args: list[str]) -> list[str]:
+    return []  # prints its arguments; they were already checked for expansions
+
+
+_SS = _opts(
+    "-l -t -n -p -u -a -s -4 -6 -e -o -x -w -i -m -H -r "
+    "--listening --tcp --numeric --processes --udp --all --summary --extended --options --unix --raw "
+    "--info --memory --no-header --resolve --ipv4 --ipv6",
+    refused={"-K": "kills sockets", "--kill": "kills sockets", "-D": "writes a file", "-F": "reads a file"},
+)
+_DF = _opts(
+    "-h -H -T -i -k -P -a -l --human-readable --si --print-type --inodes --portability --all --local",
+    {"-t": "text", "-x": "text", "--type": "text", "--exclude-type": "text"},
+    optional="--output",
+)
+_FREE = _opts("-h -m -g -k -b -t -w -l -v --human --mega --giga --kilo --bytes --total --wide --si --lohi")
+_UPTIME = _opts("-p -s --pretty --since")
+_HOSTNAME = _opts("-f -s -i -I -d -A --fqdn --short --ip-address --all-ip-addresses --domain --long")
+_ID = _opts("-u -g -G -n -r -a -z --user --group --groups --name --real")
+_WHOAMI = _opts()
+_DATE = _opts(
+    "-u -R --utc --universal --rfc-email",
+    {"-d": "text", "--date": "text"},
+    optional="--iso-8601 --rfc-3339",
+    refused={
+        "-s": "sets the clock",
+        "--set": "sets the clock",
+        "-f": "reads a file",
+        "--file": "reads a file",
+    },
+)
+
+
+def _date(program: str, args: list[str]) -> list[str]:
+    # -I takes an optional attached value (-Iseconds), which the generic parser cannot tell from a cluster.
+    args = [a for a in args if not re.fullmatch(r"-I(date|hours|minutes|seconds|ns)?", a)]
+    positionals = _parse(program, args, _DATE).positionals
+    for word in positionals:
+        if not word.startswith("+"):
+            raise _Refused("date only takes a +FORMAT argument (setting the clock is not allowed)")
+    return []
+
+
+_PS_BSD_LETTERS = set("auxfwjlvrScnhTm")
+_PS = _opts(
+    "-e -f -F -l -A -a -x -H -w -y -j -T -d -N --forest --no-headers --headers",
+    {
+        "-o": "text",
+        "-O": "text",
+        "-p": "text",
+        "-u": "text",
+        "-U": "text",
+        "-C": "text",
+        "-g": "text",
+        "-G": "text",
+        "-t": "text",
+        "-q": "text",
+        "--sort": "text",
+        "--format": "text",
+        "--pid": "text",
+        "--ppid": "text",
+        "--user": "text",
+        "--cols": "text",
+        "--columns": "text",
+        "--width": "text",
+    },
+)
+
+
+def _ps(program: str, args: list[str]) -> list[str]:
+    positionals = _parse(program, args, _PS).positionals
+    for word in positionals:  # BSD-style options (ps aux); `e` would print process environments
+        if "e" in word:
+            raise _Refused("ps e shows process environments (secrets); use ps aux")
+        if not set(word) <= _PS_BSD_LETTERS:
+            raise _Refused(f"ps option {word!r} is not allowed")
+    return []
+
+
+_NGINX = _opts(
+    "-t -T -v -V -q -h",
+    {"-p": "path", "-c": "path"},
+    refused={"-s": "sends signals to nginx", "-g": "sets directives", "-e": "writes a log file"},
+)
+
+
+def _nginx(program: str, args: list[str]) -> list[str]:
+    parsed = _parse(program, args, _NGINX)
+    if parsed.positionals:
+        raise _Refused(f"nginx takes no arguments, got {parsed.positionals[0]!r}")
+    if not parsed.names & {"-t", "-T", "-v", "-V"}:
+        raise _Refused("nginx needs -t, -T, -v or -V (without them it would start a server)")
+    return parsed.option_paths(_NGINX)
+
+
+_SYSTEMCTL = _opts(
+    "-l -a -q --full --all --no-pager --value --user --system --plain --no-legend --quiet",
+    {"-n": "text", "--lines": "text", "-p": "text", "--property": "text", "-o": "text", "--output": "text"},
+    refused={"-H": "talks to another host", "--host": "talks to another host", "-M": "talks to a container"},
+)
+_SYSTEMCTL_VERBS = ("status", "is-active", "is-failed", "show")
+
+
+def _systemctl(program: str, args: list[str]) -> list[str]:
+    positionals = _parse(program, args, _SYSTEMCTL).positionals
+    if not positionals or positionals[0] not in _SYSTEMCTL_VERBS:
+        verb = positionals[0] if positionals else "(none)"
+        raise _Refused(f"systemctl {verb} is not allowed; only {', '.join(_SYSTEMCTL_VERBS)}")
+    return []
+
+
+_JOURNAL_WRITE = "changes the journal"
+_JOURNALCTL = _opts(
+    "-r -x -e -q -k -a -m --no-pager --reverse --catalog --pager-end --quiet --dmesg --all --merge "
+    "--user --system --utc --no-hostname --no-full --list-boots -b",
+    {
+        "-u": "text",
+        "--unit": "text",
+        "--user-unit": "text",
+        "-n": "text",
+        "--lines": "text",
+        "-S": "text",
+        "--since": "text",
+        "-U": "text",
+        "--until": "text",
+        "-p": "text",
+        "--priority": "text",
+        "-o": "text",
+        "--output": "text",
+        "-g": "text",
+        "--grep": "text",
+        "-t": "text",
+        "--identifier": "text",
+    },
+    optional="--boot",
+    refused={
+        "-f": _FOLLOW,
+        "--follow": _FOLLOW,
+        "--rotate": _JOURNAL_WRITE,
+        "--vacuum-size": _JOURNAL_WRITE,
+        "--vacuum-time": _JOURNAL_WRITE,
+        "--vacuum-files": _JOURNAL_WRITE,
+        "--flush": _JOURNAL_WRITE,
+        "--sync": _JOURNAL_WRITE,
+        "--relinquish-var": _JOURNAL_WRITE,
+        "--cursor-file": "writes a file",
+        "-D": "reads another journal",
+        "--directory": "reads another journal",
+        "--file": "reads another journal",
+        "--root": "reads another journal",
+    },
+)
+
+
+def _journalctl(program: str, args: list[str]) -> list[str]:
+    positionals = _parse(program, args, _JOURNALCTL).positionals
+    for word in positionals:  # journal matches such as _PID=1; a path would match an executable
+        if not re.fullmatch(r"[A-Z_][A-Z0-9_]*=[^\s]*|\+", word):
+            raise _Refused(f"journalctl argument {word!r} is not allowed; only FIELD=value matches")
+    return []
+
+
+_PG_ISREADY = _opts(
+    "-q --quiet",
+    {
+        "-h": "text",
+        "--host": "text",
+        "-p": "text",
+        "--port": "text",
+        "-d": "text",
+        "--dbname": "text",
+        "-U": "text",
+        "--username": "text",
+        "-t": "text",
+        "--timeout": "text",
+    },
+)
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _pg_isready(program: str, args: list[str]) -> list[str]:
+    parsed = _parse(program, args, _PG_ISREADY)
+    if parsed.positionals:
+        raise _Refused(f"pg_isready takes no arguments, got {parsed.positionals[0]!r}")
+    paths: list[str] = []
+    for name, value in parsed.options:
+        if name in ("-h", "--host"):
+            if value.startswith("/"):
+                paths.append(value)  # a socket directory: must be one of ours
+            elif value not in _LOOPBACK_HOSTS:
+                raise _Refused(
+                    f"pg_isready -h {value}: only loopback or a socket directory under the read roots"
+                )
+        if name in ("-d", "--dbname") and not re.fullmatch(r"[A-Za-z0-9_-]+", value):
+            raise _Refused("pg_isready -d takes a database name, not a connection string")
+    return paths
+
+
+# --- docker / podman -------------------------------------------------------
+
+_DOCKER_GLOBAL = {
+    "-H": "redirects the client to another engine",
+    "--host": "redirects the client to another engine",
+    "--context": "redirects the client to another engine",
+    "-c": "redirects the client to another engine",
+    "--config": "redirects the client to another engine",
+    "--url": "redirects the client to another engine",
+    "--connection": "redirects the client to another engine",
+    "--remote": "redirects the client to another engine",
+}
+_DOCKER_SUBCOMMANDS: dict[str, _Options] = {
+    "ps": _opts(
+        "-a -q -l -s --all --quiet --latest --no-trunc --size --noheading",
+        {"-n": "text", "--last": "text", "--format": "text", "-f": "text", "--filter": "text"},
+    ),
+    "inspect": _opts("-s --size", {"-f": "text", "--format": "text", "--type": "text"}),
+    "logs": _opts(
+        "-t --timestamps --details",
+        {"--tail": "text", "--since": "text", "--until": "text"},
+        refused={
+            "-f": _FOLLOW,
+            "--follow": _FOLLOW,
+            "-n": "is ambiguous between docker and podman; use --tail",
+        },
+    ),
+    "images": _opts(
+        "-a -q --all --quiet --digests --no-trunc --noheading",
+        {"--format": "text", "-f": "text", "--filter": "text"},
+    ),
+    "version": _opts("", {"-f": "text", "--format": "text"}),
+    "info": _opts("", {"-f": "text", "--format": "text"}),
+    "port": _opts(),
+    "top": _opts(),
+    "stats": _opts("-a --all --no-stream --no-trunc", {"--format": "text"}),
+}
+_DOCKER_GROUPS = {
+    "container": {"ls": "ps", "inspect": "inspect", "logs": "logs", "port": "port", "top": "top"},
+    "image": {"ls": "images", "inspect": "inspect"},
+}
+_DOCKER_WRITES = _words(
+    "rm rmi run exec kill stop start restart cp create commit pull push build update rename network volume "
+    "system prune pause unpause attach wait export import save load tag login logout plugin swarm service "
+    "secret compose buildx manifest pod machine play kube generate"
+)
+
+
+def _docker(program: str, args: list[str]) -> list[str]:
+    if not args:
+        raise _Refused(f"{program} needs a subcommand")
+    if args[0].startswith("-"):
+        name = args[0].partition("=")[0]
+        why = _DOCKER_GLOBAL.get(name, "global flags are not allowed")
+        raise _Refused(f"{program} {name} is not allowed: {why}")
+    subcommand, rest = args[0], args[1:]
+    shown = subcommand
+    if subcommand in _DOCKER_GROUPS:
+        group = _DOCKER_GROUPS[subcommand]
+        inner = rest[0] if rest else ""
+        if inner not in group:
+            raise _Refused(f"{program} {subcommand} {inner} is not allowed; only {' '.join(group)}".rstrip())
+        shown, subcommand, rest = f"{subcommand} {inner}", group[inner], rest[1:]
+    if subcommand not in _DOCKER_SUBCOMMANDS:
+        kind = "not read-only" if subcommand in _DOCKER_WRITES else "not allowed"
+        raise _Refused(f"{program} {shown} is {kind}; only {' '.join(_DOCKER_SUBCOMMANDS)}")
+    parsed = _parse(f"{program} {shown}", rest, _DOCKER_SUBCOMMANDS[subcommand])
+    if subcommand == "stats" and "--no-stream" not in parsed.names:
+        raise _Refused(f"{program} stats needs --no-stream (it would stream forever)")
+    if subcommand == "top" and len(parsed.positionals) != 1:
+        raise _Refused(f"{program} top takes exactly one container and no ps options")
+    return []
+
+
+# --- curl --------------------------------------------------------------------
+
+_CURL_WRITES = "writes a file"
+_CURL_SENDS = "sends data (GET/HEAD only)"
+_CURL = _opts(
+    "-s -S -f -i -I -v -k -g -4 -6 --silent --show-error --fail --fail-with-body --include --head --verbose "
+    "--insecure --globoff --compressed --http1.1 --http2 --ipv4 --ipv6 --no-progress-meter",
+    {
+        "-m": "text",
+        "--max-time": "text",
+        "--connect-timeout": "text",
+        "-H": "text",
+        "--header": "text",
+        "-w": "text",
+        "--write-out": "text",
+        "-X": "text",
+        "--request": "text",
+        "-A": "text",
+        "--user-agent": "text",
+        "--url": "text",
+    },
+    refused={
+        "-o": _CURL_WRITES,
+        "--output": _CURL_WRITES,
+        "-O": _CURL_WRITES,
+        "--remote-name": _CURL_WRITES,
+        "--remote-name-all": _CURL_WRITES,
+        "-D": _CURL_WRITES,
+        "--dump-header": _CURL_WRITES,
+        "-c": _CURL_WRITES,
+        "--cookie-jar": _CURL_WRITES,
+        "--trace": _CURL_WRITES,
+        "--trace-ascii": _CURL_WRITES,
+        "--stderr": _CURL_WRITES,
+        "-d": _CURL_SENDS,
+        "--data": _CURL_SENDS,
+        "--data-raw": _CURL_SENDS,
+        "--data-binary": _CURL_SENDS,
+        "--data-urlencode": _CURL_SENDS,
+        "--data-ascii": _CURL_SENDS,
+        "--json": _CURL_SENDS,
+        "-F": _CURL_SENDS,
+        "--form": _CURL_SENDS,
+        "-T": _CURL_SENDS,
+        "--upload-file": _CURL_SENDS,
+        "-K": "reads options from a file",
+        "--config": "reads options from a file",
+        "--unix-socket": "reaches the engine socket; use docker",
+        "--abstract-unix-socket": "reaches the engine socket; use docker",
+        "-u": "sends credentials",
+        "--user": "sends credentials",
+        "-x": "uses a proxy",
+        "--proxy": "uses a proxy",
+        "-L": "follows redirects off loopback",
+        "--location": "follows redirects off loopback",
+        "--resolve": "redirects the host",
+        "--connect-to": "redirects the host",
+        "-b": "reads cookies from a file",
+        "--cookie": "reads cookies from a file",
+    },
+)
+_CURL_URL = re.compile(
+    r"(?:(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://)?"
+    r"(?P<host>127\.0\.0\.1|localhost|\[::1\])"
+    r"(?::(?P<port>\d{1,5}))?"
+    r"(?P<path>/[A-Za-z0-9._~!$&'()*+,;=:%/?#-]*)?"
+)
+_ENGINE_PORTS = {"2375", "2376"}  # a Docker Engine API over TCP: its GETs can read container files
+
+
+def _curl(program: str, args: list[str]) -> list[str]:
+    parsed = _parse(program, args, _CURL)
+    urls = parsed.positionals
+    for name, value in parsed.options:
+        if name in ("-X", "--request") and value not in ("GET", "HEAD"):
+            raise _Refused(f"curl -X {value} is not allowed: {_CURL_SENDS}")
+        if name in ("-H", "--header", "-w", "--write-out") and value.startswith("@"):
+            raise _Refused(f"curl {name} @file reads a file")
+        if name in ("-w", "--write-out") and "%output" in value:
+            raise _Refused(f"curl {name} %output writes a file")
+        if name == "--url":
+            urls.append(value)
+    if not urls:
+        raise _Refused("curl needs a loopback URL")
+    if len(urls) > MAX_CURL_URLS:
+        raise _Refused(f"curl takes at most {MAX_CURL_URLS} URLs")
+    for url in urls:
+        match = _CURL_URL.fullmatch(url)
+        if match is None:
+            raise _Refused(f"curl URL {url!r} is not loopback (127.0.0.1, localhost, [::1]) over http(s)")
+        scheme = (match["scheme"] or "http").lower()
+        if scheme not in ("http", "https"):
+            raise _Refused(f"curl scheme {scheme}:// is not allowed; only http and https")
+        if match["port"] in _ENGINE_PORTS:
+            raise _Refused(f"curl to port {match['port']} (the engine API) is not allowed; use docker")
+    return []
+
+
+_CHECKERS: dict[str, _Checker] = {
+    "cat": _files_reader(_CAT),
+    "head": _files_reader(_HEAD),
+    "tail": _files_reader(_TAIL),
+    "wc": _files_reader(_WC),
+    "ls": _files_reader(_LS, needs_path=True),
+    "stat": _files_reader(_STAT, needs_path=True),
+    "du": _files_reader(_DU, needs_path=True),
+    "sort": _files_reader(_SORT),
+    "uniq": _files_reader(_UNIQ, max_files=1),
+    "cut": _files_reader(_CUT),
+    "tr": _no_files(_TR, max_args=2),
+    "grep": _grep,
+    "egrep": _grep,
+    "fgrep": _grep,
+    "jq": _jq,
+    "echo": _echo,
+    "docker": _docker,
+    "podman": _docker,
+    "curl": _curl,
+    "ss": _no_files(_SS),
+    "df": _no_files(_DF),  # statfs only, no content: any mount point may be asked about
+    "free": _no_files(_FREE, max_args=0),
+    "uptime": _no_files(_UPTIME, max_args=0),
+    "date": _date,
+    "hostname": _no_files(_HOSTNAME, max_args=0),
+    "id": _no_files(_ID, max_args=1),
+    "whoami": _no_files(_WHOAMI, max_args=0),
+    "ps": _ps,
+    "nginx": _nginx,
+    "systemctl": _systemctl,
+    "journalctl": _journalctl,
+    "pg_isready": _pg_isready,
+}
+
+
+# ---------------------------------------------------------------------------
+# run(): bash -c in its own process group, bounded in time and output
+# ---------------------------------------------------------------------------
+
+# Variables that make bash run code before the command (BASH_ENV, exported
+# functions), change how it parses, or inject libraries; never passed to the child.
+_UNSAFE_ENV = re.compile(r"BASH_ENV|ENV|SHELLOPTS|BASHOPTS|CDPATH|GLOBIGNORE|IFS|PS4|BASH_FUNC_.*|LD_.*")
+_BASH = shutil.which("bash") or "/bin/bash"
+
+
+def _child_env(env: Mapping[str, str] | None) -> dict[str, str]:
+    if env is None:  # a minimal environment: no API keys of ours reach the child
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
+    return {k: v for k, v in env.items() if not _UNSAFE_ENV.fullmatch(k)}
+
+
+def run(
+    command: str,
+    *,
+    read_roots: Sequence[Path] = (),
+    timeout: float = 20.0,
+    output_cap: int = 16_000,
+    env: Mapping[str, str] | None = None,
+) -> BashResult:
+    """check() first (raise errors.ToolRefused(reason, command=command) if refused), then run the
+    command with bash -c in a NEW PROCESS GROUP (start_new_session=True), stdin from /dev/null,
+    capture stdout/stderr capped at output_cap bytes each (read incrementally; don't buffer unbounded
+    output), and on timeout kill the whole process group (SIGKILL via os.killpg) and return timed_out=True.
+
+    The child works in `/` with `env` (default: PATH and LC_ALL=C only, so none of piDeploy's
+    secrets), minus variables that make bash run code first (BASH_ENV, BASH_FUNC_*, LD_*).
+    A timeout <= 0 (no time left) returns timed_out=True without starting anything."""
+    verdict = check(command, read_roots)
+    if not verdict.allowed:
+        raise ToolRefused(verdict.reason, command=command)
+    started = time.monotonic()
+    if timeout <= 0:
+        return BashResult(None, "", "", False, True, 0.0)
+    deadline = started + timeout
+    with subprocess.Popen(
+        [_BASH, "--noprofile", "--norc", "-f", "-c", command],  # -f: no globbing, a second line
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_child_env(env),
+        cwd="/",
+        start_new_session=True,
+    ) as proc:
+        try:
+            (out, err, truncated), timed_out = _read_capped(proc, deadline, output_cap)
+            if not timed_out:
+                timed_out = not _wait_unreaped(proc.pid, deadline)
+        finally:
+            # The group's leader is not reaped yet, so its id cannot have been reused: this
+            # kill reaches only what the command started (all of it on timeout, stragglers
+            # otherwise), also when an exception such as KeyboardInterrupt unwinds us.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        code = proc.wait()
+    return BashResult(
+        exit_code=None if timed_out else code,
+        stdout=out.decode("utf-8", errors="replace"),
+        stderr=err.decode("utf-8", errors="replace"),
+        truncated=truncated,
+        timed_out=timed_out,
+        duration_s=round(time.monotonic() - started, 3),
+    )
+
+
+def _read_capped(
+    proc: subprocess.Popen[bytes], deadline: float, cap: int
+) -> tuple[tuple[bytes, bytes, bool], bool]:
+    """Read both pipes until EOF or the deadline; keep at most `cap` bytes of each, drain the rest."""
+    assert proc.stdout is not None and proc.stderr is not None
+    kept = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+    truncated = False
+    with selectors.DefaultSelector() as selector:
+        for fd in kept:
+            selector.register(fd, selectors.EVENT_READ)
+        while selector.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return (bytes(kept[proc.stdout.fileno()]), bytes(kept[proc.stderr.fileno()]), truncated), True
+            for key, _ in selector.select(remaining):
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    selector.unregister(key.fd)
+                    continue
+                buffer = kept[key.fd]
+                room = cap - len(buffer)
+                if len(chunk) > room:
+                    truncated = True
+                buffer += chunk[: max(room, 0)]
+    return (bytes(kept[proc.stdout.fileno()]), bytes(kept[proc.stderr.fileno()]), truncated), False
+
+
+def _wait_unreaped(pid: int, deadline: float) -> bool:
+    """Wait for the child to exit without reaping it; False if the deadline passed first."""
+    while time.monotonic() < deadline:
+        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def cli(command: str, read_roots: Sequence[Path] = ()) -> int:
+    """For `python pideploy.py gate 'COMMAND'`: prints `allowed` or `refused: REASON` to stdout;
+    returns 0 when allowed, 1 when refused."""
+    verdict = check(command, read_roots)
+    print("allowed" if verdict.allowed else f"refused: {verdict.reason}", file=sys.stdout)
+    return 0 if verdict.allowed else 1

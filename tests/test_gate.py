@@ -1,0 +1,461 @@
+"""The read-only bash gate: a table of commands, then run() on real subprocesses, then cli().
+
+In the table, `{root}` stands for a read root made in tmp_path; every refusal
+names a substring of its reason, so a refusal for the wrong reason fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import gate
+from errors import ToolRefused
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """A read root with a log, a JSON file and two symlinks that lead out of it."""
+    root = tmp_path / "pideploy"
+    (root / "traces").mkdir(parents=True)
+    (root / "app.log").write_text("ok\nerror: boom\nok\n")
+    (root / "traces" / "run.json").write_text('{"status": "done"}\n')
+    (root / "etc-link").symlink_to("/etc")
+    (root / "shadow-link").symlink_to("/etc/shadow")
+    (tmp_path / "outside.txt").write_text("not yours\n")
+    (root / "outside-link").symlink_to(tmp_path / "outside.txt")
+    return root
+
+
+ALLOWED = [
+    # pipelines, sequences, 2>&1, comments
+    "docker logs pideploy-alice-1 --tail 50 2>&1 | grep -i error",
+    "docker logs x --tail 5 |& grep err",
+    "docker ps -a --format '{{.Names}} {{.Status}}' | sort | uniq -c",
+    "df -h && free -m",
+    "df -h; uptime",
+    "uptime || date",
+    "uptime\nwhoami\nid",
+    "ss -tlnp # who listens?",
+    "ls -la \\\n  {root}",
+    # docker / podman
+    "docker ps",
+    "podman ps -a --filter status=exited",
+    "docker inspect -f '{{.State.Status}}' pideploy-alice-1",
+    "docker logs --since 10m --timestamps x",
+    "docker logs --tail=20 x",
+    "docker images --digests",
+    "docker version",
+    "podman info --format json",
+    "docker port x",
+    "docker top x",
+    "docker stats --no-stream",
+    "docker container ls -a",
+    "docker container logs --tail 5 x",
+    "podman image ls",
+    "docker image inspect localhost/pideploy-gateway:latest",
+    # curl to loopback
+    "curl -sS http://127.0.0.1:8780/health",
+    "curl -sSf -m 5 --connect-timeout 2 -H 'Accept: application/json' http://localhost:8780/api",
+    "curl -I 'http://[::1]:8080/'",
+    "curl -s -w '%{http_code}' 127.0.0.1:80",
+    "curl -X HEAD -i https://localhost/",
+    # system readers
+    "ss -tlnp",
+    "ss -u -a 'sport = :53'",
+    "df -hT /",
+    "free -h",
+    "uptime -p",
+    "date -u +%FT%T",
+    "date -Iseconds",
+    "hostname -f",
+    "ps aux --sort=-%cpu",
+    "ps -eo pid,ppid,cmd",
+    "nginx -t",
+    "nginx -T -p {root} -c {root}/app.log",
+    "nginx -V",
+    "systemctl status nginx --no-pager -n 20",
+    "systemctl is-active postgresql",
+    "journalctl -u nginx -n 50 --no-pager --since '1 hour ago'",
+    "journalctl _SYSTEMD_UNIT=nginx.service -o json",
+    "pg_isready -h 127.0.0.1 -p 5432 -t 2",
+    "pg_isready -h {root}",
+    # text readers, paths under the roots
+    "cat {root}/app.log",
+    "cat /proc/loadavg /proc/meminfo /etc/os-release",
+    "head -n 5 {root}/app.log",
+    "head -20 {root}/app.log",
+    "tail -n 100 {root}/app.log",
+    "wc -l {root}/app.log",
+    "grep -n error {root}/app.log",
+    "grep -rn 'error$' {root}",
+    "egrep -c 'ok|error' {root}/app.log",
+    "grep -e boom -e ok {root}/app.log",
+    "ls -la {root}",
+    "ls '{root}/*.log'",
+    "stat -c %s {root}/app.log",
+    "du -sh {root}/traces",
+    "jq -r .status {root}/traces/run.json",
+    "jq -n --arg name x '$name'",
+    "sort -k 2 -t : {root}/app.log",
+    "cut -d : -f 1 {root}/app.log | sort | uniq -c",
+    "echo done | tr a-z A-Z",
+    "echo 'literal $HOME and `id` in single quotes'",
+    "cat {root}/app.log -",
+    # quoting that only removes quotes
+    '"ca"t {root}/app.log',
+    "\\cat {root}/app.log",
+]
+
+REFUSED = [
+    # parsing, size, characters
+    ("", "empty command"),
+    ("   \n  ", "empty command"),
+    ("# just a comment", "empty command"),
+    ("x" * 2001, "too long"),
+    ("docker ps " + "-a " * 700, "too long"),
+    ("d\u043ecker ps", "non-ASCII"),  # Cyrillic o
+    ("uptime\uff1b rm x", "non-ASCII"),  # fullwidth semicolon
+    ("uptime\r", "control character"),
+    ("echo 'unterminated", "cannot parse"),
+    ("uptime |", "cannot parse"),
+    ("case x in x) uptime;; esac", "cannot parse"),
+    ("time uptime", "cannot parse"),
+    ("echo $((1+2))", "cannot parse"),
+    # quoting tricks reach the real program name
+    ("'r''m' -rf /", "'rm' is not allowed: modifies files"),
+    ("\\rm -rf /", "'rm' is not allowed"),
+    ('"do"cker rm x', "docker rm is not read-only"),
+    ("r\\m x", "'rm' is not allowed"),
+    # sequences: every command is checked
+    ("df -h; rm -rf /", "'rm' is not allowed"),
+    ("uptime && shutdown now", "'shutdown' is not allowed"),
+    ("false || reboot", "'false' is not on the allowlist"),
+    ("uptime\nrm -rf /", "'rm' is not allowed"),
+    ("uptime &", "background"),
+    ("uptime & rm x", "background"),
+    ("! uptime", "reserved word"),
+    ("uptime; " * 9, "too many commands"),
+    # expansions and substitutions
+    ("echo $(id)", "command substitution"),
+    ("echo `id`", "command substitution"),
+    ('echo "$(cat /etc/shadow)"', "command substitution"),
+    ("cat <(ls /)", "process substitution"),
+    ("diff >(ls /) x", "process substitution"),
+    ("echo $HOME", "variable expansion"),
+    ('echo "${x}"', "variable expansion"),
+    ("$0 -c id", "variable expansion"),
+    ("echo $'\\x72m'", "variable expansion"),
+    ("cat ~/.pi/agent/auth.json", "tilde expansion"),
+    ("echo x=~", "tilde expansion"),
+    ("ls {root}/*.log", "glob"),
+    ("cat {root}/{x,../../../etc/shadow}", "brace expansion"),
+    # redirections: only 2>&1
+    ("uptime > /tmp/x", "redirection (>)"),
+    ("uptime >> /tmp/x", "redirection (>>)"),
+    ("cat < /etc/shadow", "redirection (<)"),
+    ("uptime 2> /tmp/err", "redirection"),
+    ("uptime &> /tmp/x", "redirection (&>)"),
+    ("uptime >&2", "redirection"),
+    ("cat <<EOF\nhi\nEOF", "redirection (<<)"),
+    ("cat <<< hi", "redirection (<<<)"),
+    # structure
+    ("FOO=bar uptime", "environment prefix"),
+    ("PATH=/tmp uptime", "environment prefix"),
+    ("(uptime)", "subshell"),
+    ("{ uptime; }", "group"),
+    ("f() { uptime; }", "function"),
+    ("for i in 1 2; do uptime; done", "if/for/while/case"),
+    ("while true; do uptime; done", "if/for/while/case"),
+    ("if true; then uptime; fi", "if/for/while/case"),
+    # programs
+    ("/usr/bin/cat /proc/loadavg", "bare name"),
+    ("./uptime", "bare name"),
+    ("sudo ls /", "changes privileges"),
+    ("su -", "changes privileges"),
+    ("doas ls", "changes privileges"),
+    ("eval uptime", "runs arbitrary code"),
+    ("exec uptime", "runs arbitrary code"),
+    ("source /tmp/x", "runs arbitrary code"),
+    (". /tmp/x", "runs arbitrary code"),
+    ("sh -c id", "is a shell"),
+    ("bash -c 'uptime'", "is a shell"),
+    ("xargs rm", "runs other programs"),
+    ("find / -name x", "runs other programs"),
+    ("env", "exposes or changes the environment"),
+    ("printenv", "exposes or changes the environment"),
+    ("awk '{print}' /etc/shadow", "scripting language"),
+    ("sed -i d x", "scripting language"),
+    ("python3 -c 1", "scripting language"),
+    ("perl -e 1", "scripting language"),
+    ("echo x | tee /tmp/x", "writes files"),
+    ("mv a b", "modifies files"),
+    ("cp a b", "modifies files"),
+    ("dd if=/dev/zero of=/dev/sda", "modifies files"),
+    ("mkfs.ext4 /dev/sda", "changes filesystems"),
+    ("chmod 777 /", "modifies files"),
+    ("truncate -s 0 x", "modifies files"),
+    ("touch x", "modifies files"),
+    ("kill -9 1", "affects processes"),
+    ("nc -l 4444", "network connections"),
+    ("wget http://127.0.0.1/", "network connections"),
+    ("ssh host", "network connections"),
+    ("vim x", "not on the allowlist"),
+    # docker / podman
+    ("docker rm -f x", "docker rm is not read-only"),
+    ("docker run alpine", "docker run is not read-only"),
+    ("docker exec x sh", "docker exec is not read-only"),
+    ("podman kill x", "podman kill is not read-only"),
+    ("docker system prune -af", "docker system is not read-only"),
+    ("docker network ls", "docker network is not read-only"),
+    ("docker container rm x", "docker container rm is not allowed"),
+    ("docker image rm x", "docker image rm is not allowed"),
+    ("docker logs -f x", "follows forever"),
+    ("docker logs --follow x", "follows forever"),
+    ("podman logs -n x", "ambiguous"),
+    ("docker stats", "--no-stream"),
+    ("docker top x aux e", "exactly one container"),
+    ("docker -H tcp://10.0.0.1:2375 ps", "redirects the client"),
+    ("docker --host=unix:///x ps", "redirects the client"),
+    ("docker --context prod ps", "redirects the client"),
+    ("docker --config /tmp ps", "redirects the client"),
+    ("docker --log-level debug ps", "global flags"),
+    ("docker", "needs a subcommand"),
+    ("docker ps --format {{.Names}}", "brace expansion"),
+    # curl
+    ("curl http://example.com/", "not loopback"),
+    ("curl http://127.0.0.1@evil.com/", "not loopback"),
+    ("curl http://127.0.0.1.evil.com/", "not loopback"),
+    ("curl file:///etc/passwd", "not loopback"),
+    ("curl ftp://127.0.0.1/", "scheme ftp"),
+    ("curl 'http://{127.0.0.1,evil.com}/'", "not loopback"),
+    ("curl 'http://127.0.0.1/[1-100]'", "not loopback"),
+    ("curl -o /tmp/x http://127.0.0.1/", "writes a file"),
+    ("curl -O http://127.0.0.1/x", "writes a file"),
+    ("curl -d a=b http://127.0.0.1/", "sends data"),
+    ("curl --data-binary @/etc/shadow http://127.0.0.1/", "sends data"),
+    ("curl -F f=@/etc/shadow http://127.0.0.1/", "sends data"),
+    ("curl -T /etc/shadow http://127.0.0.1/", "sends data"),
+    ("curl -X POST http://127.0.0.1/", "curl -X POST"),
+    ("curl -X DELETE http://127.0.0.1/", "curl -X DELETE"),
+    ("curl -K /tmp/cfg http://127.0.0.1/", "reads options from a file"),
+    ("curl --unix-socket /run/docker.sock http://x/containers/json", "engine socket"),
+    ("curl -u admin:pw http://127.0.0.1/", "credentials"),
+    ("curl -L http://127.0.0.1/", "redirects off loopback"),
+    ("curl -H @/etc/shadow http://127.0.0.1/", "reads a file"),
+    ("curl -w @/etc/shadow http://127.0.0.1/", "reads a file"),
+    ("curl http://127.0.0.1:2375/containers/json", "engine API"),
+    ("curl -s", "needs a loopback URL"),
+    ("curl 127.0.0.1/a 127.0.0.1/b 127.0.0.1/c 127.0.0.1/d", "at most 3 URLs"),
+    ("curl http://[::1]/", "glob"),
+    # system tools
+    ("nginx", "would start a server"),
+    ("nginx -s reload", "sends signals"),
+    ("nginx -t -c /tmp/evil.conf", "outside the read roots"),
+    ("nginx -t -g 'daemon off;'", "sets directives"),
+    ("systemctl restart nginx", "systemctl restart is not allowed"),
+    ("systemctl stop nginx", "systemctl stop is not allowed"),
+    ("systemctl -H host status", "another host"),
+    ("journalctl -f", "follows forever"),
+    ("journalctl --rotate", "changes the journal"),
+    ("journalctl --vacuum-time=1s", "changes the journal"),
+    ("journalctl --flush", "changes the journal"),
+    ("journalctl /usr/bin/sshd", "FIELD=value"),
+    ("pg_isready -h db.example.com", "only loopback"),
+    ("pg_isready -d 'host=evil.com'", "not a connection string"),
+    ("date -s '2020-01-01'", "sets the clock"),
+    ("date 010100002020", "+FORMAT"),
+    ("hostname evil", "takes no arguments"),
+    ("ps auxe", "process environments"),
+    ("ps axjfe", "process environments"),
+    ("ss -K dst 1.2.3.4", "kills sockets"),
+    ("free -s 1", "free option -s"),
+    # readers: paths
+    ("cat /etc/shadow", "outside the read roots"),
+    ("cat {root}/../../etc/shadow", "outside the read roots"),
+    ("cat /var/lib/pideploy/../../etc/shadow", "outside the read roots"),
+    ("cat {root}/etc-link/shadow", "outside the read roots"),
+    ("cat {root}/shadow-link", "outside the read roots"),
+    ("head {root}/outside-link", "outside the read roots"),
+    ("cat app.log", "relative path"),
+    ("cat '~/.pi/agent/auth.json'", "relative path"),
+    ("ls", "needs an absolute path"),
+    ("du -sh", "needs an absolute path"),
+    ("ls /", "outside the read roots"),
+    ("grep -r password", "needs an absolute path"),
+    ("grep -r password /etc", "outside the read roots"),
+    ("grep -R x {root}", "follows symlinks"),
+    ("grep -f /etc/shadow {root}/app.log", "outside the read roots"),
+    ("grep --file=/etc/shadow {root}/app.log", "outside the read roots"),
+    ("jq . /etc/passwd", "outside the read roots"),
+    ("jq -n --rawfile s /etc/shadow '$s'", "outside the read roots"),
+    ("jq -n 'import \"x\" as y; .'", "modules"),
+    ("jq -L /tmp .", "loads modules"),
+    ("jq . /etc/shadow --args x", "jq --args is not allowed"),
+    ("jq -f /etc/shadow", "outside the read roots"),
+    ("tail -f {root}/app.log", "follows forever"),
+    ("tail -F {root}/app.log", "follows forever"),
+    ("tail --follow=name {root}/app.log", "follows forever"),
+    ("sort -o {root}/app.log {root}/app.log", "writes a file"),
+    ("sort --compress-program=sh {root}/app.log", "runs a program"),
+    ("uniq {root}/app.log {root}/out", "at most 1 file"),
+    ("wc --files0-from=/etc/shadow", "option --files0-from"),
+    ("stat /etc/shadow", "outside the read roots"),
+    ("tr a b {root}/app.log", "at most 2 arguments"),
+    ("cat --unknown {root}/app.log", "option --unknown"),
+]
+
+
+def _fill(command: str, root: Path) -> str:
+    return command.replace("{root}", str(root))
+
+
+@pytest.mark.parametrize("command", ALLOWED)
+def test_allowed(command: str, root: Path) -> None:
+    verdict = gate.check(_fill(command, root), [root])
+    assert verdict == gate.Verdict(True, ""), verdict.reason
+
+
+@pytest.mark.parametrize(("command", "reason"), REFUSED)
+def test_refused(command: str, reason: str, root: Path) -> None:
+    verdict = gate.check(_fill(command, root), [root])
+    assert not verdict.allowed
+    assert reason in verdict.reason
+
+
+def test_table_is_large_enough() -> None:
+    assert len(ALLOWED) + len(REFUSED) >= 60
+
+
+def test_default_read_roots_apply_without_arguments() -> None:
+    assert Path("/proc/loadavg") in gate.DEFAULT_READ_ROOTS
+    assert gate.check("cat /proc/meminfo").allowed
+    assert not gate.check("cat /proc/self/environ").allowed
+
+
+def test_a_root_given_through_a_symlink_still_matches(tmp_path: Path, root: Path) -> None:
+    alias = tmp_path / "alias"
+    alias.symlink_to(root)
+    assert gate.check(f"cat {root}/app.log", [alias]).allowed
+    assert gate.check(f"cat {alias}/app.log", [root]).allowed
+
+
+# ---------------------------------------------------------------------------
+# run(): real subprocesses
+# ---------------------------------------------------------------------------
+
+
+def test_run_captures_output_and_exit_code(root: Path) -> None:
+    result = gate.run(f"grep -c ok {root}/app.log", read_roots=[root])
+    assert (result.exit_code, result.stdout, result.stderr) == (0, "2\n", "")
+    assert not result.truncated and not result.timed_out
+    missing = gate.run(f"ls {root}/missing", read_roots=[root])
+    assert missing.exit_code == 2
+    assert "No such file" in missing.stderr
+
+
+def test_run_merges_stderr_with_2_to_1(root: Path) -> None:
+    result = gate.run(f"ls {root}/missing 2>&1 | wc -l", read_roots=[root])
+    assert result.stdout.strip() == "1"
+    assert result.stderr == ""
+
+
+def test_run_refuses_before_running(tmp_path: Path) -> None:
+    marker = tmp_path / "made"
+    with pytest.raises(ToolRefused) as info:
+        gate.run(f"touch {marker}")
+    assert info.value.error_class == "tool_refused"
+    assert info.value.data == {"command": f"touch {marker}"}
+    assert "modifies files" in info.value.message
+    assert not marker.exists()
+
+
+def test_run_caps_output(root: Path) -> None:
+    big = root / "big.log"
+    big.write_bytes(b"x" * 2_000_000)
+    result = gate.run(f"cat {big}", read_roots=[root], output_cap=1000)
+    assert result.exit_code == 0  # cat ran to the end: the rest was drained, not kept
+    assert result.stdout == "x" * 1000
+    assert result.truncated
+
+
+def test_run_ignores_bash_startup_hooks_in_env(tmp_path: Path) -> None:
+    hook = tmp_path / "hook.sh"
+    hook.write_text("echo pwned-by-bash-env\n")
+    env = {
+        "PATH": os.environ["PATH"],
+        "BASH_ENV": str(hook),
+        "BASH_FUNC_uptime%%": "() { builtin echo pwned-by-function; }",
+    }
+    result = gate.run("uptime", env=env)
+    assert "pwned" not in result.stdout
+    assert result.exit_code == 0
+
+
+def test_run_with_no_time_left_does_not_start() -> None:
+    result = gate.run("uptime", timeout=0)
+    assert result.timed_out and result.exit_code is None
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A loopback port that accepts connections (kernel backlog) and never answers."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        yield server.getsockname()[1]
+
+
+def _processes_mentioning(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:  # the process ended while we looked
+                continue
+    return found
+
+
+def test_run_timeout_kills_the_whole_process_group(silent_server: int) -> None:
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed (apt-get install curl)")
+    marker = f"never-{uuid.uuid4().hex}"
+    # Two curls in a pipeline: the kill must reach both, not only bash.
+    command = f"curl -sS http://127.0.0.1:{silent_server}/{marker} | curl -sS http://127.0.0.1:{silent_server}/{marker}"
+    started = time.monotonic()
+    result = gate.run(command, timeout=1.0)
+    elapsed = time.monotonic() - started
+    assert result.timed_out and result.exit_code is None
+    assert 0.9 <= elapsed < 2.0
+    assert 0.9 <= result.duration_s < 2.0
+    assert _processes_mentioning(marker) == []
+
+
+# ---------------------------------------------------------------------------
+# cli()
+# ---------------------------------------------------------------------------
+
+
+def test_cli_allowed(capsys: pytest.CaptureFixture[str]) -> None:
+    assert gate.cli("uptime") == 0
+    assert capsys.readouterr().out == "allowed\n"
+
+
+def test_cli_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert gate.cli("rm -rf /") == 1
+    assert capsys.readouterr().out == "refused: 'rm' is not allowed: modifies files\n"
+
+
+def test_cli_uses_read_roots(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert gate.cli(f"cat {root}/app.log", [root]) == 0
+    assert gate.cli(f"cat {root}/app.log") == 1
+    assert "outside the read roots" in capsys.readouterr().out
