@@ -45,9 +45,10 @@ Overlapping rounds
 Every round runs under one Postgres advisory lock (`heartbeat_try_lock`), so
 a cron `heartbeat --once` and the rounds inside `serve` (in any process on the
 same database) never act at once. A round that finds the lock taken polls for
-up to `lock_wait` seconds (30 by default: longer than a healthy round, about
-one repair), then returns a report with `skipped=True`: whoever holds the lock
-is doing the same work, so `--once` exits 0.
+up to `lock_wait` seconds (by default half the heartbeat interval, at most 30:
+much longer than a healthy round, about one repair), then returns a report
+with `skipped=True`: whoever holds the lock is doing the same work, so
+`--once` exits 0.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ import concurrent.futures
 import contextlib
 import json
 import logging
+import signal
 import threading
 import time
 import urllib.error
@@ -578,7 +580,7 @@ class Heartbeat:
         chain: agent.Chain | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
-        lock_wait: float = 30.0,
+        lock_wait: float | None = None,
         debounce: float = 0.05,
     ) -> None:
         self.rt, self.config = rt, config
@@ -586,7 +588,9 @@ class Heartbeat:
         self.cooldowns = agent.DatabaseCooldowns(rt.db)
         self.chain = chain or agent.Chain.from_config(config, self.cooldowns, self.limits)
         self.clock, self.sleep = clock, sleep
-        self.lock_wait, self.debounce = lock_wait, debounce
+        # Waiting longer than half an interval for another round would only delay the next one.
+        self.lock_wait = min(30.0, config.heartbeat_interval / 2) if lock_wait is None else lock_wait
+        self.debounce = debounce
         self._pending: set[int] = set()  # instances a `die` event asked about
         self._full_round_requested = False
         self._pending_lock = threading.Lock()
@@ -934,6 +938,21 @@ class Heartbeat:
             with self._pending_lock:  # events may have been missed meanwhile: look at everything
                 self._full_round_requested = True
             wake.set()
+
+
+def cli(rt: tools.Runtime, config: Config, *, once: bool, fmt: str = "text") -> int:
+    """`pideploy.py heartbeat`: one round (--once: exit 0 when nothing is left unrepaired, else 1),
+    or rounds forever in the foreground until SIGTERM or SIGINT."""
+    beat = Heartbeat(rt, config)
+    if once:
+        report = beat.round("cron")
+        print(json.dumps(report.to_dict(), indent=2) if fmt == "json" else report.render())
+        return 0 if report.ok else 1
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    beat.run(stop)
+    return 0
 
 
 def _dt(epoch: float | None) -> datetime | None:

@@ -531,6 +531,32 @@ def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------
+# heartbeat (heartbeat.py): `--once` from cron; without it, rounds in the foreground
+# ---------------------------------------------------------------------------
+
+
+def _add_heartbeat_command(sub: Any) -> None:
+    beat = sub.add_parser(
+        "heartbeat", help="check the database, containers and nginx agree, and repair them (cron: --once)"
+    )
+    beat.add_argument(
+        "--once", action="store_true", help="one round; exit 0 if it left no drift unrepaired, else 1"
+    )
+    beat.add_argument("--format", choices=("text", "json"), default="text", help="output of --once")
+
+
+PARSER_EXTENSIONS.append(_add_heartbeat_command)
+
+
+@command("heartbeat")
+def cmd_heartbeat(args: argparse.Namespace, config: Config) -> int:
+    import heartbeat
+
+    with open_runtime(config) as rt:
+        return heartbeat.cli(rt, config, once=args.once, fmt=args.format)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
