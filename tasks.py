@@ -19,7 +19,6 @@ LISTEN/NOTIFY on `pideploy_task` wakes idle workers at once; polling every
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import socket
@@ -350,9 +349,17 @@ def agent_runner(rt: tools.Runtime, config: Config) -> Runner:
             if heartbeat_class is None:
                 raise PiDeployError("heartbeat tasks need heartbeat.py, which this build does not have")
             report = heartbeat_class(rt, config).round("task")
-            is_record = dataclasses.is_dataclass(report) and not isinstance(report, type)
-            result = dataclasses.asdict(report) if is_record else dict(report)
-            return agent.Outcome("succeeded", result, None, None, 0, 0.0, 0, "")
+            left = None if report.ok else f"{len(report.unrepaired)} drift(s) left unrepaired"
+            return agent.Outcome(
+                "failed" if left else "succeeded",
+                report.to_dict(),
+                "tool_execution_error" if left else None,
+                left,
+                0,
+                report.cost_usd,
+                0,
+                report.trace_file or "",
+            )
         return agent.run_task(spec_from_row(task), rt, chain, limits, cancelled=cancelled)
 
     return run

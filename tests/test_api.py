@@ -1,0 +1,362 @@
+"""The HTTP API (api.py) over real HTTP: a real Postgres, MemoryEngine/MemoryProxy, the playbook loop.
+
+The same lifecycle through a real `serve` process, on the real engine and
+nginx, is in tests/test_serve.py.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import api
+import tasks
+import tools
+from config import Config
+from db import Database
+from engine import LABEL_INSTANCE, LABEL_NAMESPACE, MemoryEngine
+from proxy import MemoryProxy
+from tests.conftest import make_config
+
+TOKEN = "s3cret-token"
+V2 = "localhost/pideploy-gateway:v2"
+
+
+@dataclass
+class Reply:
+    status: int
+    body: Any
+    raw: bytes
+    headers: dict[str, str]
+
+
+class Client:
+    def __init__(self, port: int, token: str | None) -> None:
+        self.port, self.token = port, token
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: object = None,
+        *,
+        user: str | None = "alice",
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        token: str | None = None,
+    ) -> Reply:
+        sent = dict(headers or {})
+        bearer = token if token is not None else self.token
+        if bearer:
+            sent["Authorization"] = f"Bearer {bearer}"
+        if user is not None:
+            sent["X-User-Id"] = user
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        if data is not None:
+            sent.setdefault("Content-Type", "application/json")
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request(method, path, body=data, headers=sent)
+            response = conn.getresponse()
+            payload = response.read()
+        finally:
+            conn.close()
+        ctype = response.getheader("Content-Type") or ""
+        parsed = json.loads(payload) if payload and ctype.startswith("application/json") else None
+        return Reply(response.status, parsed, payload, {k.lower(): v for k, v in response.getheaders()})
+
+
+@dataclass
+class Service:
+    client: Client
+    database: Database
+    engine: MemoryEngine
+    config: Config
+    queue: tasks.Queue
+    start_workers: Callable[[], None]
+
+    def wait_task(self, task_id: int, timeout: float = 30) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            task = self.client.call("GET", f"/api/tasks/{task_id}").body
+            if task["finished_at"]:
+                return dict(task)
+            time.sleep(0.05)
+        raise AssertionError(f"task {task_id} did not finish")
+
+    def counts(self) -> tuple[int, int, int]:
+        with self.database.transaction() as conn:
+            row = conn.execute(
+                "SELECT (SELECT count(*) FROM task) AS t, (SELECT count(*) FROM instance) AS i,"
+                " (SELECT count(*) FROM event) AS e"
+            ).fetchone()
+        assert row is not None
+        return row["t"], row["i"], row["e"]
+
+
+def _service(database: Database, tmp_path: Path, token: str, root: Path) -> Iterator[Service]:
+    config = make_config(tmp_path, agent="off", api_token=token, namespace="apitest")
+    engine = MemoryEngine()
+    proxy = MemoryProxy()
+    rt = tools.Runtime(config, database, engine, proxy)
+    queue = tasks.Queue(database, config.max_attempts)
+    server = api.make_server(api.Api(config, database, queue, proxy, root=root), "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, args=(0.1,), daemon=True)
+    thread.start()
+    pool = tasks.WorkerPool(queue, lambda: tasks.agent_runner(rt, config), 2, lease_s=10, poll_interval=0.1)
+    started: list[bool] = []
+
+    def start_workers() -> None:
+        started.append(True)
+        pool.start()
+
+    yield Service(
+        Client(server.server_address[1], token or None), database, engine, config, queue, start_workers
+    )
+    if started:
+        pool.shutdown(5)
+    server.shutdown()
+    server.server_close()
+    engine.close()
+
+
+@pytest.fixture
+def service(database: Database, tmp_path: Path) -> Iterator[Service]:
+    yield from _service(database, tmp_path, TOKEN, tmp_path / "no-dashboard")
+
+
+@pytest.fixture
+def open_service(database: Database, tmp_path: Path) -> Iterator[Service]:
+    """No token configured: loopback callers still have to name their user."""
+    root = tmp_path / "site"
+    root.mkdir()
+    (root / "dashboard.html").write_text("<html>dashboard</html>")
+    yield from _service(database, tmp_path, "", root)
+
+
+def containers(engine: MemoryEngine, instance_id: int) -> list[Any]:
+    return engine.list({LABEL_NAMESPACE: "apitest", LABEL_INSTANCE: str(instance_id)})
+
+
+# --- the lifecycle ------------------------------------------------------------
+
+
+def test_the_full_lifecycle_through_the_api(service: Service) -> None:
+    service.start_workers()
+    c = service.client
+    created = c.call("POST", "/api/instances", {"name": "web", "config": {"env": {"GREETING": "hi"}}})
+    assert created.status == 202, created.body
+    iid, task_id = created.body["instance_id"], created.body["task_id"]
+    assert created.body["instance"]["status"] in ("creating", "running")  # the row exists at once
+    assert service.wait_task(task_id)["status"] == "succeeded"
+    inst = c.call("GET", f"/api/instances/{iid}").body
+    assert inst["status"] == "running" and inst["url"].endswith(f"/i/{iid}/")
+    assert [x.state for x in containers(service.engine, iid)] == ["running"]
+
+    stop = c.call("POST", f"/api/instances/{iid}/stop")
+    assert stop.status == 202 and service.wait_task(stop.body["task_id"])["status"] == "succeeded"
+    assert c.call("GET", f"/api/instances/{iid}").body["status"] == "stopped"
+    assert [x.state for x in containers(service.engine, iid)] == ["exited"]
+
+    start = c.call("POST", f"/api/instances/{iid}/start", {})
+    assert start.status == 202 and service.wait_task(start.body["task_id"])["status"] == "succeeded"
+    assert [x.state for x in containers(service.engine, iid)] == ["running"]
+
+    update = c.call("POST", f"/api/instances/{iid}/update", {"image": V2})
+    assert update.status == 202 and service.wait_task(update.body["task_id"])["status"] == "succeeded"
+    inst = c.call("GET", f"/api/instances/{iid}").body
+    assert inst["image"] == V2 and inst["status"] == "running"
+    assert [(x.image, x.state) for x in containers(service.engine, iid)] == [(V2, "running")]
+
+    delete = c.call("DELETE", f"/api/instances/{iid}")
+    assert delete.status == 202
+    finished = service.wait_task(delete.body["task_id"])
+    assert finished["status"] == "succeeded" and finished["trace_file"]
+    assert c.call("GET", f"/api/instances/{iid}").status == 404
+    assert containers(service.engine, iid) == []
+    assert c.call("GET", "/api/instances").body == []
+
+    kinds = [e["kind"] for e in c.call("GET", f"/api/events?instance={iid}").body]
+    assert {"created", "stopped", "started", "updated", "deleted"} <= set(kinds)
+    listed = c.call("GET", "/api/tasks?limit=10").body
+    assert [t["type"] for t in listed][:5] == [
+        "instance_delete",
+        "instance_update",
+        "instance_start",
+        "instance_stop",
+        "instance_create",
+    ]
+    trace = c.call("GET", f"/api/tasks/{finished['id']}/trace")
+    assert trace.status == 200 and trace.body["task_id"] == finished["id"]
+
+
+def test_actions_queued_behind_a_create_wait_their_turn(service: Service) -> None:
+    c = service.client
+    created = c.call("POST", "/api/instances", {"name": "early"}).body
+    stop = c.call("POST", f"/api/instances/{created['instance_id']}/stop")
+    assert stop.status == 202  # accepted while the create is still queued
+    service.start_workers()
+    create_task = service.wait_task(created["task_id"])
+    stop_task = service.wait_task(stop.body["task_id"])
+    assert create_task["status"] == stop_task["status"] == "succeeded"
+    assert stop_task["started_at"] >= create_task["finished_at"]
+    assert c.call("GET", f"/api/instances/{created['instance_id']}").body["status"] == "stopped"
+
+
+# --- duplicates and ownership -------------------------------------------------------
+
+
+def test_duplicate_submissions_are_deduplicated(service: Service) -> None:
+    c = service.client
+    first = c.call("POST", "/api/instances", {"name": "dup"})
+    second = c.call("POST", "/api/instances", {"name": "dup"})
+    assert first.status == second.status == 202
+    assert (second.body["task_id"], second.body["instance_id"]) == (
+        first.body["task_id"],
+        first.body["instance_id"],
+    )
+    assert second.body["deduplicated"] and not first.body["deduplicated"]
+    iid = first.body["instance_id"]
+    a = c.call("POST", f"/api/instances/{iid}/stop", headers={"Idempotency-Key": "click-1"})
+    b = c.call("POST", f"/api/instances/{iid}/stop", headers={"Idempotency-Key": "click-1"})
+    assert a.body["task_id"] == b.body["task_id"] and b.body["deduplicated"]
+    assert service.counts()[:2] == (2, 1)
+
+
+def test_a_user_only_sees_and_acts_on_their_own(service: Service) -> None:
+    c = service.client
+    created = c.call("POST", "/api/instances", {"name": "private"}).body
+    iid, task_id = created["instance_id"], created["task_id"]
+    before = service.counts()
+    unknown = c.call("GET", "/api/instances/999999", user="bob")
+    for method, path in [
+        ("GET", f"/api/instances/{iid}"),
+        ("POST", f"/api/instances/{iid}/stop"),
+        ("POST", f"/api/instances/{iid}/start"),
+        ("POST", f"/api/instances/{iid}/update"),
+        ("DELETE", f"/api/instances/{iid}"),
+        ("GET", f"/api/events?instance={iid}"),
+    ]:
+        reply = c.call(method, path, user="bob")
+        assert reply.status == 404, (method, path, reply.body)
+        assert reply.body["error"] == unknown.body["error"].replace("999999", str(iid))
+    assert c.call("GET", f"/api/tasks/{task_id}", user="bob").status == 404
+    assert c.call("GET", f"/api/tasks/{task_id}/trace", user="bob").status == 404
+    assert c.call("GET", "/api/instances", user="bob").body == []
+    assert c.call("GET", "/api/tasks", user="bob").body == []
+    assert c.call("GET", "/api/events", user="bob").body == []
+    assert service.counts() == before
+
+
+def test_identity_is_required(service: Service) -> None:
+    c = service.client
+    assert c.call("GET", "/api/instances", token="wrong").status == 401
+    no_token = Client(c.port, None).call("GET", "/api/instances")
+    assert no_token.status == 401 and no_token.headers["www-authenticate"].startswith("Bearer")
+    assert c.call("GET", "/api/instances", user=None).status == 401
+    assert c.call("GET", "/api/instances", user="bad user!").status == 400
+    assert c.call("GET", "/api/instances", user="system").status == 403
+    assert c.call("GET", "/api/instances").status == 200
+    # Health and metrics are for the operator's probes: no identity.
+    assert Client(c.port, None).call("GET", "/healthz", user=None).body["ok"] is True
+
+
+def test_without_a_token_the_user_header_is_still_required(open_service: Service) -> None:
+    c = open_service.client
+    assert c.call("GET", "/api/instances", user=None).status == 401
+    assert c.call("GET", "/api/instances").status == 200
+    page = c.call("GET", "/", user=None)
+    assert page.status == 200 and b"dashboard" in page.raw
+
+
+# --- bad input -----------------------------------------------------------------------
+
+
+def test_bad_input_is_a_4xx_and_writes_nothing(service: Service) -> None:
+    c = service.client
+    iid = c.call("POST", "/api/instances", {"name": "target"}).body["instance_id"]
+    gone = c.call("POST", "/api/instances", {"name": "gone"}).body["instance_id"]
+    service.database.execute("instance_set_status", id=gone, status="deleting", last_error=None)
+    before = service.counts()
+    cases: list[tuple[int, str, str, dict[str, Any]]] = [
+        (400, "POST", "/api/instances", {"raw": b"{not json"}),
+        (400, "POST", "/api/instances", {"raw": b"[1, 2]"}),
+        (400, "POST", "/api/instances", {"raw": b"\xff\xfe"}),
+        (400, "POST", "/api/instances", {"body": {}}),
+        (400, "POST", "/api/instances", {"body": {"name": "ok", "owner": "bob"}}),
+        (400, "POST", "/api/instances", {"body": {"name": 5}}),
+        (400, "POST", "/api/instances", {"body": {"name": "Not_Valid"}}),
+        (400, "POST", "/api/instances", {"body": {"name": "ok", "config": "x"}}),
+        (400, "POST", "/api/instances", {"body": {"name": "ok", "config": {"env": {"lower": "x"}}}}),
+        (400, "POST", "/api/instances", {"body": {"name": "ok", "config": {"env": {"A": 1}}}}),
+        (
+            413,
+            "POST",
+            "/api/instances",
+            {"raw": b'{"name": "big", "config": {"x": "' + b"a" * 70_000 + b'"}}'},
+        ),
+        (400, "POST", f"/api/instances/{iid}/update", {"body": {"image": 7}}),
+        (400, "POST", f"/api/instances/{iid}/update", {"body": {"tag": "v2"}}),
+        (400, "POST", f"/api/instances/{iid}/stop", {"body": {"force": True}}),
+        (400, "POST", f"/api/instances/{iid}/stop", {"headers": {"Idempotency-Key": "x" * 300}}),
+        (404, "POST", "/api/instances/424242/start", {}),
+        (404, "POST", f"/api/instances/{iid}/reboot", {}),
+        (404, "GET", "/api/nothing", {}),
+        (405, "PUT", f"/api/instances/{iid}", {"body": {"name": "x"}}),
+        (409, "POST", f"/api/instances/{gone}/start", {}),
+        (409, "DELETE", f"/api/instances/{gone}", {}),
+        (400, "GET", "/api/tasks?limit=lots", {}),
+        (400, "GET", "/api/events?instance=-1", {}),
+    ]
+    for status, method, path, kw in cases:
+        reply = c.call(method, path, kw.get("body"), raw=kw.get("raw"), headers=kw.get("headers"))
+        assert reply.status == status, (method, path, kw, reply.status, reply.body)
+        assert reply.body["error"] and reply.body["error_class"], (method, path)
+    chunked = c.call("POST", "/api/instances", raw=b'{"name": "c"}', headers={"Transfer-Encoding": "chunked"})
+    assert chunked.status in (400, 411)
+    assert service.counts() == before
+    # What the errors say is meant for people.
+    unknown = c.call("POST", "/api/instances", {"name": "ok", "owner": "bob"}).body["error"]
+    assert "owner" in unknown and "allowed" in unknown
+
+
+# --- health, metrics, dashboard ------------------------------------------------------
+
+
+def test_healthz_and_metrics(service: Service) -> None:
+    service.start_workers()
+    c = service.client
+    created = c.call("POST", "/api/instances", {"name": "counted"}).body
+    service.wait_task(created["task_id"])
+    health = c.call("GET", "/healthz", user=None)
+    assert health.status == 200 and health.body["db"] == "ok"
+    metrics = c.call("GET", "/metrics", user=None)
+    assert metrics.status == 200 and metrics.headers["content-type"].startswith("text/plain")
+    text = metrics.raw.decode()
+    assert 'pideploy_tasks{type="instance_create",status="succeeded"} 1' in text
+    assert "pideploy_queue_depth 0" in text
+    assert 'pideploy_task_duration_seconds_count{type="instance_create"} 1' in text
+    assert "pideploy_task_cost_usd_total 0.000000" in text
+    assert "pideploy_heartbeat_rounds_total 0" in text and "pideploy_heartbeat_repairs_total 0" in text
+    assert 'pideploy_instances{status="running"} 1' in text
+    for line in text.splitlines():  # the exposition format: comments, or `name{labels} value`
+        assert line.startswith("# ") or len(line.rsplit(" ", 1)) == 2
+
+
+def test_no_dashboard_file_is_a_404(service: Service) -> None:
+    assert service.client.call("GET", "/", user=None).status == 404
+
+
+def test_loopback_detection() -> None:
+    assert api.is_loopback("127.0.0.1") and api.is_loopback("::1") and api.is_loopback("localhost")
+    assert (
+        not api.is_loopback("0.0.0.0") and not api.is_loopback("10.1.2.3") and not api.is_loopback("example")
+    )
