@@ -21,10 +21,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import openai
-from observability import Trace, evaluate_alerts
 
 import tools
 from config import Config, ModelConfig
@@ -47,6 +46,7 @@ from errors import (
     ToolArgumentError,
     TooManyTurns,
 )
+from observability import Trace, evaluate_alerts
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +107,13 @@ class TaskSpec:
 
 
 def task_message(task: TaskSpec) -> str:
-    body = {"type": task.type, "task_id": task.id, "user_id": task.user_id, "instance_id": task.instance_id}
-    body["params"] = task.params
+    body: dict[str, Any] = {
+        "type": task.type,
+        "task_id": task.id,
+        "user_id": task.user_id,
+        "instance_id": task.instance_id,
+        "params": task.params,
+    }
     return "Task:\n```json\n" + json.dumps(body, indent=2, sort_keys=True, default=str) + "\n```"
 
 
@@ -202,8 +207,8 @@ class OpenAIChat:
         try:
             stream = self.client.chat.completions.create(
                 model=self.model.model,
-                messages=messages,  # type: ignore[arg-type]
-                tools=tools,  # type: ignore[arg-type]
+                messages=cast(Any, messages),  # plain dicts in the wire format
+                tools=cast(Any, tools),
                 max_tokens=max_tokens,
                 stream=True,
                 stream_options={"include_usage": True},

@@ -59,6 +59,17 @@ DELETE FROM instance WHERE id = %(id)s RETURNING *;
 -- name: instance_ports_taken
 SELECT port FROM instance WHERE port IS NOT NULL;
 
+-- name: instance_try_lock
+-- A session advisory lock per instance, held by a mutating tool for its whole run.
+SELECT pg_try_advisory_lock(%(space)s, %(id)s::int) AS ok;
+
+-- name: instance_unlock
+SELECT pg_advisory_unlock(%(space)s, %(id)s::int) AS ok;
+
+-- name: routes_lock
+-- Read the running instances and apply the route map under one transaction lock.
+SELECT pg_advisory_xact_lock(%(key)s) AS ok;
+
 -- name: instance_count_by_status
 SELECT status, count(*) AS n FROM instance GROUP BY status ORDER BY status;
 
@@ -268,3 +279,6 @@ WHERE id = %(id)s;
 INSERT INTO heartbeat_round (started_at, duration_s, drifts, repaired, unrepaired, cost_usd, source, trace_file)
 VALUES (%(started_at)s, %(duration_s)s, %(drifts)s, %(repaired)s, %(unrepaired)s, %(cost_usd)s, %(source)s,
         %(trace_file)s);
+
+-- name: heartbeat_round_recent
+SELECT * FROM heartbeat_round ORDER BY id DESC LIMIT %(limit)s;

@@ -32,10 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import gate
 import jsonschema
-from observability import Span, Trace
 
+import gate
 from config import Config
 from db import Database, Row
 from engine import LABEL_INSTANCE, LABEL_NAMESPACE, LABEL_USER, Container, ContainerSpec, Engine
@@ -52,6 +51,7 @@ from errors import (
     ToolError,
     ToolRefused,
 )
+from observability import Span, Trace
 from proxy import Proxy
 
 logger = logging.getLogger(__name__)
@@ -205,9 +205,7 @@ def instance_lock(rt: Runtime, ctx: ToolContext, instance_id: int, wait: float =
     """A per-instance lock across threads and processes (a session advisory lock)."""
     limit = time.monotonic() + ctx.remaining(wait)
     with rt.db.pool.connection() as conn:
-        while not conn.execute(
-            "SELECT pg_try_advisory_lock(%s, %s) AS ok", (_INSTANCE_LOCK_SPACE, instance_id)
-        ).fetchone()["ok"]:
+        while not rt.db.one("instance_try_lock", conn, space=_INSTANCE_LOCK_SPACE, id=instance_id)["ok"]:  # type: ignore[index]
             if time.monotonic() >= limit:
                 raise ToolError(
                     f"instance {instance_id} is busy with another operation", instance_id=instance_id
@@ -216,7 +214,7 @@ def instance_lock(rt: Runtime, ctx: ToolContext, instance_id: int, wait: float =
         try:
             yield
         finally:
-            conn.execute("SELECT pg_advisory_unlock(%s, %s)", (_INSTANCE_LOCK_SPACE, instance_id))
+            rt.db.one("instance_unlock", conn, space=_INSTANCE_LOCK_SPACE, id=instance_id)
 
 
 @contextlib.contextmanager
@@ -409,7 +407,7 @@ def sync_routes(rt: Runtime, ctx: ToolContext) -> Result:
     """Routes for exactly the running instances; verify the ones this context owns."""
     with _step(ctx, "nginx.sync") as span, rt.db.transaction() as conn:
         # Read and apply under one lock so two syncs cannot apply stale reads in the wrong order.
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_ROUTE_LOCK,))
+        rt.db.one("routes_lock", conn, key=_ROUTE_LOCK)
         running = rt.db.all("instance_list_running", conn)
         routes = {str(r["id"]): int(r["port"]) for r in running if r["port"]}
         rt.proxy.apply(routes)
@@ -885,7 +883,7 @@ def mark_error(rt: Runtime, ctx: ToolContext, instance_id: int, reason: str) -> 
 def bash(rt: Runtime, ctx: ToolContext, command: str) -> Result:
     if not ctx.system:
         _refuse_foreign_containers(rt, ctx, command)
-    roots = [rt.config.home, rt.config.traces, *gate.DEFAULT_READ_ROOTS]
+    roots = read_roots(rt, ctx)
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
     if rt.config.docker_host or os.environ.get("DOCKER_HOST"):
         env["DOCKER_HOST"] = rt.config.docker_host or os.environ["DOCKER_HOST"]
@@ -898,6 +896,15 @@ def bash(rt: Runtime, ctx: ToolContext, command: str) -> Result:
         "truncated": result.truncated,
         "timed_out": result.timed_out,
     }
+
+
+def read_roots(rt: Runtime, ctx: ToolContext) -> list[Path]:
+    """What bash may read: a heartbeat sees nginx's files, traces and alerts; a user's task
+    only that user's instance folders (never the database files or other users' traces)."""
+    if ctx.system:
+        return [rt.config.home / "nginx", rt.config.traces, rt.config.alerts, *gate.DEFAULT_READ_ROOTS]
+    own = rt.db.all("instance_list_for_user", user_id=ctx.user_id)
+    return [Path(r["storage_path"]) for r in own if r["storage_path"]] + list(gate.DEFAULT_READ_ROOTS)
 
 
 _CONTAINER_REF = re.compile(r"pideploy-[A-Za-z0-9_-]+?-(\d+)\b|\b[0-9a-f]{12,64}\b")
