@@ -195,6 +195,10 @@ class DockerEngine:
         except (requests.exceptions.RequestException, docker.errors.DockerException) as error:
             raise EngineError(f"container engine at {self.where}, {method}: {error}") from None
 
+    def close(self) -> None:
+        """Close the SDK's connection pool."""
+        self.client.close()
+
     # -- reading -----------------------------------------------------------
 
     def version(self) -> dict[str, str]:

@@ -155,6 +155,8 @@ def test_list_is_one_call_and_knows_exit_codes(h: Harness) -> None:
 def test_kill_leaves_exit_code_137_and_closes_the_port(h: Harness) -> None:
     spec = h.spec()
     container = h.engine.create(spec)
+    with pytest.raises(EngineError, match="running"):
+        h.engine.kill(container.id)  # only a running container can be killed
     h.engine.start(container.id)
     assert h.healthy(spec.host_port)
     h.engine.kill(container.id)

@@ -364,3 +364,21 @@ def test_nginx_apply_waits_for_the_lock_file(nginx: NginxProxy, backend: int) ->
     assert done.wait(10)
     applying.join()
     assert nginx.routes() == {"l": backend}
+
+
+@pytest.mark.stack
+def test_nginx_validate_checks_without_touching_live_files(tmp_path: Path, backend: int) -> None:
+    fresh = _nginx(tmp_path / "ngx")
+    assert "configuration valid, not running yet" in fresh.validate()
+    assert fresh.prefix is not None and not fresh.prefix.exists()  # nothing written
+    fresh.ensure_running()
+    try:
+        fresh.apply({"v": backend})
+        live = fresh.map_path.read_text()
+        assert "running (pid" in fresh.validate()
+        (fresh.prefix / "conf.d" / "broken.conf").write_text("nope;\n")
+        with pytest.raises(ProxyError, match="unknown directive"):
+            fresh.validate()
+        assert fresh.map_path.read_text() == live
+    finally:
+        fresh.close(stop=True)
