@@ -244,6 +244,8 @@ def _add_queue_commands(sub: Any) -> None:
     serve.add_argument("--workers", type=int, help="task worker threads (default: PIDEPLOY_WORKERS, 2)")
     serve.add_argument("--listen", help="HOST:PORT of the HTTP API (default: PIDEPLOY_LISTEN)")
     serve.add_argument("--no-heartbeat", action="store_true", help="do not run the heartbeat loop")
+    # Also accepted after the command (`serve --log-format text`); SUPPRESS keeps the global one otherwise.
+    serve.add_argument("--log-format", choices=("json", "text"), default=argparse.SUPPRESS, help="json or text")
     serve.add_argument(
         "--grace", type=float, help="seconds running tasks get at shutdown (PIDEPLOY_SHUTDOWN_GRACE)"
     )
