@@ -11,6 +11,7 @@ written in a `finally`, whatever happened.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -166,6 +167,7 @@ class Completion:
     finish_reason: str
     response_model: str
     ttft_s: float | None = None
+    cost_usd: float = 0.0  # filled in by the chain from the model's prices
 
     def message(self) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": self.content or None}
@@ -329,8 +331,11 @@ class Budget:
 
     @staticmethod
     def estimate_prompt_tokens(messages: list[dict[str, Any]], tool_specs: list[dict[str, Any]]) -> int:
-        # ~3 characters per token errs on the high side for JSON-heavy prompts.
-        return math.ceil(len(json.dumps(messages, default=str)) / 3 + len(json.dumps(tool_specs)) / 3)
+        # An upper bound, not a guess: a token is at least one byte of UTF-8, plus a little
+        # framing per message. Over-reserving only stops a run early; under-reserving could
+        # let a call cross the cap.
+        size = len(json.dumps(messages, default=str).encode()) + len(json.dumps(tool_specs).encode())
+        return size + 8 * len(messages) + 16
 
     def reserve(self, model: ModelConfig | None, prompt_tokens: int, max_tokens: int) -> int:
         """The max_tokens this call may use (maybe trimmed); raises when even the minimum won't fit."""
@@ -505,7 +510,7 @@ class Chain:
                     "pideploy.ttft_s": completion.ttft_s,
                 }
             )
-            return completion
+            return dataclasses.replace(completion, cost_usd=cost)
 
 
 def _with_deadline(call: Callable[[], Completion], seconds: float) -> Completion:
@@ -614,6 +619,7 @@ def run_task(
             trace.turns = turn
             check_limits(deadline, limits, cancelled)
             reply = chain.complete(task, messages, specs, budget, trace, deadline)
+            charge_tools(trace, reply.cost_usd)
             say(messages, trace, reply.message())
             if not reply.tool_calls:
                 guard.bad_output("an answer without a tool call")
@@ -637,6 +643,18 @@ def say(messages: list[dict[str, Any]], trace: Trace, *new: dict[str, Any]) -> N
     for message in new:
         messages.append(message)
         trace.add_message(message)
+
+
+def charge_tools(trace: Trace, cost_usd: float) -> None:
+    """A call's cost belongs to the tool results it consumed (split if it read several)."""
+    unpaid = [
+        s
+        for s in trace.spans()
+        if s.attributes.get("gen_ai.operation.name") == "execute_tool"
+        and "pideploy.cost_usd" not in s.attributes
+    ]
+    for span in unpaid:
+        span.set(**{"pideploy.cost_usd": cost_usd / len(unpaid)})
 
 
 def check_limits(deadline: float, limits: Limits, cancelled: Callable[[], bool]) -> None:

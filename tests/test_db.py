@@ -39,7 +39,13 @@ def test_constraints_live_in_the_database(database: db.Database) -> None:
     with pytest.raises(errors.BadRequest):
         _instance(database, "Bad Name!")
     second = _instance(database, "b")
-    common: dict[str, Any] = {"status": "running", "container_id": "c", "storage_path": "/x", "image": "i", "config": {}}
+    common: dict[str, Any] = {
+        "status": "running",
+        "container_id": "c",
+        "storage_path": "/x",
+        "image": "i",
+        "config": {},
+    }
     database.one("instance_set_runtime", id=first["id"], port=20001, last_error=None, **common)
     with pytest.raises(errors.Conflict):  # a host port belongs to one instance
         database.one("instance_set_runtime", id=second["id"], port=20001, last_error=None, **common)

@@ -9,120 +9,14 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import urllib.error
-import urllib.request
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-import db
 import tools
-from config import Config
-from engine import LABEL_NAMESPACE, DockerEngine, Engine, MemoryEngine
 from errors import ImageNotFound, RolledBack, ToolArgumentError, ToolError, ToolRefused
-from observability import Trace
-from proxy import MemoryProxy, NginxProxy, Proxy
-from tests.conftest import free_port, make_config, nginx_binary, require_stack
-
-
-@dataclass
-class World:
-    rt: tools.Runtime
-    trace_dir: Path
-
-    def ctx(
-        self, user: str | None = "alice", instance_id: int | None = None, **kwargs: Any
-    ) -> tools.ToolContext:
-        trace = Trace(
-            kind="task",
-            task_id=None,
-            task_type="test",
-            user_id=user,
-            instance_id=instance_id,
-            prompt_version="test",
-            model_chain=[],
-            trace_dir=self.trace_dir,
-        )
-        return tools.ToolContext(trace, user, None, instance_id, **kwargs)
-
-    def row(self, instance_id: int) -> db.Row | None:
-        return self.rt.db.one("instance_get", id=instance_id)
-
-    def events(self, instance_id: int) -> list[str]:
-        rows = self.rt.db.all("event_list_for_instance", instance_id=instance_id, limit=100)
-        return [r["kind"] for r in reversed(rows)]
-
-    def containers(self, instance_id: int | None = None) -> list[Any]:
-        labels = {LABEL_NAMESPACE: self.rt.config.namespace}
-        found = self.rt.engine.list(labels)
-        if instance_id is None:
-            return found
-        return [c for c in found if c.labels.get("pideploy.instance") == str(instance_id)]
-
-    def through_nginx(self, instance_id: int, path: str = "healthz") -> tuple[int, str]:
-        url = self.rt.proxy.url_for(str(instance_id)) + path
-        if isinstance(self.rt.proxy, MemoryProxy):  # no nginx in memory: follow the route by hand
-            port = self.rt.proxy.routes().get(str(instance_id))
-            if port is None:
-                return 404, ""
-            url = f"http://127.0.0.1:{port}/{path}"
-        try:
-            with urllib.request.urlopen(url, timeout=3) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as error:
-            return error.code, ""
-        except OSError:
-            return 0, ""
-
-    def create(self, name: str = "alpha", user: str = "alice", **config: Any) -> dict[str, Any]:
-        return tools.instance_create(self.rt, self.ctx(user), name, config or None)
-
-
-def _world(engine: Engine, proxy: Proxy, database: db.Database, tmp_path: Path, **settings: Any) -> World:
-    base = {"namespace": f"t{uuid.uuid4().hex[:8]}", "health_timeout": 10, "stop_timeout": 3}
-    config: Config = make_config(tmp_path, **{**base, **settings})
-    proxy.ensure_running()
-    return World(tools.Runtime(config, database, engine, proxy), tmp_path / "traces")
-
-
-@pytest.fixture
-def nginx(tmp_path: Path) -> Iterator[NginxProxy]:
-    require_stack("nginx", nginx_binary() is not None)
-    proxy = NginxProxy.embedded(
-        tmp_path / "nginx", listen=f"127.0.0.1:{free_port()}", nginx_bin=str(nginx_binary())
-    )
-    yield proxy
-    proxy.close(stop=True)
-
-
-def _cleanup(world: World) -> None:
-    for container in world.containers():
-        world.rt.engine.remove(container.id)
-
-
-@pytest.fixture
-def real_world(
-    docker_engine: DockerEngine, nginx: NginxProxy, database: db.Database, tmp_path: Path
-) -> Iterator[World]:
-    world = _world(docker_engine, nginx, database, tmp_path)
-    yield world
-    _cleanup(world)
-
-
-@pytest.fixture(params=["memory", "real"])
-def any_world(request: pytest.FixtureRequest, database: db.Database, tmp_path: Path) -> Iterator[World]:
-    if request.param == "real":
-        world: World = request.getfixturevalue("real_world")
-        yield world
-        return
-    world = _world(MemoryEngine(), MemoryProxy(), database, tmp_path)
-    yield world
-    _cleanup(world)
-
+from proxy import NginxProxy
+from tests.conftest import World, make_config_like
 
 pytestmark = pytest.mark.stack
 
@@ -298,12 +192,6 @@ def test_create_when_nginx_config_is_invalid_rolls_back_and_keeps_old_routes(rea
     _assert_create_rolled_back(w, "unrouted", "nginx")
     assert w.through_nginx(keeper) == (200, "ok")  # the last good map is still served
     broken.unlink()
-
-
-def make_config_like(w: World, **changes: Any) -> Config:
-    import dataclasses
-
-    return dataclasses.replace(w.rt.config, **changes)
 
 
 def _assert_update_rolled_back(w: World, iid: int, old_container: str) -> None:

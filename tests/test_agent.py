@@ -1,0 +1,586 @@
+"""The agent loop over real HTTP: the real `openai` client against the replay server.
+
+Tools act on a real Postgres with the in-memory engine and proxy (fast); the
+happy paths also run on the real stack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import agent
+import tools
+from config import ModelConfig
+from evals.llm_server import ReplayServer
+from tests.conftest import World
+
+pytestmark = pytest.mark.stack
+
+MODEL_A, MODEL_B = "model-a", "model-b"
+
+
+@pytest.fixture
+def replay() -> Iterator[ReplayServer]:
+    with ReplayServer() as server:
+        yield server
+
+
+def model(
+    server: ReplayServer, name: str, *, price_in: float = 0.0, price_out: float = 0.0, timeout: float = 5
+) -> ModelConfig:
+    return ModelConfig(
+        name=name,
+        base_url=server.url,
+        model=name,
+        api_key_env="TEST_KEY",
+        input_usd_per_mtok=price_in,
+        output_usd_per_mtok=price_out,
+        timeout=timeout,
+        api_key="test-key",
+    )
+
+
+def chain(models: list[ModelConfig], limits: agent.Limits, *, playbook: bool = True) -> agent.Chain:
+    links = [agent.Link(agent.OpenAIChat(m), m) for m in models]
+    return agent.Chain(links, agent.MemoryCooldowns(), limits, use_playbook=playbook, sleep=lambda _: None)
+
+
+def call(tool: str, /, **arguments: Any) -> dict[str, Any]:
+    return {"tool_calls": [{"name": tool, "arguments": arguments}]}
+
+
+def report(success: bool = True, **data: Any) -> dict[str, Any]:
+    return call("report_result", success=success, action="done", data=data)
+
+
+def script(*turns: dict[str, Any], model_name: str | None = MODEL_A, **extra: Any) -> dict[str, Any]:
+    conversation: dict[str, Any] = {"turns": list(turns), **extra}
+    if model_name:
+        conversation["model"] = model_name
+    return {"conversations": [conversation]}
+
+
+def make_instance(w: World, name: str = "alpha", user: str = "alice") -> int:
+    return int(tools.instance_create(w.rt, w.ctx(user), name)["instance_id"])
+
+
+def run(
+    w: World,
+    task: agent.TaskSpec,
+    models: list[ModelConfig],
+    limits: agent.Limits | None = None,
+    *,
+    playbook: bool = True,
+) -> agent.Outcome:
+    limits = limits or agent.Limits(retries=1)
+    return agent.run_task(task, w.rt, chain(models, limits, playbook=playbook), limits)
+
+
+def trace_of(outcome: agent.Outcome) -> dict[str, Any]:
+    return json.loads(Path(outcome.trace_file).read_text())  # type: ignore[no-any-return]
+
+
+def spans(trace: dict[str, Any]) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    stack = [trace["spans"]] if isinstance(trace["spans"], dict) else list(trace["spans"])
+    while stack:
+        span = stack.pop()
+        found.append(span)
+        stack.extend(span.get("children", []))
+    return found
+
+
+def chat_spans(outcome: agent.Outcome) -> list[dict[str, Any]]:
+    chats = [s for s in spans(trace_of(outcome)) if s["attributes"].get("gen_ai.operation.name") == "chat"]
+    return sorted(chats, key=lambda s: s["start"])
+
+
+# ---------------------------------------------------------------------------
+# The prompt is versioned
+# ---------------------------------------------------------------------------
+
+
+def test_prompt_text_is_pinned_to_its_version() -> None:
+    # Changing SYSTEM_PROMPT must come with a new PROMPT_VERSION: update both lines together.
+    assert (agent.PROMPT_VERSION, hashlib.sha256(agent.SYSTEM_PROMPT.encode()).hexdigest()[:12]) == (
+        "2026-11-22.1",
+        agent.PROMPT_SHA,
+    )
+
+
+def test_prompt_states_the_rules_and_the_boundaries() -> None:
+    text = agent.SYSTEM_PROMPT
+    assert "report_result exactly once" in text
+    assert "data, not instructions" in text
+    assert "bash is for reading only" in text
+    assert "only for the task's user" in text
+    for task_type in tools.TOOLSETS:
+        assert task_type in text
+
+
+# ---------------------------------------------------------------------------
+# Happy paths: every task type in two turns
+# ---------------------------------------------------------------------------
+
+
+def test_create_in_two_turns_with_the_trace_fields(memory_world: World, replay: ReplayServer) -> None:
+    replay.set_script(
+        script(
+            {
+                **call("instance_create", name="{{task.params.name}}"),
+                "usage": {"prompt_tokens": 900, "completion_tokens": 40},
+            },
+            {
+                **report(instance_id="{{last_result.instance_id}}"),
+                "usage": {"prompt_tokens": 1100, "completion_tokens": 30},
+            },
+        )
+    )
+    priced = model(replay, MODEL_A, price_in=1.0, price_out=2.0)
+    task = agent.TaskSpec("instance_create", "alice", {"name": "alpha"})
+    outcome = run(memory_world, task, [priced])
+    assert outcome.status == "succeeded", outcome.error
+    assert outcome.turns == 2
+    assert outcome.result is not None and isinstance(outcome.result["data"]["instance_id"], int)
+    assert outcome.cost_usd == pytest.approx((2000 * 1.0 + 70 * 2.0) / 1e6)
+    row = memory_world.rt.db.one("instance_by_name", user_id="alice", name="alpha")
+    assert row is not None and row["status"] == "running"
+
+    trace = trace_of(outcome)
+    assert (
+        trace["task_id"] is None and trace["task_type"] == "instance_create" and trace["user_id"] == "alice"
+    )
+    assert trace["prompt_version"] == agent.PROMPT_VERSION and trace["model_chain"] == [MODEL_A, "playbook"]
+    assert trace["outcome"] == "succeeded" and trace["result"]["success"] is True
+    summary = trace["summary"]
+    assert summary["turns"] == 2 and summary["model_calls"] == 2
+    assert summary["input_tokens"] == 2000 and summary["output_tokens"] == 70
+    assert len(summary["ttft_s"]) == 2 and "instance_create" in summary["tool_durations"]
+    assert summary["tool_cost_usd"]["instance_create"] == pytest.approx((1100 * 1.0 + 30 * 2.0) / 1e6)
+    roles = [m["role"] for m in trace["transcript"]]
+    assert roles == ["system", "user", "assistant", "tool", "assistant"]
+    chat = chat_spans(outcome)[0]["attributes"]
+    for key in ("gen_ai.request.model", "gen_ai.response.model", "gen_ai.usage.input_tokens",
+                "gen_ai.usage.output_tokens", "gen_ai.response.finish_reasons", "pideploy.ttft_s"):  # fmt: skip
+        assert key in chat
+    tool_span = next(s for s in spans(trace) if s["attributes"].get("gen_ai.tool.name") == "instance_create")
+    assert tool_span["attributes"]["gen_ai.tool.call.id"]
+    assert any(c["name"] == "engine.create" for c in spans(trace))  # the tool's own steps
+
+
+@pytest.mark.parametrize(
+    "task_type", ["instance_stop", "instance_start", "instance_update", "instance_delete"]
+)
+def test_each_task_type_in_two_turns(real_world: World, replay: ReplayServer, task_type: str) -> None:
+    w = real_world
+    iid = make_instance(w)
+    if task_type == "instance_start":
+        tools.instance_stop(w.rt, w.ctx(), iid)
+    params = {"image": "localhost/pideploy-gateway:v2"} if task_type == "instance_update" else {}
+    arguments = {"instance_id": "{{task.instance_id}}", **params}
+    replay.set_script(script(call(task_type, **arguments), report(instance_id="{{task.instance_id}}")))
+    outcome = run(w, agent.TaskSpec(task_type, "alice", params, instance_id=iid), [model(replay, MODEL_A)])
+    assert outcome.status == "succeeded", outcome.error
+    assert outcome.turns == 2
+    row = w.row(iid)
+    expected = {"instance_stop": "stopped", "instance_start": "running", "instance_update": "running"}
+    if task_type == "instance_delete":
+        assert row is None and w.containers(iid) == []
+    else:
+        assert row is not None and row["status"] == expected[task_type]
+    if task_type == "instance_update":
+        assert w.through_nginx(iid, "version")[1] == "v2"
+
+
+# ---------------------------------------------------------------------------
+# Faults: each handled with the right class and the right fallback
+# ---------------------------------------------------------------------------
+
+
+def _create_script(model_name: str | None, *first: dict[str, Any]) -> dict[str, Any]:
+    return script(*first, call("instance_create", name="alpha"), report(), model_name=model_name)
+
+
+def test_500s_exhaust_retries_then_fall_back_to_the_next_model(
+    memory_world: World, replay: ReplayServer
+) -> None:
+    replay.set_script(
+        {
+            "conversations": [
+                {"model": MODEL_A, "turns": [{"repeat": {"fault": "http_500"}}]},
+                {"model": MODEL_B, "turns": [call("instance_create", name="alpha"), report()]},
+            ]
+        }
+    )
+    task = agent.TaskSpec("instance_create", "alice", {"name": "alpha"})
+    outcome = run(
+        memory_world, task, [model(replay, MODEL_A), model(replay, MODEL_B)], agent.Limits(retries=2)
+    )
+    assert outcome.status == "succeeded", outcome.error
+    calls = chat_spans(outcome)
+    failed_a = [s for s in calls if s["attributes"]["pideploy.model_name"] == MODEL_A]
+    assert len(failed_a) == 3  # one try and two retries, each a span
+    assert all(s["attributes"]["error.type"] == "llm_api_error" for s in failed_a)
+    assert [s["attributes"]["pideploy.attempt"] for s in failed_a] == [1, 2, 3]
+    # MODEL_A now cools down: the next run goes straight to MODEL_B.
+    limits = agent.Limits(retries=2)
+    shared = chain([model(replay, MODEL_A), model(replay, MODEL_B)], limits)
+    shared.cooldowns.start(MODEL_A, 60, "kept failing")
+    second = agent.run_task(
+        agent.TaskSpec("instance_create", "alice", {"name": "alpha"}), memory_world.rt, shared, limits
+    )
+    assert {s["attributes"]["pideploy.model_name"] for s in chat_spans(second)} == {MODEL_B}
+
+
+def test_429_retries_the_same_model_honouring_retry_after(memory_world: World, replay: ReplayServer) -> None:
+    pauses: list[float] = []
+    replay.set_script(
+        _create_script(
+            MODEL_A,
+            {
+                "fault": "http_429",
+                "retry_after": 3,
+                "times": 1,
+                "then": call("instance_create", name="alpha"),
+            },
+        )
+    )
+    limits = agent.Limits(retries=2, backoff_s=0.1)
+    shared = chain([model(replay, MODEL_A)], limits)
+    shared.sleep = pauses.append
+    outcome = agent.run_task(
+        agent.TaskSpec("instance_create", "alice", {"name": "alpha"}), memory_world.rt, shared, limits
+    )
+    assert outcome.status == "succeeded", outcome.error
+    assert len(pauses) == 1 and pauses[0] >= 3.0
+    assert chat_spans(outcome)[0]["attributes"]["error.type"] == "llm_rate_limited"
+
+
+@pytest.mark.parametrize(
+    ("fault", "error_class"), [("http_401", "llm_api_error"), ("http_404", "llm_api_error")]
+)
+def test_auth_and_missing_model_skip_to_the_next_model_without_retries(
+    memory_world: World, replay: ReplayServer, fault: str, error_class: str
+) -> None:
+    replay.set_script(
+        {
+            "conversations": [
+                {"model": MODEL_A, "turns": [{"repeat": {"fault": fault}}]},
+                {"model": MODEL_B, "turns": [call("instance_create", name="alpha"), report()]},
+            ]
+        }
+    )
+    task = agent.TaskSpec("instance_create", "alice", {"name": "alpha"})
+    outcome = run(
+        memory_world, task, [model(replay, MODEL_A), model(replay, MODEL_B)], agent.Limits(retries=3)
+    )
+    assert outcome.status == "succeeded"
+    failed = [s for s in chat_spans(outcome) if s["attributes"]["pideploy.model_name"] == MODEL_A]
+    assert len(failed) == 1 and failed[0]["attributes"]["error.type"] == error_class
+
+
+def test_a_stalled_stream_times_out_and_falls_back(memory_world: World, replay: ReplayServer) -> None:
+    replay.set_script(
+        {
+            "conversations": [
+                {"model": MODEL_A, "turns": [{"repeat": {"fault": "stall", "seconds": 30}}]},
+                {"model": MODEL_B, "turns": [call("instance_create", name="alpha"), report()]},
+            ]
+        }
+    )
+    started = time.monotonic()
+    task = agent.TaskSpec("instance_create", "alice", {"name": "alpha"})
+    outcome = run(
+        memory_world,
+        task,
+        [model(replay, MODEL_A, timeout=0.5), model(replay, MODEL_B)],
+        agent.Limits(retries=0),
+    )
+    assert outcome.status == "succeeded"
+    assert time.monotonic() - started < 20
+    stalled = [s for s in chat_spans(outcome) if s["attributes"]["pideploy.model_name"] == MODEL_A]
+    assert stalled[0]["attributes"]["error.type"] == "llm_timeout"
+
+
+def test_malformed_json_is_returned_to_the_model_once(memory_world: World, replay: ReplayServer) -> None:
+    bad = {"tool_calls": [{"name": "instance_create", "arguments": '{"name": "alpha"'}]}
+    replay.set_script(_create_script(MODEL_A, bad))
+    outcome = run(
+        memory_world, agent.TaskSpec("instance_create", "alice", {"name": "alpha"}), [model(replay, MODEL_A)]
+    )
+    assert outcome.status == "succeeded" and outcome.turns == 3
+    tool_message = json.loads(trace_of(outcome)["transcript"][3]["content"])
+    assert tool_message["ok"] is False and "not valid JSON" in tool_message["error"]
+
+
+@pytest.mark.parametrize(
+    "bad_turn",
+    [
+        {"tool_calls": [{"name": "instance_create", "arguments": "{nope"}]},
+        {"tool_calls": [{"name": "format_disk", "arguments": {}}]},
+        {"tool_calls": [{"name": "instance_create", "arguments": {"name": "NOT VALID"}}]},
+        {"fault": "empty"},
+    ],
+    ids=["bad-json", "unknown-tool", "schema-mismatch", "empty-answer"],
+)
+def test_repeated_bad_output_ends_the_run_classified(
+    memory_world: World, replay: ReplayServer, bad_turn: dict[str, Any]
+) -> None:
+    replay.set_script(script({"repeat": bad_turn}))
+    outcome = run(
+        memory_world, agent.TaskSpec("instance_create", "alice", {"name": "alpha"}), [model(replay, MODEL_A)]
+    )
+    assert outcome.status == "failed"
+    assert outcome.error_class == "llm_bad_output"
+    assert outcome.turns == 2  # once returned to the model as an error, the second time it ends
+    assert memory_world.rt.db.all("instance_list_all") == []
+
+
+def test_a_looping_model_is_stopped_by_the_guard(memory_world: World, replay: ReplayServer) -> None:
+    iid = make_instance(memory_world)
+    replay.set_script(script({"repeat": call("instance_status", instance_id=iid)}))
+    task = agent.TaskSpec("instance_stop", "alice", {}, instance_id=iid)
+    outcome = run(memory_world, task, [model(replay, MODEL_A)])
+    assert outcome.status == "failed" and outcome.error_class == "agent_stuck"
+    assert outcome.turns == 3
+    assert memory_world.row(iid)["status"] == "running"  # type: ignore[index]
+
+
+def test_max_turns_ends_the_run(memory_world: World, replay: ReplayServer) -> None:
+    iid = make_instance(memory_world)
+    turns = [call("instance_status", instance_id=iid) if i % 2 else call("nginx_sync") for i in range(10)]
+    replay.set_script(script(*turns))
+    outcome = run(memory_world, agent.TaskSpec("instance_stop", "alice", {}, instance_id=iid), [model(replay, MODEL_A)],
+                  agent.Limits(max_turns=4))  # fmt: skip
+    assert outcome.status == "failed" and outcome.error_class == "agent_stuck" and outcome.turns == 4
+
+
+def test_the_model_claiming_success_without_doing_the_work_fails(
+    memory_world: World, replay: ReplayServer
+) -> None:
+    iid = make_instance(memory_world)
+    replay.set_script(script(report(instance_id=iid)))
+    outcome = run(
+        memory_world, agent.TaskSpec("instance_stop", "alice", {}, instance_id=iid), [model(replay, MODEL_A)]
+    )
+    assert outcome.status == "failed" and outcome.error_class == "llm_bad_output"
+    assert "is running, not stopped" in (outcome.error or "")
+
+
+def test_a_reported_failure_takes_the_class_of_the_failed_tool(
+    memory_world: World, replay: ReplayServer
+) -> None:
+    victim = make_instance(memory_world, "victim", user="bob")
+    mine = make_instance(memory_world, "mine")
+    replay.set_script(script(call("instance_delete", instance_id=victim), report(False)))
+    outcome = run(
+        memory_world,
+        agent.TaskSpec("instance_delete", "alice", {}, instance_id=mine),
+        [model(replay, MODEL_A)],
+    )
+    assert outcome.status == "failed" and outcome.error_class == "tool_refused"
+    assert memory_world.row(victim) is not None and memory_world.row(mine) is not None
+    assert "ownership_refused" in memory_world.events(victim)
+
+
+# ---------------------------------------------------------------------------
+# Caps: stopped BEFORE the crossing call
+# ---------------------------------------------------------------------------
+
+
+def alternating(iid: int, usage: dict[str, int], turns: int = 50) -> list[dict[str, Any]]:
+    """Different calls each turn, so the loop guard never fires before a cap does."""
+    return [
+        {**(call("instance_status", instance_id=iid) if i % 2 else call("nginx_sync")), "usage": usage}
+        for i in range(turns)
+    ]
+
+
+def test_cost_cap_stops_the_run_before_the_crossing_call(memory_world: World, replay: ReplayServer) -> None:
+    iid = make_instance(memory_world)
+    replay.set_script(script(*alternating(iid, {"completion_tokens": 500})))
+    expensive = model(replay, MODEL_A, price_in=10.0, price_out=30.0)  # $ per million tokens
+    limits = agent.Limits(cost_cap_usd=0.2, max_tokens=1000, max_turns=50)
+    task = agent.TaskSpec("instance_stop", "alice", {}, instance_id=iid)
+    outcome = agent.run_task(task, memory_world.rt, chain([expensive], limits, playbook=False), limits)
+    assert outcome.status == "failed" and outcome.error_class == "cost_cap"
+    assert 0 < outcome.cost_usd <= 0.2
+    requests = len(replay.requests)
+    assert requests == len(chat_spans(outcome))  # no call was made and then refused
+    last_prompt = chat_spans(outcome)[-1]["attributes"]["gen_ai.usage.input_tokens"]
+    assert len(chat_spans(outcome)) >= 2 and last_prompt > 0
+
+
+def test_token_cap_stops_free_models_too(memory_world: World, replay: ReplayServer) -> None:
+    iid = make_instance(memory_world)
+    replay.set_script(script(*alternating(iid, {"completion_tokens": 300})))
+    limits = agent.Limits(token_cap=12_000, max_tokens=1000, max_turns=50)
+    task = agent.TaskSpec("instance_stop", "alice", {}, instance_id=iid)
+    outcome = agent.run_task(
+        task, memory_world.rt, chain([model(replay, MODEL_A)], limits, playbook=False), limits
+    )
+    assert outcome.status == "failed" and outcome.error_class == "token_cap", outcome.error
+    assert outcome.tokens <= 12_000 and outcome.cost_usd == 0
+
+
+# ---------------------------------------------------------------------------
+# The run's timeout: a hanging tool and a stalled stream are cut off
+# ---------------------------------------------------------------------------
+
+
+def _processes_with(marker: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if marker in cmdline:
+                found.append(int(pid))
+    return found
+
+
+def test_timeout_kills_a_hanging_tool(memory_world: World, replay: ReplayServer) -> None:
+    iid = make_instance(memory_world)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    port = silent.getsockname()[1]
+    marker = f"127.0.0.1:{port}/hang"
+    replay.set_script(script(call("bash", command=f"curl -s http://{marker}"), report()))
+    limits = agent.Limits(timeout_s=2.0)
+    started = time.monotonic()
+    outcome = run(
+        memory_world,
+        agent.TaskSpec("instance_stop", "alice", {}, instance_id=iid),
+        [model(replay, MODEL_A)],
+        limits,
+    )
+    silent.close()
+    assert time.monotonic() - started < 10
+    assert outcome.status == "failed" and outcome.error_class == "timeout"
+    assert _processes_with(marker) == []
+
+
+def test_timeout_cuts_a_stalled_stream(memory_world: World, replay: ReplayServer) -> None:
+    replay.set_script(script({"repeat": {"fault": "stall", "seconds": 60}}))
+    limits = agent.Limits(timeout_s=1.5, retries=0)
+    started = time.monotonic()
+    task = agent.TaskSpec("instance_create", "alice", {"name": "alpha"})
+    outcome = agent.run_task(
+        task, memory_world.rt, chain([model(replay, MODEL_A, timeout=30)], limits, playbook=False), limits
+    )
+    assert time.monotonic() - started < 10
+    assert outcome.status == "failed" and outcome.error_class == "timeout"
+    assert Path(outcome.trace_file).exists()  # the trace is written even so
+
+
+# ---------------------------------------------------------------------------
+# The playbook: piDeploy works with no model at all
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "task_type", ["instance_create", "instance_stop", "instance_start", "instance_update", "instance_delete"]
+)
+def test_playbook_completes_every_task_type_with_the_chain_down(
+    memory_world: World, replay: ReplayServer, task_type: str
+) -> None:
+    w = memory_world
+    replay.set_script(script({"repeat": {"fault": "http_500"}}, model_name=None))
+    iid = None if task_type == "instance_create" else make_instance(w)
+    if task_type == "instance_start":
+        tools.instance_stop(w.rt, w.ctx(), iid)  # type: ignore[arg-type]
+    params: dict[str, Any] = {
+        "instance_create": {"name": "fresh"},
+        "instance_update": {"image": "localhost/pideploy-gateway:v2"},
+    }.get(task_type, {})
+    outcome = run(
+        w,
+        agent.TaskSpec(task_type, "alice", params, instance_id=iid),
+        [model(replay, MODEL_A), model(replay, MODEL_B)],
+    )
+    assert outcome.status == "succeeded", outcome.error
+    assert outcome.playbook is True
+    trace = trace_of(outcome)
+    assert trace["extra"]["playbook"] is True and len(trace["extra"]["chain_failures"]) == 2
+
+
+def test_agent_off_uses_the_playbook_and_calls_no_model(memory_world: World, replay: ReplayServer) -> None:
+    limits = agent.Limits()
+    off = agent.Chain([], agent.MemoryCooldowns(), limits)
+    outcome = agent.run_task(
+        agent.TaskSpec("instance_create", "alice", {"name": "quiet"}), memory_world.rt, off, limits
+    )
+    assert outcome.status == "succeeded" and outcome.playbook and replay.requests == []
+
+
+def test_chain_down_without_playbook_is_classified(memory_world: World, replay: ReplayServer) -> None:
+    replay.set_script(script({"repeat": {"fault": "http_500"}}, model_name=None))
+    outcome = run(memory_world, agent.TaskSpec("instance_create", "alice", {"name": "alpha"}), [model(replay, MODEL_A)],
+                  playbook=False)  # fmt: skip
+    assert outcome.status == "failed" and outcome.error_class == "llm_api_error"
+
+
+# ---------------------------------------------------------------------------
+# Alerts
+# ---------------------------------------------------------------------------
+
+
+def test_alert_lines_are_written_when_thresholds_are_crossed(
+    memory_world: World, replay: ReplayServer
+) -> None:
+    w = memory_world
+    w.rt = tools.Runtime(
+        __import__("dataclasses").replace(w.rt.config, alert_turns=1, alert_tool_error_rate=0.3),
+        w.rt.db, w.rt.engine, w.rt.proxy,
+    )  # fmt: skip
+    iid = make_instance(w)
+    replay.set_script(
+        script(call("instance_start", instance_id=999), call("instance_stop", instance_id=iid), report())
+    )
+    outcome = run(w, agent.TaskSpec("instance_stop", "alice", {}, instance_id=iid), [model(replay, MODEL_A)])
+    assert outcome.status == "succeeded"
+    lines = [json.loads(line) for line in w.rt.config.alerts.read_text().splitlines()]
+    rules = {line["rule"] for line in lines}
+    assert {"high_turn_count", "tool_error_rate"} <= rules
+    assert all(line["trace_file"] == outcome.trace_file for line in lines)
+
+
+def test_the_loop_is_one_short_function() -> None:
+    import inspect
+
+    assert len(inspect.getsource(agent.run_task).splitlines()) <= 50
+
+
+def test_concurrent_runs_do_not_share_state(memory_world: World, replay: ReplayServer) -> None:
+    replay.set_script(script(call("instance_create", name="{{task.params.name}}"), report(), model_name=None))
+    outcomes: list[agent.Outcome] = []
+
+    def one(name: str) -> None:
+        outcomes.append(
+            run(
+                memory_world,
+                agent.TaskSpec("instance_create", "alice", {"name": name}),
+                [model(replay, MODEL_A)],
+            )
+        )
+
+    threads = [threading.Thread(target=one, args=(f"n{i}",)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(o.status for o in outcomes) == ["succeeded"] * 3
+    assert len({o.trace_file for o in outcomes}) == 3
