@@ -106,9 +106,11 @@ class Submitted:
 class Queue:
     """Named queries of the queue, with the rules that decide what may be submitted."""
 
-    def __init__(self, db: Database, max_attempts: int = 3) -> None:
+    def __init__(self, db: Database, max_attempts: int = 3, sweep_every: float = 1.0) -> None:
         self.db = db
         self.max_attempts = max_attempts
+        self.sweep_every = sweep_every  # how often claim() looks for dead leases out of attempts
+        self._next_sweep = 0.0
 
     # --- submitting -------------------------------------------------------
 
@@ -215,6 +217,13 @@ class Queue:
 
     def claim(self, worker: str, lease_s: float) -> Row | None:
         """The next task this worker may run (now `running`, leased to it), or None."""
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + self.sweep_every
+            self.sweep()
+        return self.db.one("task_claim", worker=worker, lease_s=lease_s)
+
+    def sweep(self) -> None:
+        """End, as failed, the tasks whose lease ran out with no attempts left."""
         for failed in self.db.all("task_fail_exhausted"):
             logger.warning(
                 "task %s failed: no attempts left (%s)",
@@ -226,7 +235,6 @@ class Queue:
                     "instance_id": failed["instance_id"],
                 },
             )
-        return self.db.one("task_claim", worker=worker, lease_s=lease_s)
 
     def renew(self, task_id: int, worker: str, lease_s: float) -> bool | None:
         """Extend the lease: None if the task is no longer ours, else whether a cancel was asked for."""

@@ -228,7 +228,7 @@ def test_an_expired_lease_is_reclaimed_and_attempts_count_claims(
 
 
 def test_a_task_out_of_attempts_fails_with_the_last_error(queue: tasks.Queue, database: Database) -> None:
-    short = tasks.Queue(database, max_attempts=2)
+    short = tasks.Queue(database, max_attempts=2, sweep_every=0)
     iid = instance(database, "doomed")
     task = short.submit("instance_create", "alice", {"name": "doomed"}, iid, "c").task
     for _ in range(2):
