@@ -201,6 +201,15 @@ class Counters:
     next_recovery_at: float | None
     healthy_since: float | None
 
+    def on(self, row: Row) -> Row:
+        """`row` with these counters."""
+        return {
+            **row,
+            "recovery_failures": self.failures,
+            "next_recovery_at": self.next_recovery_at,
+            "healthy_since": self.healthy_since,
+        }
+
     @classmethod
     def of(cls, row: Row) -> Counters:
         return cls(
@@ -770,7 +779,7 @@ class Heartbeat:
         after = self.observe(ids)
         keys = {d.key for d in report.drifts}
         still = {d.key for d in diff(after, self.config) if d.key in keys}
-        now_rows = {int(r["id"]): r for r in after.rows}
+        now_rows = {int(r["id"]): r for r in after.rows}  # counters updated below as they are written
         attempted = [s.instance_id for s in report.plan if s.tool == "instance_start" and s.instance_id]
         giving_up: list[Step] = []
         for iid in attempted:
@@ -780,42 +789,27 @@ class Heartbeat:
             healthy = ("down", iid) not in still
             counters = after_attempt(rows[iid], healthy, after.now, self.config)
             self._write_counters({iid: counters})
+            now_rows[iid] = counters.on(row)
             drift = next(d for d in report.drifts if d.key == ("down", iid))
             detail = {"drift": drift.kind, "evidence": drift.evidence, "attempt": counters.failures}
             if healthy:
                 tools.record_event(self.rt, ctx, iid, "recovered", **detail)
                 continue
-            tools.record_event(
-                self.rt,
-                ctx,
-                iid,
-                "recovery_failed",
-                **detail,
-                next_recovery_at=_iso(counters.next_recovery_at),
-            )
-            updated = {
-                **row,
-                "recovery_failures": counters.failures,
-                "next_recovery_at": counters.next_recovery_at,
-                "healthy_since": None,
-            }
-            giving_up += plan([drift], {iid: updated}, after.now, self.config)
+            due = _iso(counters.next_recovery_at)
+            tools.record_event(self.rt, ctx, iid, "recovery_failed", **detail, next_recovery_at=due)
+            giving_up += plan([drift], {iid: now_rows[iid]}, after.now, self.config)
         if giving_up:  # the last recovery of the streak failed: mark it error now, not a round later
             self._act(report, giving_up, agent.Chain([], self.cooldowns, self.limits))
         self._record_errors(report, str(ctx.trace.path))
-        final = (
-            {int(r["id"]): r for r in self.rt.db.all("instance_list_all")}
-            if report.marked_error
-            else now_rows
-        )
         for drift in report.drifts:
             given_up = drift.instance_id in report.marked_error and drift.family in ("down", STUCK)
             if drift.kind == ORPHAN or given_up or drift.key in still:
                 report.unrepaired.append(drift)
-                row = final.get(drift.instance_id or 0)
-                due = recovery_due_at(row, after.now, self.config) if row and drift.family == "down" else None
-                if due is not None and row is not None and row["status"] == "running":
-                    report.retry_at[int(row["id"])] = due
+                row = now_rows.get(drift.instance_id or 0)
+                if drift.family == "down" and not given_up and row is not None and row["status"] == "running":
+                    due_at = recovery_due_at(row, after.now, self.config)
+                    if due_at is not None:
+                        report.retry_at[int(row["id"])] = due_at
             else:
                 report.repaired.append(drift)
             if drift.family != "down" and drift.kind != ORPHAN and drift.instance_id in now_rows:

@@ -1,0 +1,474 @@
+"""The heartbeat on the real stack: Podman's engine, an embedded nginx, a real Postgres.
+
+Instances are created through the tools, so the world is the one piDeploy
+builds. Each test has its own namespace, nginx (stopped afterwards) and
+database; its containers are removed at the end. Backoff is shown with an
+injected clock, so no test waits for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import agent
+import db
+import heartbeat as hb
+import tools
+from config import Config, ModelConfig
+from engine import LABEL_NAMESPACE, Container, DockerEngine
+from evals.llm_server import ReplayServer
+from observability import Trace
+from proxy import NginxProxy, proxy_from_config, render_map
+from tests.conftest import ROOT, free_port, make_config, nginx_binary, require_stack
+
+pytestmark = pytest.mark.stack
+
+
+class Clock:
+    """Real time plus an offset the test moves forward."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 10.0) -> None:
+    limit = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > limit:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+@dataclass
+class Stack:
+    rt: tools.Runtime
+    config: Config
+    database_url: str
+    engine: DockerEngine
+    proxy: NginxProxy
+
+    def ctx(self, user: str | None = "alice") -> tools.ToolContext:
+        trace = Trace(
+            kind="task",
+            task_id=None,
+            task_type="test",
+            user_id=user,
+            instance_id=None,
+            prompt_version="test",
+            model_chain=[],
+            trace_dir=self.config.traces,
+        )
+        return tools.ToolContext(trace, user)
+
+    def create(self, name: str) -> int:
+        return int(tools.instance_create(self.rt, self.ctx(), name)["instance_id"])
+
+    def heartbeat(self, **kwargs: Any) -> hb.Heartbeat:
+        return hb.Heartbeat(self.rt, self.config, **kwargs)
+
+    def row(self, iid: int) -> db.Row:
+        row = self.rt.db.one("instance_get", id=iid)
+        assert row is not None
+        return row
+
+    def events(self, iid: int) -> list[str]:
+        rows = self.rt.db.all("event_list_for_instance", instance_id=iid, limit=200)
+        return [r["kind"] for r in reversed(rows)]
+
+    def rounds(self) -> list[db.Row]:
+        return list(reversed(self.rt.db.all("heartbeat_round_recent", limit=100)))
+
+    def containers(self) -> list[Container]:
+        return self.engine.list({LABEL_NAMESPACE: self.config.namespace})
+
+    def kill(self, iid: int, wait: bool = True) -> None:
+        """SIGKILL the container's process from the host, as a crash or the OOM killer would.
+
+        (Podman's kill API call can block for 20 s when the container is restarted under it.)
+        """
+        container_id = self.row(iid)["container_id"]
+        os.kill(int(self.engine.api.inspect_container(container_id)["State"]["Pid"]), signal.SIGKILL)
+        if wait:
+            wait_for("the container to stop", lambda: not _running(self.engine.inspect(container_id)))
+
+    def through_nginx(self, iid: int | str) -> int:
+        try:
+            with urllib.request.urlopen(self.proxy.url_for(str(iid)) + "healthz", timeout=3) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as error:
+            return error.code
+        except OSError:
+            return 0
+
+    def env(self, **settings: str) -> dict[str, str]:
+        """The environment of a piDeploy process on this test's database, engine and nginx."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PIDEPLOY_")}
+        env.update(
+            DATABASE_URL=self.database_url,
+            PIDEPLOY_HOME=str(self.config.home),
+            PIDEPLOY_NAMESPACE=self.config.namespace,
+            PIDEPLOY_NGINX_LISTEN=self.config.nginx_listen,
+            PIDEPLOY_AGENT="off",
+            PIDEPLOY_LOG_FORMAT="text",
+            **{"PIDEPLOY_" + k.upper(): v for k, v in settings.items()},
+        )
+        return env
+
+    def cli(self, *args: str, **settings: str) -> subprocess.CompletedProcess[str]:
+        """`pideploy.py heartbeat --once ...` in its own process."""
+        command = [sys.executable, str(ROOT / "pideploy.py"), "heartbeat", "--once", *args]
+        return subprocess.run(
+            command,
+            env=self.env(**settings),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=self.config.home,
+        )
+
+
+def _running(container: Container | None) -> bool:
+    return container is not None and container.running
+
+
+@pytest.fixture
+def stack(
+    docker_engine: DockerEngine, database: db.Database, database_url: str, tmp_path: Path
+) -> Iterator[Stack]:
+    require_stack("nginx", nginx_binary() is not None, "apt-get install nginx")
+    config = make_config(
+        tmp_path,
+        namespace=f"hb{uuid.uuid4().hex[:8]}",
+        agent="off",
+        health_timeout=10,
+        stop_timeout=2,
+        nginx_bin=str(nginx_binary()),
+        nginx_listen=f"127.0.0.1:{free_port()}",
+    )
+    proxy = proxy_from_config(config)
+    proxy.ensure_running()
+    world = Stack(
+        tools.Runtime(config, database, docker_engine, proxy), config, database_url, docker_engine, proxy
+    )
+    try:
+        yield world
+    finally:
+        for container in world.containers():
+            docker_engine.remove(container.id)
+        proxy.close(stop=True)
+
+
+def _trace(report: hb.RoundReport) -> dict[str, Any]:
+    assert report.trace_file
+    data: dict[str, Any] = json.loads(Path(report.trace_file).read_text())
+    return data
+
+
+# ---------------------------------------------------------------------------
+
+
+def test_a_killed_container_is_recovered_and_routed_again(stack: Stack) -> None:
+    iid = stack.create("alpha")
+    container_id = stack.row(iid)["container_id"]
+    stack.kill(iid)
+    assert stack.through_nginx(iid) != 200
+
+    report = stack.heartbeat().round("cron")
+
+    assert [(d.kind, d.instance_id) for d in report.drifts] == [("container_exited", iid)]
+    assert report.drifts[0].evidence["exit_code"] == 137
+    assert report.drifts[0].evidence["oom_killed"] is False
+    assert report.repaired == report.drifts and report.ok
+    assert [(a["tool"], a["ok"]) for a in report.actions] == [("instance_start", True)]
+    assert stack.through_nginx(iid) == 200
+    row = stack.row(iid)
+    assert (row["status"], row["container_id"], row["recovery_failures"]) == ("running", container_id, 1)
+    assert row["healthy_since"] is not None
+    assert stack.events(iid)[-2:] == ["started", "recovered"]
+    trace = _trace(report)
+    assert trace["kind"] == "heartbeat" and trace["outcome"] == "succeeded"
+    assert trace["extra"]["drifts"][0]["kind"] == "container_exited"
+    assert trace["extra"]["actions"][0]["tool"] == "instance_start"
+    assert trace["extra"]["cost_usd"] == 0
+    assert Path(report.agent_runs[0]["trace_file"]).is_file()  # the playbook's own run
+    last = stack.rounds()[-1]
+    assert (last["source"], last["drifts"], last["repaired"], last["unrepaired"]) == ("cron", 1, 1, 0)
+    assert last["trace_file"] == report.trace_file
+
+
+def test_serve_recovers_on_the_die_event_without_waiting_for_the_round(stack: Stack) -> None:
+    iid = stack.create("alpha")
+    beat = stack.heartbeat()  # interval 60 s: after the first round, only an event can trigger one
+    stop = threading.Event()
+    loop = threading.Thread(target=beat.run, args=(stop,), daemon=True)
+    loop.start()
+    try:
+        wait_for("the first full round", lambda: len(stack.rounds()) >= 1)
+        stack.kill(iid, wait=False)  # the heartbeat may bring it back before a poll sees it down
+        wait_for("the recovery", lambda: "recovered" in stack.events(iid), timeout=15)
+        assert stack.through_nginx(iid) == 200
+    finally:
+        stop.set()
+        loop.join(timeout=15)
+    assert not loop.is_alive()
+    event_rounds = [r for r in stack.rounds() if r["source"] == "event"]
+    assert event_rounds and event_rounds[0]["repaired"] == 1
+    assert [r["source"] for r in stack.rounds()].count("serve") == 1  # the event did it, not a round
+
+
+def test_a_container_that_crashes_at_every_start_gets_three_recoveries_then_error(stack: Stack) -> None:
+    iid = stack.create("alpha")
+    (Path(stack.row(iid)["storage_path"]) / "crash_at_start").touch()  # the gateway's fault contract
+    stack.kill(iid)
+    clock = Clock()
+    beat = stack.heartbeat(clock=clock)
+
+    first = beat.round("cron")
+    assert [a["tool"] for a in first.actions] == ["instance_start"] and not first.ok
+    assert first.retry_at[iid] == pytest.approx(clock() + 5, abs=2)  # recovery_backoff
+    waiting = beat.round("cron")
+    assert waiting.actions == [] and not waiting.ok  # not in a tight loop
+    clock.advance(5)
+    second = beat.round("cron")
+    assert [a["tool"] for a in second.actions] == ["instance_start"]
+    assert stack.row(iid)["recovery_failures"] == 2
+    clock.advance(10)
+    third = beat.round("cron")
+
+    assert [a["tool"] for a in third.actions] == ["instance_start", "mark_error"]
+    assert third.marked_error == [iid] and not third.ok
+    row = stack.row(iid)
+    assert row["status"] == "error"
+    assert "3 consecutive recoveries did not hold" in row["last_error"]
+    assert "exit code 3" in row["last_error"]
+    assert row["recovery_failures"] == 0  # an operator's start begins a new streak
+    events = stack.events(iid)
+    assert (events.count("start_failed"), events.count("recovery_failed"), events.count("marked_error")) == (
+        3,
+        3,
+        1,
+    )
+    alerts = [json.loads(line) for line in stack.config.alerts.read_text().splitlines()]
+    assert [(a["rule"], a["instance_id"]) for a in alerts] == [("instance_error", iid)]
+    assert stack.through_nginx(iid) != 200 and str(iid) not in stack.proxy.routes()
+
+    clock.advance(3600)
+    after = beat.round("cron")
+    assert after.drifts == [] and after.ok  # left alone until an operator starts it
+    assert stack.events(iid).count("start_failed") == 3
+
+
+def test_a_container_removed_by_hand_is_recreated(stack: Stack) -> None:
+    iid = stack.create("alpha")
+    old = stack.row(iid)["container_id"]
+    stack.engine.remove(old)
+
+    report = stack.heartbeat().round("cron")
+
+    assert [(d.kind, d.instance_id) for d in report.drifts] == [("container_missing", iid)]
+    assert report.repaired == report.drifts
+    row = stack.row(iid)
+    assert row["status"] == "running" and row["container_id"] != old
+    assert row["recovery_failures"] == 1  # counted as a recovery
+    assert stack.events(iid)[-3:] == ["container_recreated", "started", "recovered"]
+    assert stack.through_nginx(iid) == 200
+
+
+def test_an_nginx_map_edited_by_hand_is_repaired(stack: Stack) -> None:
+    alpha, beta = stack.create("alpha"), stack.create("beta")
+    routes = stack.proxy.routes()
+    edited = {str(alpha): routes[str(alpha)], "ghost": 1025}  # beta's line deleted, a stray one added
+    stack.proxy.map_path.write_text(render_map(edited, "edited-by-hand"))
+    os.kill(int((stack.config.home / "nginx" / "nginx.pid").read_text()), signal.SIGHUP)  # nginx -s reload
+    wait_for("nginx to serve the edited map", lambda: stack.through_nginx(beta) != 200)
+
+    report = stack.heartbeat().round("cron")
+
+    assert sorted((d.kind, d.instance_id) for d in report.drifts) == sorted(
+        [("route_missing", beta), ("route_stale", None)]
+    )
+    assert [a["tool"] for a in report.actions] == ["nginx_sync"] and report.ok
+    assert stack.proxy.routes() == {str(alpha): routes[str(alpha)], str(beta): routes[str(beta)]}
+    assert stack.through_nginx(beta) == 200 and stack.through_nginx(alpha) == 200
+    assert stack.events(beta)[-1] == "drift_repaired"
+
+
+class _NeverCalled:
+    name = "never"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def complete(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], max_tokens: int, timeout: float
+    ) -> agent.Completion:
+        self.calls += 1
+        raise AssertionError("a healthy round must not call a model")
+
+
+def test_a_healthy_fleet_costs_one_engine_call_and_no_model_call(stack: Stack) -> None:
+    for name in ("alpha", "beta", "gamma"):
+        stack.create(name)
+    model = _NeverCalled()
+    config = ModelConfig("never", "http://127.0.0.1:9/v1", "never", "NEVER_KEY", output_usd_per_mtok=1.0)
+    limits = agent.Limits.from_config(stack.config, heartbeat=True)
+    chain = agent.Chain([agent.Link(model, config)], agent.MemoryCooldowns(), limits)
+    before = dict(stack.engine.calls)
+
+    report = stack.heartbeat(chain=chain).round("cron")
+
+    assert report.drifts == [] and report.ok
+    assert (model.calls, report.model_calls, report.cost_usd, report.agent_runs) == (0, 0, 0.0, [])
+    assert {k: v - before.get(k, 0) for k, v in stack.engine.calls.items() if v != before.get(k, 0)} == {
+        "list": 1
+    }
+    assert report.engine_calls == 1
+    trace = _trace(report)
+    assert trace["summary"]["model_calls"] == 0 and trace["transcript"] == []
+    assert trace["extra"]["drifts"] == [] and trace["outcome"] == "succeeded"
+    assert stack.rounds()[-1]["drifts"] == 0
+
+
+def test_overlapping_once_and_serve_rounds_do_not_double_act(stack: Stack) -> None:
+    iid = stack.create("alpha")
+    # A round in progress elsewhere holds the lock: --once waits a bounded time, reports skipped, exits 0.
+    with stack.rt.db.pool.connection() as conn:
+        assert stack.rt.db.one("heartbeat_try_lock", conn, key=hb._HEARTBEAT_LOCK)["ok"]  # type: ignore[index]
+        skipped = stack.cli("--format", "json", heartbeat_interval="1")
+        stack.kill(iid)
+        # Now a serve round and a cron round both want the lock while it is held.
+        serve: list[hb.RoundReport] = []
+        waiter = threading.Thread(target=lambda: serve.append(stack.heartbeat().round("serve")))
+        waiter.start()
+        cron = subprocess.Popen(
+            [sys.executable, str(ROOT / "pideploy.py"), "heartbeat", "--once", "--format", "json"],
+            env=stack.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=stack.config.home,  # no operator's pideploy.toml
+        )
+        time.sleep(2)  # let the cron process reach the lock too
+        stack.rt.db.one("heartbeat_unlock", conn, key=hb._HEARTBEAT_LOCK)
+    out, err = cron.communicate(timeout=60)
+    waiter.join(timeout=60)
+
+    assert skipped.returncode == 0, skipped.stderr
+    assert json.loads(skipped.stdout)["skipped"] is True
+    assert cron.returncode == 0, err
+    reports = [serve[0].to_dict(), json.loads(out)]
+    assert sorted(len(r["repaired"]) for r in reports) == [0, 1]  # one acted; the other found nothing
+    assert not any(r["skipped"] for r in reports)
+    events = stack.events(iid)
+    assert (events.count("started"), events.count("recovered")) == (1, 1)
+    assert stack.through_nginx(iid) == 200
+
+
+def test_once_prints_what_it_found_and_exits_1_while_drift_is_left(stack: Stack) -> None:
+    iid = stack.create("alpha")
+    orphan = stack.engine.create(
+        tools.container_spec(stack.rt, {**stack.row(iid), "id": 999_999}, stack.config.image, free_port(), {})
+    )
+    stack.kill(iid)
+
+    first = stack.cli()
+    assert first.returncode == 1, first.stderr  # the orphan is reported, never removed
+    assert "repaired    container_exited" in first.stdout
+    assert "UNREPAIRED  orphan_container" in first.stdout and "reported only" in first.stdout
+    assert "action      instance_start" in first.stdout
+    assert any(c.id == orphan.id for c in stack.containers())
+
+    stack.engine.remove(orphan.id)
+    clean = stack.cli("--format", "json")
+    assert clean.returncode == 0, clean.stderr
+    assert json.loads(clean.stdout)["drifts"] == []
+
+
+# ---------------------------------------------------------------------------
+# the agent path, with the replay model server, and its $0.05 cap
+# ---------------------------------------------------------------------------
+
+
+def _replay_chain(stack: Stack, server: ReplayServer, usd_per_mtok: float) -> agent.Chain:
+    model = ModelConfig(
+        "replay",
+        server.url,
+        "replay-model",
+        "REPLAY_KEY",
+        input_usd_per_mtok=usd_per_mtok,
+        output_usd_per_mtok=usd_per_mtok,
+        api_key="test",
+    )
+    limits = agent.Limits.from_config(stack.config, heartbeat=True)
+    return agent.Chain([agent.Link(agent.OpenAIChat(model), model)], agent.MemoryCooldowns(), limits)
+
+
+START = {
+    "name": "instance_start",
+    "arguments": {"instance_id": "{{task.params.plan.0.arguments.instance_id}}"},
+}
+REPORT = {"name": "report_result", "arguments": {"success": True, "action": "restarted the crashed instance"}}
+
+
+def test_the_agent_repairs_under_the_heartbeat_cost_cap(stack: Stack) -> None:
+    iid = stack.create("alpha")
+    script = {
+        "conversations": [
+            {
+                "match": '"type": "heartbeat"',
+                "turns": [
+                    {"tool_calls": [START], "usage": {"prompt_tokens": 8000, "completion_tokens": 40}},
+                    {"tool_calls": [REPORT], "usage": {"prompt_tokens": 8400, "completion_tokens": 20}},
+                ],
+            }
+        ]
+    }
+    clock = Clock()
+    with ReplayServer(script) as server:
+        stack.kill(iid)
+        cheap = stack.heartbeat(chain=_replay_chain(stack, server, 0.0), clock=clock).round("cron")
+        assert cheap.repaired == cheap.drifts and cheap.ok
+        assert cheap.model_calls == 2 and len(cheap.agent_runs) == 1
+        assert cheap.agent_runs[0]["status"] == "succeeded" and not cheap.agent_runs[0]["playbook"]
+
+        # At $5 per million tokens the model's first turn spends $0.0402; the budget's estimate
+        # for the next call crosses $0.05, so the run stops before it and the plan finishes as
+        # a playbook.
+        clock.advance(stack.config.recovery_backoff)  # past the first recovery's backoff
+        stack.kill(iid)
+        capped = stack.heartbeat(chain=_replay_chain(stack, server, 5.0), clock=clock).round("cron")
+    assert capped.repaired == capped.drifts and capped.ok
+    assert capped.model_calls == 1
+    assert capped.cost_usd == pytest.approx(0.0402) and capped.cost_usd <= stack.config.heartbeat_cost_cap
+    assert [(r["error_class"], r["playbook"]) for r in capped.agent_runs] == [
+        ("cost_cap", False),
+        (None, True),
+    ]
+    assert [a["tool"] for a in capped.actions] == [
+        "instance_start",
+        "instance_start",
+    ]  # the model's, the plan's
+    assert stack.events(iid).count("recovered") == 2
+    assert stack.through_nginx(iid) == 200
+    assert stack.rounds()[-1]["cost_usd"] == pytest.approx(0.0402)
