@@ -300,7 +300,11 @@ class Api:
 
     def list_instances(self, request: Request) -> Response:
         rows = self.db.all("instance_list_for_user", user_id=request.user)
-        return json_response(200, [instance_json(r, self.proxy) for r in rows])
+        events = self.db.all("event_last_per_instance_for_user", user_id=request.user)
+        last = {e["instance_id"]: event_json(e) for e in events}
+        return json_response(
+            200, [{**instance_json(r, self.proxy), "last_event": last.get(r["id"])} for r in rows]
+        )
 
     def create_instance(self, request: Request) -> Response:
         body = self.body(request, ("name", "config"))
@@ -315,9 +319,12 @@ class Api:
         return self.accepted(submitted, instance=instance_json(instance, self.proxy))
 
     def get_instance(self, request: Request, instance_id: str) -> Response:
-        return json_response(
-            200, instance_json(self.owned_instance(request.user, int(instance_id)), self.proxy)
+        row = self.owned_instance(request.user, int(instance_id))
+        events = self.db.all(
+            "event_list_for_instance_user", instance_id=row["id"], user_id=request.user, limit=1
         )
+        body = {**instance_json(row, self.proxy), "last_event": event_json(events[0]) if events else None}
+        return json_response(200, body)
 
     def delete_instance(self, request: Request, instance_id: str) -> Response:
         self.body(request, ())

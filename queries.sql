@@ -244,6 +244,14 @@ LIMIT %(limit)s;
 -- name: event_list_for_instance_user
 SELECT * FROM event WHERE instance_id = %(instance_id)s AND user_id = %(user_id)s ORDER BY id DESC LIMIT %(limit)s;
 
+-- name: event_last_per_instance_for_user
+-- The newest event of each of the user's instances (the dashboard's "last event"), by the event_instance index.
+SELECT last.* FROM instance
+CROSS JOIN LATERAL (
+    SELECT * FROM event WHERE event.instance_id = instance.id ORDER BY event.id DESC LIMIT 1
+) AS last
+WHERE instance.user_id = %(user_id)s;
+
 -- name: metrics_tasks
 SELECT type, status, count(*)::int AS n, coalesce(sum(duration_s), 0)::float8 AS duration_sum,
        count(duration_s)::int AS duration_count, coalesce(sum(cost_usd), 0)::float8 AS cost_usd

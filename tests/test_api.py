@@ -211,6 +211,25 @@ def test_actions_queued_behind_a_create_wait_their_turn(service: Service) -> Non
     assert c.call("GET", f"/api/instances/{created['instance_id']}").body["status"] == "stopped"
 
 
+def test_instances_carry_their_last_event(service: Service) -> None:
+    # The dashboard shows each instance's newest event without a request per row.
+    service.start_workers()
+    c = service.client
+    mine = c.call("POST", "/api/instances", {"name": "evented"}).body
+    theirs = c.call("POST", "/api/instances", {"name": "other"}, user="bob").body
+    assert service.wait_task(mine["task_id"])["status"] == "succeeded"
+    stop = c.call("POST", f"/api/instances/{mine['instance_id']}/stop").body
+    assert service.wait_task(stop["task_id"])["status"] == "succeeded"
+    newest = c.call("GET", f"/api/events?instance={mine['instance_id']}&limit=1").body[0]
+    assert newest["kind"] == "stopped"
+
+    [listed] = c.call("GET", "/api/instances").body
+    assert listed["id"] == mine["instance_id"] and listed["last_event"] == newest
+    assert c.call("GET", f"/api/instances/{mine['instance_id']}").body["last_event"] == newest
+    [bobs] = c.call("GET", "/api/instances", user="bob").body
+    assert bobs["last_event"]["instance_id"] == theirs["instance_id"]
+
+
 # --- duplicates and ownership -------------------------------------------------------
 
 
