@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import getpass
 import json
 import logging
@@ -116,7 +117,11 @@ def doctor_checks(config: Config, online: bool) -> list[Check]:
     def database() -> str:
         with open_database(config) as postgres:
             version = postgres.db.schema_version()
-            where = "embedded cluster in " + str(config.home / "pg") if postgres.embedded else db.redact(config.database_url)
+            where = (
+                "embedded cluster in " + str(config.home / "pg")
+                if postgres.embedded
+                else db.redact(config.database_url)
+            )
         return f"reachable ({where}), schema version {version}"
 
     checks.append(_check("database", database, "set DATABASE_URL, or install PostgreSQL server binaries"))
@@ -125,7 +130,9 @@ def doctor_checks(config: Config, online: bool) -> list[Check]:
         engine = DockerEngine(config.docker_host or None, timeout=10)
         info = engine.version()
         if not engine.image_exists(config.image):
-            raise PiDeployError(f"API {info.get('api_version')} reachable, but image {config.image} is missing")
+            raise PiDeployError(
+                f"API {info.get('api_version')} reachable, but image {config.image} is missing"
+            )
         return f"{info.get('name', 'engine')} {info.get('version', '?')}, API {info.get('api_version')}, image {config.image} present"
 
     checks.append(
@@ -145,13 +152,21 @@ def doctor_checks(config: Config, online: bool) -> list[Check]:
 
     checks.append(_check("nginx", nginx, "install nginx (apt-get install nginx) or set PIDEPLOY_NGINX_*"))
 
-    for label, path in (("data dir", config.home), ("trace dir", config.traces), ("alerts file dir", config.alerts.parent)):
-        checks.append(_check(label, lambda p=path: _writable(p), f"make {path} writable or set PIDEPLOY_HOME"))
+    folders = (
+        ("data dir", config.home),
+        ("trace dir", config.traces),
+        ("alerts file dir", config.alerts.parent),
+    )
+    for label, path in folders:
+        checks.append(
+            _check(label, functools.partial(_writable, path), f"make {path} writable or set PIDEPLOY_HOME")
+        )
 
     for model in config.models:
-        checks.append(_check(f"model {model.name}", lambda m=model: _model_check(m, online), "", required=False))
-        if not checks[-1].ok:
-            checks[-1].fix = f"export {model.api_key_env}=... (the playbook covers tasks meanwhile)"
+        fix = f"export {model.api_key_env}=... (the playbook covers tasks meanwhile)"
+        checks.append(
+            _check(f"model {model.name}", functools.partial(_model_check, model, online), fix, required=False)
+        )
     return checks
 
 
@@ -214,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="piDeploy: a self-healing orchestrator for per-user AI-assistant containers.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser.add_argument("--log-format", choices=("json", "text"), help="log format (default: PIDEPLOY_LOG_FORMAT)")
+    parser.add_argument(
+        "--log-format", choices=("json", "text"), help="log format (default: PIDEPLOY_LOG_FORMAT)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     doctor = sub.add_parser("doctor", help="check everything serve needs, one line each")
@@ -245,7 +262,9 @@ def _add_queue_commands(sub: Any) -> None:
     serve.add_argument("--listen", help="HOST:PORT of the HTTP API (default: PIDEPLOY_LISTEN)")
     serve.add_argument("--no-heartbeat", action="store_true", help="do not run the heartbeat loop")
     # Also accepted after the command (`serve --log-format text`); SUPPRESS keeps the global one otherwise.
-    serve.add_argument("--log-format", choices=("json", "text"), default=argparse.SUPPRESS, help="json or text")
+    serve.add_argument(
+        "--log-format", choices=("json", "text"), default=argparse.SUPPRESS, help="json or text"
+    )
     serve.add_argument(
         "--grace", type=float, help="seconds running tasks get at shutdown (PIDEPLOY_SHUTDOWN_GRACE)"
     )
