@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 MAX_BODY = 64 * 1024
+DRAIN_LIMIT = 1024 * 1024  # an oversize body up to this is read and dropped; past it the connection is closed
 INSTANCE_STATUSES = ("creating", "running", "stopped", "updating", "deleting", "error")
 
 
@@ -479,6 +480,14 @@ class Handler(BaseHTTPRequestHandler):
             raise BadRequest("Content-Length must be a number")
         length = int(raw)
         if length > MAX_BODY:
+            if length <= DRAIN_LIMIT:
+                # Read and drop it, so the client (still sending) gets the 413 rather than a reset.
+                left = length
+                while left > 0:
+                    chunk = self.rfile.read(min(MAX_BODY, left))
+                    if not chunk:
+                        break
+                    left -= len(chunk)
             raise ApiError(413, f"the body is {length} bytes; the limit is {MAX_BODY}")
         return self.rfile.read(length)
 

@@ -300,7 +300,7 @@ def test_kill_9_mid_task_then_a_new_serve_reclaims_it(site: Site) -> None:
 
     site.serve(log="second")
     task = site.wait_task(task_id, timeout=90)
-    assert task["status"] == "succeeded", task
+    assert task["status"] == "succeeded", (task, site.log("second")[-4000:])
     assert task["attempts"] == 2  # one claim by the dead process, one by the new one
     site.check_world(iid)  # exactly one container (no duplicate), the row's, routed
     assert [c.labels[LABEL_INSTANCE] for c in site.containers()] == [str(iid)]  # no orphan
