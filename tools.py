@@ -576,8 +576,11 @@ def _start(rt: Runtime, ctx: ToolContext, row: Row) -> Result:
         routes = sync_routes(rt, ctx)
         return {**public_row(row), "note": "already running", "routed": row["id"] in routes["reachable"]}
     try:
-        if current is None:
-            container = _recreate(rt, ctx, row)  # removed by hand (or never finished): build it again
+        if current is None or (not current.running and row["port"] and not port_is_free(row["port"])):
+            # Removed by hand (or never finished), or its host port was taken while it was down:
+            # build it again, on a new port if need be (and go on with the row as it is now).
+            container = _recreate(rt, ctx, row)
+            row = rt.db.one("instance_get", id=row["id"]) or row
         else:
             container = current
             if current.running:  # running but not answering: restart it
