@@ -606,6 +606,7 @@ def run_task(
     specs = [tools.TOOLS[name].spec() for name in allowed]
     deadline = time.monotonic() + limits.timeout_s
     ctx = tools.ToolContext(trace, task.user_id, task.id, task.instance_id, task.allowed_instances, deadline)
+    trace.extra["world_before"] = tools.snapshot(rt, ctx)  # for `eval record`
     messages: list[dict[str, Any]] = []
     budget, guard = Budget(limits.cost_cap_usd, limits.token_cap, limits.min_output_tokens), LoopGuard()
     say(

@@ -398,6 +398,30 @@ def public_row(row: Row) -> Result:
     }
 
 
+def snapshot(rt: Runtime, ctx: ToolContext) -> Result:
+    """The task's instances as a run starts: public row fields, owner, container state.
+
+    The loop puts it in the trace (`extra.world_before`), so `pideploy.py eval record`
+    can rebuild a run's starting world. Never raises: a failure is written into it.
+    """
+    ids = set(ctx.allowed_instances or ()) | ({ctx.instance_id} if ctx.instance_id is not None else set())
+    instances: list[Result] = []
+    try:
+        for instance_id in sorted(ids):
+            row = rt.db.one("instance_get", id=instance_id)
+            if row is None:
+                instances.append({"instance_id": instance_id, "exists": False})
+                continue
+            container = rt.engine.inspect(row["container_id"]) if row["container_id"] else None
+            state = None
+            if container is not None:
+                state = {"name": container.name, "state": container.state, "exit_code": container.exit_code}
+            instances.append({**public_row(row), "user_id": row["user_id"], "container": state})
+    except PiDeployError as error:
+        return {"instances": instances, "error": error.message}
+    return {"instances": instances}
+
+
 # ---------------------------------------------------------------------------
 # Routes
 # ---------------------------------------------------------------------------
