@@ -855,13 +855,17 @@ class Heartbeat:
 
     # -- serve: rounds every interval, and at once on a `die` event -----------
 
-    def run(self, stop: threading.Event) -> None:
-        """Rounds every `heartbeat_interval` until `stop`; a `die` event triggers a targeted round at once."""
+    def run(self, stop: threading.Event, *, follow_events: bool = True) -> None:
+        """Rounds every `heartbeat_interval` until `stop`; a `die` event triggers a targeted round at once.
+
+        `follow_events=False` leaves only the interval rounds (what a cron-only deployment gets).
+        """
         wake = threading.Event()
         follower = threading.Thread(
             target=self._follow_events, args=(stop, wake), name="heartbeat-events", daemon=True
         )
-        follower.start()
+        if follow_events:
+            follower.start()
 
         def wake_on_stop() -> None:
             stop.wait()
@@ -884,7 +888,10 @@ class Heartbeat:
                     report = self.round("event", only=targeted)
                 else:
                     report = None
-                if report is not None and not report.skipped:
+                if report is not None and report.skipped and report.only:
+                    with self._pending_lock:  # the round holding the lock may have looked too early
+                        self._pending |= set(report.only)
+                elif report is not None:
                     if report.only is None:
                         retries.clear()
                     for iid in report.only or ():
@@ -897,7 +904,8 @@ class Heartbeat:
             wake.clear()
             if self._pending and not stop.is_set():
                 stop.wait(self.debounce)  # let a burst of die events arrive before the targeted round
-        follower.join(timeout=5)
+        if follower.is_alive():
+            follower.join(timeout=5)
 
     def _follow_events(self, stop: threading.Event, wake: threading.Event) -> None:
         """Follow the engine's container events; reconnect with backoff when the stream breaks."""

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -157,9 +159,11 @@ def stack(
     docker_engine: DockerEngine, database: db.Database, database_url: str, tmp_path: Path
 ) -> Iterator[Stack]:
     require_stack("nginx", nginx_binary() is not None, "apt-get install nginx")
+    low = random.randrange(30000, 32500)  # not the default range, which other test runs here use at once
     config = make_config(
         tmp_path,
         namespace=f"hb{uuid.uuid4().hex[:8]}",
+        port_range=f"{low}-{low + 199}",
         agent="off",
         health_timeout=10,
         stop_timeout=2,
@@ -293,6 +297,24 @@ def test_a_container_removed_by_hand_is_recreated(stack: Stack) -> None:
     assert row["recovery_failures"] == 1  # counted as a recovery
     assert stack.events(iid)[-3:] == ["container_recreated", "started", "recovered"]
     assert stack.through_nginx(iid) == 200
+
+
+def test_a_crashed_instance_whose_port_was_taken_meanwhile_moves_to_a_new_port(stack: Stack) -> None:
+    iid = stack.create("alpha")
+    old_port = stack.row(iid)["port"]
+    stack.kill(iid)
+    with socket.socket() as squatter:  # another program took the port while the instance was down
+        squatter.bind(("127.0.0.1", old_port))
+        squatter.listen()
+
+        report = stack.heartbeat().round("cron")
+
+        assert report.repaired == report.drifts and report.ok
+        row = stack.row(iid)
+        assert row["status"] == "running" and row["port"] != old_port
+        assert stack.proxy.routes()[str(iid)] == row["port"]
+        assert stack.through_nginx(iid) == 200
+        assert stack.events(iid)[-4:] == ["port_reserved", "container_recreated", "started", "recovered"]
 
 
 def test_an_nginx_map_edited_by_hand_is_repaired(stack: Stack) -> None:
