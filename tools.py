@@ -241,7 +241,10 @@ def update_lock(config: Config, instance_id: int, ctx: ToolContext, wait: float 
 
 
 def port_is_free(port: int) -> bool:
+    """Whether a server could listen on 127.0.0.1:port now. SO_REUSEADDR, as servers set it:
+    without it, connections of a server that just stopped (TIME_WAIT) make the port look taken."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:

@@ -307,3 +307,31 @@ def test_bash_runs_read_only_commands_and_refuses_the_rest(any_world: World) -> 
         tools.bash(w.rt, w.ctx(), "rm -rf /")
     with pytest.raises(ToolRefused, match="not one of this user's containers"):
         tools.bash(w.rt, w.ctx("mallory"), f"docker logs {tools.container_name(w.rt.config, iid)}")
+
+
+def test_a_port_whose_server_just_stopped_is_free_and_a_listened_one_is_not() -> None:
+    # A stopped gateway leaves its served connections in TIME_WAIT on its port: that port is
+    # free for the next server, so instance_start must not rebuild the container elsewhere.
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert not tools.port_is_free(port)
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = server.accept()
+        accepted.close()  # the server side closes first: its end goes to TIME_WAIT
+        client.close()
+    assert tools.port_is_free(port)
+
+
+def test_stop_then_start_keeps_the_container(any_world: World) -> None:
+    w = any_world
+    iid = w.create("again")["instance_id"]
+    before = w.row(iid)["container_id"]  # type: ignore[index]
+    assert w.through_nginx(iid) == (200, "ok")  # served connections, as in production
+    tools.instance_stop(w.rt, w.ctx(), iid)
+    tools.instance_start(w.rt, w.ctx(), iid)
+    assert w.row(iid)["container_id"] == before  # type: ignore[index]
+    assert "container_recreated" not in w.events(iid)
+    assert w.through_nginx(iid) == (200, "ok")
