@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -172,6 +173,9 @@ def site(pg_home: Path, docker_engine: DockerEngine) -> Iterator[Site]:
         PIDEPLOY_NAMESPACE=f"t{uuid.uuid4().hex[:10]}",
         PIDEPLOY_LISTEN=f"127.0.0.1:{free_port()}",
         PIDEPLOY_NGINX_LISTEN=f"127.0.0.1:{free_port()}",
+        # Own host ports for the containers, below the kernel's ephemeral range and away from the
+        # default 20000-29999 that other tests' engines use at the same time.
+        PIDEPLOY_PORT_RANGE=f"{(base := random.randrange(10_000, 19_900, 100))}-{base + 99}",
         PIDEPLOY_AGENT="off",
         PIDEPLOY_LEASE_SECONDS="3",
         PIDEPLOY_POLL_INTERVAL="0.5",
