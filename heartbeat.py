@@ -709,7 +709,11 @@ class Heartbeat:
     # -- observe -------------------------------------------------------------
 
     def observe(self, only: set[int] | None = None) -> Observation:
-        """One engine list call, two queries, the route map, and probes of the running instances."""
+        """One engine list call, the instance rows, the busy instances, the route map, and probes.
+
+        Only running instances with a running container are probed (only those in `only`, if
+        given); a dead container of a running row is inspected too, for its OOM flag.
+        """
         now = self.clock()
         containers = self.rt.engine.list({LABEL_NAMESPACE: self.config.namespace})
         rows = self.rt.db.all("instance_list_all")

@@ -8,6 +8,8 @@
    seconds here, kills land at random points of it; with the 60 s interval the
    wait for the round grows in proportion and the repair stays the same, so the
    figure for 60 s is printed beside it.
+   The instances of (2) stay running meanwhile, so the interval rounds probe
+   a whole fleet.
 2. One healthy round (no drift, so no model call) with 10, 50 and 200
    instances: its duration and the engine API calls it makes. Sizes above
    REAL_MAX instances use the in-memory engine (HEARTBEAT_BENCH_REAL_MAX=200
@@ -32,10 +34,10 @@ from collections.abc import Callable
 import heartbeat
 import tools
 from bench.queue_bench import _site, _world
+from bench.tools_bench import _ctx
 from config import Config
 from db import Postgres
 from engine import LABEL_NAMESPACE, DockerEngine, Engine, MemoryEngine
-from observability import Trace
 from proxy import MemoryProxy, NginxProxy, Proxy
 
 KILLS = int(os.environ.get("HEARTBEAT_BENCH_KILLS", "10"))
@@ -44,12 +46,6 @@ REAL_MAX = int(os.environ.get("HEARTBEAT_BENCH_REAL_MAX", "50"))
 SIZES = (10, 50, 200)
 ROUNDS = 5
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _ctx(rt: tools.Runtime, user: str | None = "bench") -> tools.ToolContext:
-    trace = Trace(kind="task", task_id=None, task_type="bench", user_id=user, instance_id=None,
-                  prompt_version="bench", model_chain=[], trace_dir=rt.config.traces)  # fmt: skip
-    return tools.ToolContext(trace, user)
 
 
 def _answers(url: str) -> bool:
@@ -132,7 +128,8 @@ def recovery(rt: tools.Runtime, world: str) -> None:
 
     events, event_repairs = kills(True, 60.0)
     rounds, repairs = kills(False, ROUND_INTERVAL)
-    print(f"kill -> answering through nginx again ({world}; {KILLS} kills each):")
+    fleet = len(rt.db.all("instance_list_running"))
+    print(f"kill -> answering through nginx again ({KILLS} kills each; {fleet} instances running):")
     print(f"  bare engine restart, same container (floor)  {_p(floor)}")
     print(f"  serve, on the engine's die event             {_p(events)}")
     print(f"    of which the repair, once the round starts {_p(event_repairs)}")
@@ -142,16 +139,17 @@ def recovery(rt: tools.Runtime, world: str) -> None:
         f"    with the 60 s round: the wait for the round is uniform in [0, 60] s, so "
         f"p50 ~{30 + statistics.median(repairs):.1f} s, max ~{60 + max(repairs):.1f} s"
     )
-    tools.instance_delete(rt, _ctx(rt), iid)
 
 
 def _fill(rt: tools.Runtime, count: int, prefix: str) -> None:
+    # One user each: a create verifies its user's routes through the proxy, and one user owning
+    # all 200 would make filling the fleet quadratic.
     have = len(rt.db.all("instance_list_running"))
     for i in range(have, count):
-        tools.instance_create(rt, _ctx(rt), f"{prefix}{i}")
+        tools.instance_create(rt, _ctx(rt, f"user{i}"), f"{prefix}{i}")
 
 
-def _healthy_round(rt: tools.Runtime, count: int, label: str) -> None:
+def _healthy_round(rt: tools.Runtime, count: int, label: str) -> str:
     _fill(rt, count, "h")
     assert isinstance(rt.engine, DockerEngine | MemoryEngine)  # both count their API calls
     calls = rt.engine.calls
@@ -163,28 +161,27 @@ def _healthy_round(rt: tools.Runtime, count: int, label: str) -> None:
         per_round.append(sum(calls.values()) - before)
         assert not report.drifts and report.model_calls == 0, report.to_dict()
         durations.append(report.duration_s)
-    print(
+    return (
         f"  {count:>4} instances  {label:<7} {_p(durations)}   engine API calls/round: "
         f"{min(per_round)}-{max(per_round)}   model calls: 0"
     )
 
 
 def healthy_rounds(rt: tools.Runtime, world: str) -> None:
-    print(f"one healthy round (no drift, no model call; {ROUNDS} rounds each):")
-    memory = dataclasses.replace(rt, engine=MemoryEngine(), proxy=MemoryProxy())
+    """In-memory sizes first (on an empty instance table, emptied again after), then the real ones."""
     real = isinstance(rt.engine, DockerEngine)
-    for count in SIZES:
-        if real and count <= REAL_MAX:
-            _healthy_round(rt, count, "real")
-    if real:  # the in-memory sizes need an empty instance table
-        for row in rt.db.all("instance_list_all"):
-            tools.instance_delete(rt, _ctx(rt), row["id"])
+    lines: dict[int, str] = {}
+    memory = dataclasses.replace(rt, engine=MemoryEngine(), proxy=MemoryProxy())
     for count in SIZES:
         if not real or count > REAL_MAX:
-            _healthy_round(memory, count, "memory")
+            lines[count] = _healthy_round(memory, count, "memory")
     for row in memory.db.all("instance_list_all"):
-        tools.instance_delete(memory, _ctx(memory), row["id"])
-    print(f"  (real: {world})")
+        tools.instance_delete(memory, _ctx(memory, row["user_id"]), row["id"])
+    for count in SIZES:
+        if real and count <= REAL_MAX:
+            lines[count] = _healthy_round(rt, count, "real")
+    print(f"one healthy round (no drift, no model call; {ROUNDS} rounds each; real: {world}):")
+    print("\n".join(lines[count] for count in SIZES))
 
 
 def main() -> None:
@@ -199,8 +196,8 @@ def main() -> None:
         engine, proxy, world = _world(config)
         rt = tools.Runtime(config, postgres.db, engine, proxy)
         try:
-            recovery(rt, world)
             healthy_rounds(rt, world)
+            recovery(rt, world)  # beside the fleet the healthy rounds left running
         finally:
             _cleanup(engine, proxy, config)
             postgres.close()
