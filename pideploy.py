@@ -578,6 +578,34 @@ def cmd_heartbeat(args: argparse.Namespace, config: Config) -> int:
         return heartbeat.cli(rt, config, once=args.once, fmt=args.format)
 
 
+# ---------------------------------------------------------------------------
+# eval (evals/): `eval record` turns a real run's trace into a draft eval case
+# ---------------------------------------------------------------------------
+
+
+def _add_eval_command(sub: Any) -> None:
+    evals = sub.add_parser("eval", help="the eval dataset (run it with make eval)")
+    actions = evals.add_subparsers(dest="eval_command", metavar="ACTION", required=True)
+    record = actions.add_parser("record", help="turn a run's trace JSON into a draft case in evals/cases/")
+    record.add_argument("trace_file", type=Path, metavar="TRACE_FILE")
+    record.add_argument("--out", type=Path, help="where to write the case (default evals/cases/<id>.json)")
+
+
+PARSER_EXTENSIONS.append(_add_eval_command)
+
+
+@command("eval")
+def cmd_eval(args: argparse.Namespace, config: Config) -> int:
+    from evals.record import RecordError, record
+
+    try:
+        path = record(args.trace_file, args.out)
+    except RecordError as error:
+        raise BadRequest(str(error)) from None
+    print(f"wrote {path}: a draft (needs_review); check its world and expectations, then make eval")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
