@@ -419,11 +419,18 @@ class Chain:
     ) -> None:
         self.links, self.cooldowns, self.limits = list(links), cooldowns, limits
         self.use_playbook, self.sleep = use_playbook, sleep
+        self.unconfigured: list[str] = []
 
     @classmethod
     def from_config(cls, config: Config, cooldowns: Cooldowns, limits: Limits) -> Chain:
-        links = [] if config.agent == "off" else [Link(OpenAIChat(m), m) for m in config.models]
-        return cls(links, cooldowns, limits)
+        models = [] if config.agent == "off" else list(config.models)
+        # A model whose key is not configured would only fail (after retries): leave it out,
+        # and say so in every trace. A keyless local endpoint needs its variable set to anything.
+        chain = cls([Link(OpenAIChat(m), m) for m in models if m.api_key], cooldowns, limits)
+        chain.unconfigured = [
+            f"{m.name}: no API key ({m.api_key_env} unset)" for m in models if not m.api_key
+        ]
+        return chain
 
     @property
     def names(self) -> list[str]:
@@ -433,8 +440,8 @@ class Chain:
         self, task: TaskSpec, messages: list[dict[str, Any]], specs: list[dict[str, Any]], budget: Budget,
         trace: Trace, deadline: float,
     ) -> Completion:  # fmt: skip
-        cooling = self.cooldowns.active()
-        failures: list[str] = []
+        cooling = self.cooldowns.active() if self.links else set()
+        failures: list[str] = list(self.unconfigured)
         for link in self.links:
             if link.model.name in cooling:
                 failures.append(f"{link.model.name}: cooling down")

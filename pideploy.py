@@ -34,11 +34,15 @@ import api
 import config as config_module
 import db
 import gate
+import heartbeat
 import tasks
 import tools
 from config import Config
+from engine import DockerEngine, engine_from_config
 from errors import BadRequest, ConfigError, NotFound, PiDeployError
+from evals.record import RecordError, record
 from observability import setup_logging
+from proxy import proxy_from_config
 
 logger = logging.getLogger("pideploy")
 
@@ -71,9 +75,6 @@ def open_database(config: Config) -> Iterator[db.Postgres]:
 @contextlib.contextmanager
 def open_runtime(config: Config, *, pool_size: int = 10) -> Iterator[tools.Runtime]:
     """Postgres, the engine and the proxy (nginx running), closed in reverse order."""
-    from engine import engine_from_config
-    from proxy import proxy_from_config
-
     with contextlib.ExitStack() as opened:
         postgres = db.Postgres(config, max_size=pool_size)
         opened.callback(postgres.close)
@@ -109,9 +110,6 @@ def _check(name: str, probe: Callable[[], str], fix: str, required: bool = True)
 
 
 def doctor_checks(config: Config, online: bool) -> list[Check]:
-    from engine import DockerEngine
-    from proxy import proxy_from_config
-
     checks: list[Check] = []
 
     def database() -> str:
@@ -241,13 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     gate_cmd = sub.add_parser("gate", help="ask the bash gate whether a command is allowed")
     gate_cmd.add_argument("bash_command", metavar="COMMAND")
 
-    for extend in PARSER_EXTENSIONS:
-        extend(sub)
+    _add_queue_commands(sub)
+    _add_heartbeat_command(sub)
+    _add_eval_command(sub)
     return parser
-
-
-# Other modules' subcommands (serve, submit, heartbeat, eval ...) register here.
-PARSER_EXTENSIONS: list[Callable[[Any], None]] = []
 
 
 # ---------------------------------------------------------------------------
@@ -303,9 +298,6 @@ def _add_queue_commands(sub: Any) -> None:
     cancel.add_argument("task", type=int)
 
 
-PARSER_EXTENSIONS.append(_add_queue_commands)
-
-
 def _listen_address(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     return host.strip("[]"), int(port)
@@ -354,14 +346,9 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
         )
         server = api.make_server(api.Api(config, rt.db, queue, rt.proxy), host, port)
         threads = [threading.Thread(target=server.serve_forever, args=(0.5,), name="http", daemon=True)]
-        heartbeat_class = tasks.heartbeat_module()
-        if heartbeat_class is not None and not args.no_heartbeat:
-            loop = heartbeat_class(rt, config)
+        if not args.no_heartbeat:
+            loop = heartbeat.Heartbeat(rt, config)
             threads.append(threading.Thread(target=loop.run, args=(stop,), name="heartbeat", daemon=True))
-        elif not args.no_heartbeat:
-            logger.warning(
-                "heartbeat.py is not installed: no heartbeat loop", extra={"action": "serve_no_heartbeat"}
-            )
         pool.start()
         for thread in threads:
             thread.start()
@@ -520,7 +507,8 @@ def cmd_instances(args: argparse.Namespace, config: Config) -> int:
             rows = postgres.db.all("instance_list_all")
     columns = [("id", "id"), ("user", "user_id"), ("name", "name"), ("status", "status"), ("port", "port"),
                ("image", "image"), ("error", "last_error")]  # fmt: skip
-    _print_rows([api.instance_json(r) for r in rows], columns, args.format)
+    routes = proxy_from_config(config)  # only for the route URLs: nothing is started
+    _print_rows([api.instance_json(r, routes) for r in rows], columns, args.format)
     return 0
 
 
@@ -567,13 +555,8 @@ def _add_heartbeat_command(sub: Any) -> None:
     beat.add_argument("--format", choices=("text", "json"), default="text", help="output of --once")
 
 
-PARSER_EXTENSIONS.append(_add_heartbeat_command)
-
-
 @command("heartbeat")
 def cmd_heartbeat(args: argparse.Namespace, config: Config) -> int:
-    import heartbeat
-
     with open_runtime(config) as rt:
         return heartbeat.cli(rt, config, once=args.once, fmt=args.format)
 
@@ -591,13 +574,8 @@ def _add_eval_command(sub: Any) -> None:
     record.add_argument("--out", type=Path, help="where to write the case (default evals/cases/<id>.json)")
 
 
-PARSER_EXTENSIONS.append(_add_eval_command)
-
-
 @command("eval")
 def cmd_eval(args: argparse.Namespace, config: Config) -> int:
-    from evals.record import RecordError, record
-
     try:
         path = record(args.trace_file, args.out)
     except RecordError as error:

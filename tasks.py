@@ -32,6 +32,7 @@ import jsonschema
 import psycopg
 
 import agent
+import heartbeat
 import tools
 from config import Config
 from db import Database, Row
@@ -349,14 +350,11 @@ def agent_runner(rt: tools.Runtime, config: Config) -> Runner:
     """The real runner: one chain per worker, the agent loop for each task."""
     limits = agent.Limits.from_config(config)
     chain = agent.Chain.from_config(config, agent.DatabaseCooldowns(rt.db), limits)
-    heartbeat_class = heartbeat_module()
 
     def run(task: Row, cancelled: Cancelled) -> agent.Outcome:
         if task["type"] == "heartbeat":
-            # The heartbeat module (its own issue) does the round; the queue only schedules it.
-            if heartbeat_class is None:
-                raise PiDeployError("heartbeat tasks need heartbeat.py, which this build does not have")
-            report = heartbeat_class(rt, config).round("task")
+            # A heartbeat task is a round like any other; the queue only schedules it.
+            report = heartbeat.Heartbeat(rt, config).round("task")
             left = None if report.ok else f"{len(report.unrepaired)} drift(s) left unrepaired"
             return agent.Outcome(
                 "failed" if left else "succeeded",
@@ -371,15 +369,6 @@ def agent_runner(rt: tools.Runtime, config: Config) -> Runner:
         return agent.run_task(spec_from_row(task), rt, chain, limits, cancelled=cancelled)
 
     return run
-
-
-def heartbeat_module() -> Any:
-    """heartbeat.Heartbeat if that module is present (written in its own issue), else None."""
-    try:
-        import heartbeat  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        return None
-    return heartbeat.Heartbeat
 
 
 # ---------------------------------------------------------------------------

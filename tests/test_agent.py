@@ -6,6 +6,7 @@ happy paths also run on the real stack.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -584,3 +585,18 @@ def test_concurrent_runs_do_not_share_state(memory_world: World, replay: ReplayS
         thread.join(60)
     assert sorted(o.status for o in outcomes) == ["succeeded"] * 3
     assert len({o.trace_file for o in outcomes}) == 3
+
+
+def test_models_without_a_key_are_left_out_and_the_trace_says_so(
+    memory_world: World, replay: ReplayServer
+) -> None:
+    keyless = dataclasses.replace(model(replay, MODEL_A), api_key="")
+    config = dataclasses.replace(memory_world.rt.config, models=(keyless,))
+    limits = agent.Limits()
+    chain = agent.Chain.from_config(config, agent.MemoryCooldowns(), limits)
+    outcome = agent.run_task(
+        agent.TaskSpec("instance_create", "alice", {"name": "nokey"}), memory_world.rt, chain, limits
+    )
+    assert outcome.status == "succeeded" and outcome.playbook
+    assert replay.requests == []  # nothing was tried, so nothing waited on retries
+    assert trace_of(outcome)["extra"]["chain_failures"] == [f"{MODEL_A}: no API key (TEST_KEY unset)"]
