@@ -168,7 +168,12 @@ class Queue:
                         if instance is not None and instance["user_id"] == user_id:
                             return instance, Submitted(existing, False)
                     if self.db.one("instance_by_name", conn, user_id=user_id, name=name) is not None:
-                        raise Conflict(f"an instance named {name!r} already exists", field="name")
+                        # Maybe a twin committed between our two reads: the second pass tells.
+                        raise Conflict(
+                            f"an instance named {name!r} already exists",
+                            field="name",
+                            constraint="instance_user_id_name_key",
+                        )
                     instance = self.db.one(
                         "instance_insert", conn, user_id=user_id, name=name, image=image, config=config or {}
                     )
