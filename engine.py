@@ -41,7 +41,7 @@ from errors import ContainerNotFound, EngineError, ImageNotFound
 if TYPE_CHECKING:
     from config import Config
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 LABEL_INSTANCE = "pideploy.instance"
 LABEL_USER = "pideploy.user"
@@ -341,8 +341,22 @@ class DockerEngine:
             self.api.kill(container_id)
 
     def remove(self, container_id: str) -> None:
-        with self._call("remove", container_id):
-            self.api.remove_container(container_id, force=True)
+        # Podman 4.x sometimes refuses a forced remove of a container it is still stopping
+        # ("could not be stopped", "container state improper"): try again briefly.
+        for attempt in range(3):
+            try:
+                with self._call("remove", container_id):
+                    self.api.remove_container(container_id, force=True)
+                return
+            except ContainerNotFound:
+                raise
+            except EngineError as error:
+                transient = "could not be stopped" in error.message or "state improper" in error.message
+                if not transient or attempt == 2:
+                    raise
+                logger.warning("retrying remove of %s: %s", container_id[:12], error.message,
+                               extra={"action": "engine_remove_retry"})  # fmt: skip
+                time.sleep(0.5 * (attempt + 1))
 
     def rename(self, container_id: str, new_name: str) -> None:
         with self._call("rename", container_id):

@@ -44,7 +44,7 @@ from evals.record import RecordError, record
 from observability import setup_logging
 from proxy import proxy_from_config
 
-logger = logging.getLogger("pideploy")
+logger = logging.getLogger("pideploy")  # run as a script, __name__ would be "__main__"
 
 Command = Callable[[argparse.Namespace, Config], int]
 COMMANDS: dict[str, Command] = {}

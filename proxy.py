@@ -63,7 +63,7 @@ from errors import ProxyError
 if TYPE_CHECKING:
     from config import Config
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 KEY = re.compile(r"[0-9A-Za-z_-]+")
 GENERATION_KEY = ".generation"
@@ -398,7 +398,7 @@ class NginxProxy:
                 _write_atomic(self.map_path, last_good or render_map({}, secrets.token_hex(8)))
                 raise ProxyError(f"nginx rejected the new routes; the last good map is kept: {problem}")
             self._confirm(generation, self._reload())
-        log.info(
+        logger.info(
             "routes applied",
             extra={
                 "action": "proxy_apply",
@@ -466,7 +466,7 @@ class NginxProxy:
             deadline = time.monotonic() + 10
             while self._alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.02)
-            log.info("nginx stopped", extra={"action": "nginx_stop", "pid": pid})
+            logger.info("nginx stopped", extra={"action": "nginx_stop", "pid": pid})
 
     # -- locking, testing, reloading ------------------------------------------
 
@@ -558,7 +558,7 @@ class NginxProxy:
                     return
             elif status == 404 and self.prefix is None:
                 if not self._probe_missing:
-                    log.warning(
+                    logger.warning(
                         "%s%s answers 404: add proxy.SERVER_SNIPPET to the server block to confirm reloads",
                         self.probe_url,
                         GENERATION_PATH,
@@ -622,9 +622,9 @@ class NginxProxy:
                 if problem:
                     raise ProxyError(f"the embedded nginx configuration is invalid: {problem}")
                 self._confirm(generation, self._reload())
-                log.info("nginx reloaded", extra={"action": "nginx_reuse", "pid": pid, "reloaded": True})
+                logger.info("nginx reloaded", extra={"action": "nginx_reuse", "pid": pid, "reloaded": True})
             else:
-                log.info("nginx reused", extra={"action": "nginx_reuse", "pid": pid, "reloaded": False})
+                logger.info("nginx reused", extra={"action": "nginx_reuse", "pid": pid, "reloaded": False})
             return
         self._check_listen_free()
         problem = self._test()
@@ -645,7 +645,7 @@ class NginxProxy:
                 raise ProxyError(f"cannot start nginx: {self.listen} is already in use ({problem})")
             raise ProxyError(problem)
         self._confirm(generation)
-        log.info(
+        logger.info(
             "nginx started", extra={"action": "nginx_start", "pid": self._master_pid(), "listen": self.listen}
         )
 
