@@ -39,6 +39,10 @@ Recovery rules
   if it is no longer running (a stop or an update won the race), which the
   round treats as nothing to do.
 - Orphans (labelled containers with no row) are reported, never removed.
+- The fast path: a round triggered by a `die` event whose only steps are
+  `instance_start` runs the plan as a playbook, with no model call, so a crash
+  is repaired in about half a second whatever the model's latency. Interval
+  and cron rounds (and event rounds with anything else to do) go to the agent.
 
 Overlapping rounds
 ------------------
@@ -666,7 +670,7 @@ class Heartbeat:
             self._write_counters(settle(observation, down, self.config))
             if report.plan:
                 with trace.span("heartbeat.act", **{"pideploy.steps": len(report.plan)}):
-                    self._act(report, report.plan)
+                    self._act(report, report.plan, self._fast_path(source, report.plan))
             if report.drifts:
                 with trace.span("heartbeat.verify"):
                     self._verify(report, rows, ctx)
@@ -738,6 +742,13 @@ class Heartbeat:
         return Observation(now, containers, rows, routes, probes, busy, calls)
 
     # -- act -----------------------------------------------------------------
+
+    def _fast_path(self, source: str, steps: list[Step]) -> agent.Chain | None:
+        """A `die` event whose only repair is to start the container again needs no model:
+        the playbook does it at once (a model's turns would cost seconds of downtime)."""
+        if source == "event" and all(s.tool == "instance_start" for s in steps):
+            return agent.Chain([], self.cooldowns, self.limits)
+        return None
 
     def _act(self, report: RoundReport, steps: list[Step], chain: agent.Chain | None = None) -> None:
         """Hand the drift report and the plan to the agent; the playbook if the model cannot."""

@@ -494,3 +494,16 @@ def test_the_agent_repairs_under_the_heartbeat_cost_cap(stack: Stack) -> None:
     assert stack.events(iid).count("recovered") == 2
     assert stack.through_nginx(iid) == 200
     assert stack.rounds()[-1]["cost_usd"] == pytest.approx(0.0402)
+
+
+def test_a_die_event_round_restarts_without_asking_the_model(stack: Stack) -> None:
+    iid = stack.create("alpha")
+    with ReplayServer({"conversations": []}) as server:  # any model call would be a replay error
+        beat = stack.heartbeat(chain=_replay_chain(stack, server, 5.0), clock=Clock())
+        stack.kill(iid)
+        report = beat.round("event", only={iid})
+        assert server.requests == []
+    assert report.repaired == report.drifts and report.ok
+    assert (report.model_calls, report.cost_usd) == (0, 0.0)
+    assert [r["playbook"] for r in report.agent_runs] == [True]
+    assert stack.through_nginx(iid) == 200
