@@ -82,6 +82,24 @@ class ToolContext:
     allowed_instances: frozenset[int] | None = None  # system runs: only these instances
     deadline: float = field(default_factory=lambda: time.monotonic() + 300)
 
+    @classmethod
+    def direct(
+        cls, trace_dir: Path, user_id: str | None, purpose: str, instance_id: int | None = None, **scope: Any
+    ) -> ToolContext:
+        """A context for calling tools outside an agent run (world building in evals and
+        tests, benchmarks): the same rules, with a trace of its own (written only if asked)."""
+        trace = Trace(
+            kind="task",
+            task_id=None,
+            task_type=purpose,
+            user_id=user_id,
+            instance_id=instance_id,
+            prompt_version="direct",
+            model_chain=[],
+            trace_dir=trace_dir,
+        )
+        return cls(trace, user_id, None, instance_id, **scope)
+
     @property
     def system(self) -> bool:
         return self.user_id is None

@@ -19,20 +19,14 @@ import tools
 from bench.queue_bench import _site, _world
 from db import Postgres
 from engine import LABEL_NAMESPACE, ContainerSpec, Engine
-from observability import Trace
 from proxy import NginxProxy
 
 RUNS = 10
 SYNC_RUNS = 5
 
 
-def _trace(rt: tools.Runtime, user: str | None) -> Trace:
-    return Trace(kind="task", task_id=None, task_type="bench", user_id=user, instance_id=None,
-                 prompt_version="bench", model_chain=[], trace_dir=rt.config.traces)  # fmt: skip
-
-
 def _ctx(rt: tools.Runtime, user: str | None = "bench") -> tools.ToolContext:
-    return tools.ToolContext(_trace(rt, user), user)
+    return tools.ToolContext.direct(rt.config.traces, user, "bench")
 
 
 def _bare(engine: Engine, image: str, port: int, container_port: int, namespace: str) -> float:

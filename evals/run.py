@@ -59,7 +59,6 @@ from config import Config, ModelConfig
 from engine import LABEL_INSTANCE, LABEL_NAMESPACE, DockerEngine, Engine, MemoryEngine
 from errors import PiDeployError
 from evals.llm_server import ReplayServer, validate_script
-from observability import Trace
 from proxy import MemoryProxy, NginxProxy, Proxy
 
 logger = logging.getLogger(__name__)
@@ -490,17 +489,7 @@ class World:
     held: list[socket.socket] = field(default_factory=list)
 
     def ctx(self, user: str | None) -> tools.ToolContext:
-        trace = Trace(
-            kind="task",
-            task_id=None,
-            task_type="eval_world",
-            user_id=user,
-            instance_id=None,
-            prompt_version=agent.PROMPT_VERSION,
-            model_chain=[],
-            trace_dir=self.rt.config.traces,
-        )
-        return tools.ToolContext(trace, user)
+        return tools.ToolContext.direct(self.rt.config.traces, user, "eval_world")
 
     def build(self, spec: dict[str, Any]) -> None:
         for instance in spec.get("instances", []):

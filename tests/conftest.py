@@ -179,7 +179,6 @@ from typing import Any  # noqa: E402
 import tools  # noqa: E402
 from config import Config  # noqa: E402
 from engine import LABEL_NAMESPACE, Engine, MemoryEngine  # noqa: E402
-from observability import Trace  # noqa: E402
 from proxy import MemoryProxy, NginxProxy, Proxy  # noqa: E402
 
 
@@ -191,17 +190,7 @@ class World:
     def ctx(
         self, user: str | None = "alice", instance_id: int | None = None, **kwargs: Any
     ) -> tools.ToolContext:
-        trace = Trace(
-            kind="task",
-            task_id=None,
-            task_type="test",
-            user_id=user,
-            instance_id=instance_id,
-            prompt_version="test",
-            model_chain=[],
-            trace_dir=self.trace_dir,
-        )
-        return tools.ToolContext(trace, user, None, instance_id, **kwargs)
+        return tools.ToolContext.direct(self.trace_dir, user, "test", instance_id, **kwargs)
 
     def row(self, instance_id: int) -> db.Row | None:
         return self.rt.db.one("instance_get", id=instance_id)

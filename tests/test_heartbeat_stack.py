@@ -34,7 +34,6 @@ import tools
 from config import Config, ModelConfig
 from engine import LABEL_NAMESPACE, Container, DockerEngine
 from evals.llm_server import ReplayServer
-from observability import Trace
 from proxy import NginxProxy, proxy_from_config, render_map
 from tests.conftest import ROOT, free_port, make_config, nginx_binary, require_stack
 
@@ -71,17 +70,7 @@ class Stack:
     proxy: NginxProxy
 
     def ctx(self, user: str | None = "alice") -> tools.ToolContext:
-        trace = Trace(
-            kind="task",
-            task_id=None,
-            task_type="test",
-            user_id=user,
-            instance_id=None,
-            prompt_version="test",
-            model_chain=[],
-            trace_dir=self.config.traces,
-        )
-        return tools.ToolContext(trace, user)
+        return tools.ToolContext.direct(self.config.traces, user, "test")
 
     def create(self, name: str) -> int:
         return int(tools.instance_create(self.rt, self.ctx(), name)["instance_id"])

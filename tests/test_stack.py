@@ -9,7 +9,6 @@ and each fault in both forms (environment variable, file in /data).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 import urllib.error
@@ -23,7 +22,7 @@ import docker
 import pytest
 from docker.models.containers import Container
 
-from tests.conftest import ROOT, require_stack
+from tests.conftest import ROOT, free_port, require_stack
 
 pytestmark = pytest.mark.stack
 
@@ -73,13 +72,6 @@ def client(stack_runs: tuple[StackRun, StackRun]) -> Iterator[docker.DockerClien
     engine = docker.DockerClient(base_url=stack_runs[1].exports["DOCKER_HOST"], timeout=30)
     yield engine
     engine.close()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def get(port: int, path: str) -> tuple[int | None, str]:
