@@ -92,6 +92,13 @@ class Database:
 
     def __init__(self, conninfo: str, *, min_size: int = 1, max_size: int = 10) -> None:
         self.conninfo = conninfo
+        # One direct attempt first: an unreachable database is one clear error at once,
+        # instead of the pool's retries and warnings until its timeout.
+        try:
+            psycopg.connect(conninfo, connect_timeout=5).close()
+        except psycopg.Error as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise DatabaseError(f"cannot connect to the database at {redact(conninfo)}: {reason}") from None
         self.pool: ConnectionPool[psycopg.Connection[Row]] = ConnectionPool(
             conninfo,
             connection_class=psycopg.Connection[Row],

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -98,6 +99,12 @@ def check_params(task_type: str, params: object) -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 
 
+def check_user(user_id: str) -> None:
+    """The same rule as the database's CHECK, said in words before anything is written."""
+    if not re.fullmatch(USER_PATTERN, user_id or ""):
+        raise BadRequest(f"invalid user {user_id!r}: 1-128 characters of A-Z a-z 0-9 _ . @ -", field="user")
+
+
 @dataclass(frozen=True)
 class Submitted:
     task: Row
@@ -125,6 +132,7 @@ class Queue:
         conn: psycopg.Connection[Row] | None = None,
     ) -> Submitted:
         """Insert a queued task, or find the unfinished one holding `dedupe_key`."""
+        check_user(user_id)
         if conn is None:
             with self.db.transaction() as own:
                 return self.submit(task_type, user_id, params, instance_id, dedupe_key, own)
@@ -154,6 +162,7 @@ class Queue:
         self, user_id: str, name: str, config: dict[str, Any] | None, image: str, idempotency_key: str | None
     ) -> tuple[Row, Submitted]:
         """The instance row (`creating`) and its instance_create task, in one transaction."""
+        check_user(user_id)
         params: dict[str, Any] = {"name": name}
         if config is not None:
             params["config"] = config

@@ -111,3 +111,8 @@ def test_missing_server_binaries_say_what_to_install(tmp_path: Path, monkeypatch
     monkeypatch.setattr(db, "find_server_bindir", lambda: None)
     with pytest.raises(errors.InfraUnavailable, match="apt-get install postgresql"):
         db.Postgres(make_config(tmp_path))
+
+
+def test_an_unreachable_database_is_one_clear_error_at_once() -> None:
+    with pytest.raises(errors.DatabaseError, match=r"cannot connect to the database at .*Connection refused"):
+        db.Database("postgresql://nobody@127.0.0.1:1/x")

@@ -382,3 +382,14 @@ def test_a_hand_inserted_task_is_worked_by_the_agent_loop(
     assert inst is not None and inst["status"] == "running" and task["instance_id"] == inst["id"]
     assert Path(task["trace_file"]).is_file() and task["turns"] >= 2
     engine.close()
+
+
+def test_an_invalid_user_is_refused_in_words_before_anything_is_written(
+    queue: tasks.Queue, database: Database
+) -> None:
+    with pytest.raises(BadRequest, match="invalid user"):
+        queue.submit("heartbeat", "bad user!")
+    with pytest.raises(BadRequest, match="invalid user"):
+        queue.submit_create("bad user!", "x", None, "img", None)
+    assert database.all("instance_list_all") == []
+    assert sum(int(r["n"]) for r in database.all("metrics_tasks")) == 0
