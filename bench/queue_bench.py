@@ -143,7 +143,7 @@ def latency(database: db.Database, base: config_module.Config) -> None:
     try:
         with ReplayServer(REPLAY_SCRIPT) as replay:
             model = config_module.ModelConfig(
-                name="replay", base_url=replay.url, model="replay", api_key_env="X"
+                name="replay", base_url=replay.url, model="replay", api_key_env="X", api_key="bench"
             )
             config = dataclasses.replace(base, agent="on", models=(model,))
             rt = tools.Runtime(config, database, engine, proxy)
@@ -172,6 +172,8 @@ def latency(database: db.Database, base: config_module.Config) -> None:
                 pickup.append((task["started_at"] - task["created_at"]).total_seconds())
             pool.shutdown(5)
             served = len(replay.requests)
+        if served < 2 * LATENCY_RUNS:  # else the figure would be the playbook's, not the loop's
+            raise RuntimeError(f"the replayed model served {served} calls for {LATENCY_RUNS} queued creates")
         print(f"instance_create latency ({world}; {LATENCY_RUNS} runs each, median [min-max]):")
         print(
             "  'running' = the instance row turns running; 'done' = the call returns / the task is recorded"

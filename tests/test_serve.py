@@ -8,6 +8,7 @@ test that drives the chain through the replay model server.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -29,7 +30,7 @@ from psycopg.rows import dict_row
 
 import db
 from engine import LABEL_INSTANCE, LABEL_NAMESPACE, Container, DockerEngine
-from errors import ContainerNotFound, EngineError
+from errors import ContainerNotFound
 from proxy import NginxProxy
 from tests.conftest import ROOT, free_port, nginx_binary, require_stack
 
@@ -201,17 +202,8 @@ def site(pg_home: Path, docker_engine: DockerEngine) -> Iterator[Site]:
 
 
 def _remove(engine: DockerEngine, container_id: str) -> None:
-    # Podman now and then fails a forced remove of a container it is still stopping: try again.
-    for attempt in range(5):
-        try:
-            engine.remove(container_id)
-            return
-        except ContainerNotFound:
-            return
-        except EngineError:
-            if attempt == 4:
-                raise
-            time.sleep(1)
+    with contextlib.suppress(ContainerNotFound):  # engine.remove retries Podman's transient refusals
+        engine.remove(container_id)
 
 
 # ---------------------------------------------------------------------------

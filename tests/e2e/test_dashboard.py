@@ -250,16 +250,8 @@ def _stop_leftover(pid: int, timeout: float = 30) -> None:
 
 def _remove_containers(engine: DockerEngine) -> None:
     for container in engine.list({LABEL_NAMESPACE: NAMESPACE}):
-        for attempt in range(5):  # Podman now and then refuses a container it is still stopping
-            try:
-                engine.remove(container.id)
-                break
-            except ContainerNotFound:
-                break
-            except EngineError:
-                if attempt == 4:
-                    raise
-                time.sleep(1)
+        with contextlib.suppress(ContainerNotFound):  # engine.remove retries Podman's transient refusals
+            engine.remove(container.id)
 
 
 def clean(engine: DockerEngine) -> None:
