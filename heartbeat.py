@@ -64,8 +64,6 @@ import logging
 import signal
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -109,8 +107,6 @@ MODEL_FAILURES = frozenset(
         "agent_stuck",
     }
 )
-
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 # ---------------------------------------------------------------------------
@@ -503,15 +499,7 @@ class RoundReport:
 
 def probe(port: int, timeout: float) -> Probe:
     """GET http://127.0.0.1:<port>/healthz once."""
-    try:
-        with _NO_PROXY.open(f"http://127.0.0.1:{port}/healthz", timeout=timeout) as response:
-            return Probe(response.status == 200, f"HTTP {response.status}")
-    except urllib.error.HTTPError as error:
-        return Probe(False, f"HTTP {error.code}")
-    except urllib.error.URLError as error:
-        return Probe(False, str(error.reason))
-    except OSError as error:  # a timeout while reading, a reset connection
-        return Probe(False, str(error) or type(error).__name__)
+    return Probe(*tools.healthz(port, timeout))
 
 
 def probe_all(ports: Mapping[int, int], timeout: float, workers: int = 32) -> dict[int, Probe]:

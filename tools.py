@@ -333,6 +333,23 @@ def container_spec(rt: Runtime, row: Row, image: str, port: int, config: Mapping
     )
 
 
+# Loopback probes never go through an HTTP proxy an operator's environment may set.
+_LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def healthz(port: int, timeout: float = 1.0) -> tuple[bool, str]:
+    """One GET http://127.0.0.1:<port>/healthz: (answered 200, what happened)."""
+    try:
+        with _LOOPBACK.open(f"http://127.0.0.1:{port}/healthz", timeout=timeout) as response:
+            return response.status == 200, f"HTTP {response.status}"
+    except urllib.error.HTTPError as error:
+        return False, f"HTTP {error.code}"
+    except urllib.error.URLError as error:
+        return False, str(error.reason)
+    except OSError as error:  # a timeout while reading, a reset connection
+        return False, str(error) or type(error).__name__
+
+
 def wait_healthy(rt: Runtime, ctx: ToolContext, container_id: str, port: int) -> float:
     """GET /healthz until 200, within the bounded wait; fail fast if the container exits."""
     started = time.monotonic()
@@ -341,14 +358,10 @@ def wait_healthy(rt: Runtime, ctx: ToolContext, container_id: str, port: int) ->
     next_state_check = started + 0.5
     with _step(ctx, "health.wait", **{"url.full": url}) as span:
         while True:
-            try:
-                with urllib.request.urlopen(url, timeout=1.0) as response:
-                    if response.status == 200:
-                        waited = time.monotonic() - started
-                        span.set(**{"pideploy.waited_s": round(waited, 3)})
-                        return waited
-            except (urllib.error.URLError, OSError):
-                pass
+            if healthz(port)[0]:
+                waited = time.monotonic() - started
+                span.set(**{"pideploy.waited_s": round(waited, 3)})
+                return waited
             now = time.monotonic()
             if now >= next_state_check:
                 next_state_check = now + 0.5
@@ -656,13 +669,7 @@ def _start(rt: Runtime, ctx: ToolContext, row: Row) -> Result:
 
 
 def _healthy_now(port: int | None) -> bool:
-    if not port:
-        return False
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1.0) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
+    return port is not None and port > 0 and healthz(port)[0]
 
 
 def _recreate(rt: Runtime, ctx: ToolContext, row: Row) -> Container:

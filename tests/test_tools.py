@@ -335,3 +335,16 @@ def test_stop_then_start_keeps_the_container(any_world: World) -> None:
     assert w.row(iid)["container_id"] == before  # type: ignore[index]
     assert "container_recreated" not in w.events(iid)
     assert w.through_nginx(iid) == (200, "ok")
+
+
+def test_a_proxy_in_the_environment_does_not_reach_loopback_checks(
+    memory_world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An operator's HTTP_PROXY (here a dead one) must not carry health checks of 127.0.0.1.
+    for name in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    created = memory_world.create("proxied")
+    assert memory_world.row(created["instance_id"])["status"] == "running"  # type: ignore[index]
+    assert tools.healthz(created["port"]) == (True, "HTTP 200")
