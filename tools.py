@@ -55,6 +55,9 @@ from observability import Span, Trace
 from proxy import Proxy
 
 logger = logging.getLogger(__name__)
+# A connection to an unforwarded loopback port is refused at once; waiting longer only
+# delays the verdict on a forwarded one.
+PORT_PROBE_TIMEOUT = 0.3
 
 _ROUTE_LOCK = 8_700_002  # advisory lock: one read-then-apply of the route map at a time
 _INSTANCE_LOCK_SPACE = 8_700_100  # advisory lock space for per-instance locks
@@ -259,15 +262,36 @@ def update_lock(config: Config, instance_id: int, ctx: ToolContext, wait: float 
 
 
 def port_is_free(port: int) -> bool:
-    """Whether a server could listen on 127.0.0.1:port now. SO_REUSEADDR, as servers set it:
-    without it, connections of a server that just stopped (TIME_WAIT) make the port look taken."""
+    """Whether a new instance could be reached on 127.0.0.1:port: nothing listens there and
+    nothing intercepts it.
+
+    Bind with SO_REUSEADDR, as servers do: without it, connections of a server that just
+    stopped (TIME_WAIT) make the port look taken. Binding is not enough: a rootful Podman (or
+    Docker without its userland proxy) publishes a port with a firewall DNAT rule and holds
+    no socket, so a running container's port, or a rule its engine leaked when it died, binds
+    fine and yet routes elsewhere. An unforwarded port refuses a connection at once; a
+    forwarded one connects, or hangs, or says "no route to host"."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:
             return False
-    return True
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=PORT_PROBE_TIMEOUT):
+            outcome = "a connection was accepted"
+    except ConnectionRefusedError:
+        return True
+    except OSError as error:  # a timeout, EHOSTUNREACH: forwarded to an address nobody has
+        outcome = str(error) or type(error).__name__
+    logger.warning(
+        "port %d binds but is forwarded elsewhere (%s): skipped; a firewall rule the container "
+        "engine left behind would explain it",
+        port,
+        outcome,
+        extra={"action": "port_intercepted", "port": port},
+    )
+    return False
 
 
 def allocate_port(rt: Runtime, ctx: ToolContext, row: Row) -> Row:
@@ -358,7 +382,8 @@ def wait_healthy(rt: Runtime, ctx: ToolContext, container_id: str, port: int) ->
     next_state_check = started + 0.5
     with _step(ctx, "health.wait", **{"url.full": url}) as span:
         while True:
-            if healthz(port)[0]:
+            healthy, last_probe = healthz(port)
+            if healthy:
                 waited = time.monotonic() - started
                 span.set(**{"pideploy.waited_s": round(waited, 3)})
                 return waited
@@ -376,7 +401,8 @@ def wait_healthy(rt: Runtime, ctx: ToolContext, container_id: str, port: int) ->
                     )
             if now >= limit:
                 raise HealthCheckFailed(
-                    f"/healthz did not answer 200 within {rt.config.health_timeout:.0f}s",
+                    f"/healthz did not answer 200 within {rt.config.health_timeout:.0f}s (last probe: {last_probe})",
+                    last_probe=last_probe,
                     logs=_tail_logs(rt, container_id),
                 )
             time.sleep(0.05)

@@ -24,7 +24,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 GATEWAY_SRC=$HERE/gateway
 IMAGE=localhost/pideploy-gateway
 VERSIONS=(v1 v2)
-PACKAGES=(podman runc busybox-static nginx postgresql chromium curl)
+PACKAGES=(podman runc busybox-static nginx postgresql chromium curl nftables)
 
 DOCKER_SOCK=/var/run/docker.sock
 PODMAN_SOCK=$STACK_DIR/podman.sock

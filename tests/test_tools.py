@@ -6,9 +6,15 @@ the real parts (a real nginx to break, a real engine to refuse).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 import socket
+import subprocess
 import threading
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +22,7 @@ import pytest
 import tools
 from errors import ImageNotFound, RolledBack, ToolArgumentError, ToolError, ToolRefused
 from proxy import NginxProxy
-from tests.conftest import World, make_config_like
+from tests.conftest import World, make_config_like, require_stack
 
 pytestmark = pytest.mark.stack
 
@@ -323,6 +329,73 @@ def test_a_port_whose_server_just_stopped_is_free_and_a_listened_one_is_not() ->
         accepted.close()  # the server side closes first: its end goes to TIME_WAIT
         client.close()
     assert tools.port_is_free(port)
+
+
+@contextlib.contextmanager
+def forwarded(port: int, to: str) -> Iterator[None]:
+    """127.0.0.1:port DNATed to `to`, as a rootful Podman publishes a port: a firewall rule, no socket."""
+    require_stack(
+        "nft as root", os.geteuid() == 0 and shutil.which("nft") is not None, "apt-get install nftables"
+    )
+    table = f"pideploy_test_{uuid.uuid4().hex[:8]}"
+
+    def nft(*args: str) -> None:
+        subprocess.run(["nft", *args], check=True, capture_output=True, text=True)
+
+    nft("add", "table", "ip", table)
+    try:
+        nft("add", "chain", "ip", table, "out", "{ type nat hook output priority -100 ; }")
+        nft(
+            "add",
+            "rule",
+            "ip",
+            table,
+            "out",
+            "ip",
+            "daddr",
+            "127.0.0.1",
+            "tcp",
+            "dport",
+            str(port),
+            "dnat",
+            "to",
+            to,
+        )
+        yield
+    finally:
+        nft("delete", "table", "ip", table)
+
+
+def _unused_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_a_port_forwarded_by_a_firewall_rule_is_not_free() -> None:
+    # Nothing listens on the port, so it binds; but a rule routes it to a live server, or
+    # (a rule the engine leaked when its container died) to an address nobody has.
+    port = _unused_port()
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        with forwarded(port, f"127.0.0.1:{server.getsockname()[1]}"):
+            assert not tools.port_is_free(port)
+    with forwarded(port, "10.255.255.1:8080"):
+        assert not tools.port_is_free(port)
+    assert tools.port_is_free(port)
+
+
+def test_create_skips_a_port_a_leaked_firewall_rule_still_forwards(real_world: World) -> None:
+    # Seen in CI: a leaked Podman DNAT rule on the one port allocation picked, and the create
+    # then waited out its health check on "no route to host" and rolled back.
+    w = real_world
+    port = _unused_port()
+    w.rt = tools.Runtime(make_config_like(w, port_range=f"{port}-{port}"), w.rt.db, w.rt.engine, w.rt.proxy)
+    with forwarded(port, "10.255.255.1:8080"), pytest.raises(RolledBack, match="step port"):
+        w.create("leaked")
+    _assert_create_rolled_back(w, "leaked", "port")
+    assert w.create("after")["port"] == port  # the rule gone, the port is usable again
 
 
 def test_stop_then_start_keeps_the_container(any_world: World) -> None:
