@@ -200,6 +200,15 @@ class Site:
                 raise AssertionError(f"task {task_id} still {task['status']} after {timeout:.0f}s:\n{log()}")
             time.sleep(0.2)
 
+    def succeeded(self, task_id: int) -> dict[str, Any]:
+        """The finished task, which must have succeeded; if not, why (its error and trace) and serve's log."""
+        task = self.wait_task(task_id)
+        if task["status"] != "succeeded":
+            trace = HOME / "traces" / (task["trace_file"] or "none")
+            detail = trace.read_text(errors="replace")[-4000:] if trace.is_file() else "(no trace file)"
+            raise AssertionError(f"task {task_id} {task['status']}: {task.get('error')}\n{detail}\n{log()}")
+        return task
+
 
 def log(name: str = "serve", lines: int = 40) -> str:
     path = HOME / f"{name}.log"
@@ -369,6 +378,9 @@ def site() -> Iterator[Site]:
             for name in ("serve", "replay"):
                 if (HOME / f"{name}.log").exists():
                     shutil.copy(HOME / f"{name}.log", ARTIFACTS / f"{name}.log")
+            if (HOME / "traces").is_dir():  # every run's trace, for reading a failure afterwards
+                shutil.rmtree(ARTIFACTS / "traces", ignore_errors=True)
+                shutil.copytree(HOME / "traces", ARTIFACTS / "traces")
             clean(engine)
             site.timings["stop stack"] = round(time.monotonic() - stopped, 3)
             site.timings["total"] = round(time.monotonic() - started, 3)
@@ -506,8 +518,7 @@ def test_the_lifecycle_through_the_api_shows_on_the_page(site: Site, page: Page,
     assert href is not None
     status, body = get(href + "healthz")
     assert (status, body.strip()) == (200, "ok")
-    task = site.wait_task(created["task_id"])
-    assert task["status"] == "succeeded", task
+    site.succeeded(created["task_id"])
     [listed] = [i for i in site.call("GET", "/api/instances")[1] if i["id"] == iid]
     expect(row.get_by_test_id("last-event")).to_have_text(listed["last_event"]["kind"].replace("_", " "))
     task_row = page.locator(f'[data-testid="task"][data-task-id="{created["task_id"]}"]')
@@ -527,7 +538,7 @@ def test_the_lifecycle_through_the_api_shows_on_the_page(site: Site, page: Page,
     expect_status(row, "stopped")
     expect(row.get_by_test_id("url")).to_be_hidden()
     expect(row.get_by_test_id("last-event")).to_have_text("stopped")
-    assert site.wait_task(stop["task_id"])["status"] == "succeeded"
+    site.succeeded(stop["task_id"])
     assert get(href + "healthz")[0] != 200
     steps.done("04-stopped")
 
@@ -645,7 +656,7 @@ def test_a_page_that_stops_refreshing_fails_the_status_check(site: Site, page: P
     assert html.count(POLL_LINE) == 1, "dashboard.html changed: update POLL_LINE"
     broken = html.replace(POLL_LINE, "state.timer = null; // broken on purpose: no next poll")
     created = site.submit("POST", "/api/instances", {"name": "stale"})
-    assert site.wait_task(created["task_id"])["status"] == "succeeded"
+    site.succeeded(created["task_id"])
     iid = created["instance_id"]
 
     page.route(
@@ -656,7 +667,7 @@ def test_a_page_that_stops_refreshing_fails_the_status_check(site: Site, page: P
     row = instance_row(page, iid=iid)
     expect_status(row, "running")  # the first load works ...
     stop = site.submit("POST", f"/api/instances/{iid}/stop")
-    assert site.wait_task(stop["task_id"])["status"] == "succeeded"  # ... and the API says stopped ...
+    site.succeeded(stop["task_id"])  # ... and the API says stopped ...
     with pytest.raises(AssertionError):
         expect_status(row, "stopped", timeout=NOT_REFRESHED_MS)  # ... but the page never shows it
     expect(row.get_by_test_id("status")).to_have_text("running")
