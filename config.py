@@ -102,6 +102,7 @@ class Config:
     nginx_url: str = ""  # empty: http://<nginx_listen>
     trace_dir: Path | None = None
     alerts_file: Path | None = None
+    retention_days: float = 30.0  # traces and heartbeat rounds older than this are pruned; 0: kept
     lock_dir: Path | None = None
     agent: str = "on"  # "off": the deterministic playbook only
     max_turns: int = 12

@@ -17,6 +17,9 @@ One round is four steps, each small and separately testable:
    never trusted) to tell repaired from unrepaired; recovery counters, events,
    a `heartbeat_round` row, alert lines and the round's trace are written.
 
+After a round, at most hourly (and on every `--once`), retention deletes trace
+files and `heartbeat_round` rows older than `retention_days`.
+
 Recovery rules
 --------------
 - `recovery_failures` counts the recoveries of the current streak. A recovery
@@ -75,7 +78,7 @@ from config import Config
 from db import Row
 from engine import LABEL_INSTANCE, LABEL_NAMESPACE, Container
 from errors import PiDeployError
-from observability import Trace, alert
+from observability import Trace, alert, prune_traces
 
 logger = logging.getLogger(__name__)
 
@@ -595,6 +598,7 @@ class Heartbeat:
         self._pending: set[int] = set()  # instances a `die` event asked about
         self._full_round_requested = False
         self._pending_lock = threading.Lock()
+        self._pruned_at: float | None = None  # monotonic time of the last retention pass
 
     # -- one round -----------------------------------------------------------
 
@@ -607,7 +611,34 @@ class Heartbeat:
                     extra={"action": "heartbeat_skipped", "source": source},
                 )
                 return RoundReport(source, self.clock(), skipped=True, only=sorted(only) if only else None)
-            return self._round(source, only)
+            report = self._round(source, only)
+        self._prune_if_due()  # outside the lock: it needs none, and the next round need not wait
+        return report
+
+    def _prune_if_due(self) -> None:
+        """Retention: trace files and heartbeat_round rows older than `retention_days` go.
+
+        At most hourly in one process (a cron `--once` is a new process: every run). A failure
+        is logged and retried next hour: it must never cost a round."""
+        now = time.monotonic()
+        if self.config.retention_days <= 0 or (self._pruned_at is not None and now - self._pruned_at < 3600):
+            return
+        self._pruned_at = now
+        before = self.clock() - self.config.retention_days * 86_400
+        try:
+            traces = prune_traces(self.config.traces, before)
+            rounds = self.rt.db.execute("heartbeat_round_prune", before=datetime.fromtimestamp(before, UTC))
+        except (OSError, PiDeployError) as error:
+            logger.warning("retention pass failed: %s", error, extra={"action": "retention_failed"})
+            return
+        if traces or rounds:
+            logger.info(
+                "retention: removed %d trace file(s) and %d heartbeat round(s) older than %g days",
+                traces,
+                rounds,
+                self.config.retention_days,
+                extra={"action": "retention_pruned", "traces": traces, "rounds": rounds},
+            )
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[bool]:

@@ -51,6 +51,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import sys
 import tempfile
@@ -393,6 +394,31 @@ def _write_atomic(path: Path, data: bytes) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+# Names Trace gives its files (and its temp files): what prune_traces may delete, and nothing else
+# that an operator keeps in the same folder.
+_TRACE_NAME = re.compile(r"^\.?\d{8}T\d{6}-[a-z_]+-[a-z0-9]+-[0-9a-f]{6}\.json(\.[A-Za-z0-9_]+\.tmp)?$")
+
+
+def prune_traces(trace_dir: Path, before: float) -> int:
+    """Delete trace files last written before `before` (epoch seconds); how many went.
+
+    A trace is written when its run ends, so an old file is a finished run's; a task row
+    keeps the name, and the API answers 404 for a trace retention removed."""
+    removed = 0
+    try:
+        entries = list(os.scandir(trace_dir))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if not _TRACE_NAME.match(entry.name) or not entry.is_file(follow_symlinks=False):
+            continue
+        with contextlib.suppress(FileNotFoundError):  # another process pruned it first
+            if entry.stat(follow_symlinks=False).st_mtime < before:
+                os.unlink(entry.path)
+                removed += 1
+    return removed
 
 
 # ---------------------------------------------------------------------------

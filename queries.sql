@@ -288,5 +288,9 @@ INSERT INTO heartbeat_round (started_at, duration_s, drifts, repaired, unrepaire
 VALUES (%(started_at)s, %(duration_s)s, %(drifts)s, %(repaired)s, %(unrepaired)s, %(cost_usd)s, %(source)s,
         %(trace_file)s);
 
+-- name: heartbeat_round_prune
+-- Retention: the rounds' history beyond PIDEPLOY_RETENTION_DAYS (their trace files go too).
+DELETE FROM heartbeat_round WHERE started_at < %(before)s;
+
 -- name: heartbeat_round_recent
 SELECT * FROM heartbeat_round ORDER BY id DESC LIMIT %(limit)s;

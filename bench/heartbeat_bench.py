@@ -11,9 +11,11 @@
    The instances of (2) stay running meanwhile, so the interval rounds probe
    a whole fleet.
 2. One healthy round (no drift, so no model call) with 10, 50 and 200
-   instances: its duration and the engine API calls it makes. Sizes above
-   REAL_MAX instances use the in-memory engine (HEARTBEAT_BENCH_REAL_MAX=200
-   for all on the real engine).
+   instances: its duration, the engine API calls it makes and the size of its
+   trace file. Sizes above REAL_MAX instances use the in-memory engine
+   (HEARTBEAT_BENCH_REAL_MAX=200 for all on the real engine).
+3. Retention: what 30 days of one round a minute leave on disk, and one
+   retention pass over that many trace files (nothing old; all of them old).
 
 Knobs: HEARTBEAT_BENCH_KILLS (10), HEARTBEAT_BENCH_INTERVAL (4 s), HEARTBEAT_BENCH_REAL_MAX (50).
 """
@@ -25,11 +27,13 @@ import os
 import random
 import signal
 import statistics
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 import heartbeat
 import tools
@@ -38,12 +42,14 @@ from bench.tools_bench import _ctx
 from config import Config
 from db import Postgres
 from engine import LABEL_NAMESPACE, DockerEngine, Engine, MemoryEngine
+from observability import prune_traces
 from proxy import MemoryProxy, NginxProxy, Proxy
 
 KILLS = int(os.environ.get("HEARTBEAT_BENCH_KILLS", "10"))
 ROUND_INTERVAL = float(os.environ.get("HEARTBEAT_BENCH_INTERVAL", "4"))
 REAL_MAX = int(os.environ.get("HEARTBEAT_BENCH_REAL_MAX", "50"))
 SIZES = (10, 50, 200)
+TRACE_BYTES: dict[int, int] = {}  # instances -> bytes of a healthy round's trace
 ROUNDS = 5
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -154,17 +160,41 @@ def _healthy_round(rt: tools.Runtime, count: int, label: str) -> str:
     assert isinstance(rt.engine, DockerEngine | MemoryEngine)  # both count their API calls
     calls = rt.engine.calls
     beat = heartbeat.Heartbeat(rt, rt.config)
-    durations, per_round = [], []
+    durations, per_round, sizes = [], [], []
     for _ in range(ROUNDS):
         before = sum(calls.values())
         report = beat.round("bench")
         per_round.append(sum(calls.values()) - before)
         assert not report.drifts and report.model_calls == 0, report.to_dict()
+        assert report.trace_file is not None
         durations.append(report.duration_s)
+        sizes.append(os.path.getsize(report.trace_file))
+    TRACE_BYTES[count] = max(sizes)
     return (
         f"  {count:>4} instances  {label:<7} {_p(durations)}   engine API calls/round: "
-        f"{min(per_round)}-{max(per_round)}   model calls: 0"
+        f"{min(per_round)}-{max(per_round)}   model calls: 0   trace: {max(sizes) / 1024:.1f} KiB"
     )
+
+
+def retention(days: int = 30) -> None:
+    files = days * 24 * 60  # one heartbeat round a minute
+    print(f"retention: {days} days of one round a minute = {files} trace files")
+    for count, size in sorted(TRACE_BYTES.items()):
+        print(f"  {count:>4} instances: {files * size / 2**20:,.0f} MiB of healthy-round traces kept")
+    with tempfile.TemporaryDirectory() as folder:
+        traces = Path(folder)
+        now = time.time()
+        for i in range(files):
+            path = traces / f"20260101T{i:06d}-heartbeat-none-{i:06x}.json"
+            path.write_bytes(b"{}")
+            os.utime(path, (now - 3600, now - 3600))
+        started = time.monotonic()
+        assert prune_traces(traces, before=now - 86_400) == 0
+        scan = time.monotonic() - started
+        started = time.monotonic()
+        assert prune_traces(traces, before=now) == files
+        delete = time.monotonic() - started
+    print(f"  one retention pass: {scan:.3f} s when nothing is old, {delete:.3f} s deleting all {files}")
 
 
 def healthy_rounds(rt: tools.Runtime, world: str) -> None:
@@ -198,6 +228,7 @@ def main() -> None:
         try:
             healthy_rounds(rt, world)
             recovery(rt, world)  # beside the fleet the healthy rounds left running
+            retention()
         finally:
             _cleanup(engine, proxy, config)
             postgres.close()

@@ -43,6 +43,7 @@ def test_config_is_frozen(tmp_path: Path) -> None:
     [
         ({"PIDEPLOY_WORKERS": "many"}, "workers", "expected int"),
         ({"PIDEPLOY_WORKERS": "0"}, "workers", "at least 1"),
+        ({"PIDEPLOY_RETENTION_DAYS": "-1"}, "retention_days", "must be >= 0"),
         ({"PIDEPLOY_RUN_COST_CAP": "-1"}, "run_cost_cap", ">= 0"),
         ({"PIDEPLOY_AGENT": "maybe"}, "agent", "one of on, off"),
         ({"PIDEPLOY_LISTEN": "8700"}, "listen", "HOST:PORT"),

@@ -8,6 +8,7 @@ injected clock, so no test waits for it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -22,6 +23,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -414,6 +416,55 @@ def test_once_prints_what_it_found_and_exits_1_while_drift_is_left(stack: Stack)
     clean = stack.cli("--format", "json")
     assert clean.returncode == 0, clean.stderr
     assert json.loads(clean.stdout)["drifts"] == []
+
+
+def _old_file(path: Path, age_days: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("{}")
+    then = time.time() - age_days * 86_400
+    os.utime(path, (then, then))
+    return path
+
+
+def test_retention_prunes_old_traces_and_rounds_at_most_hourly(stack: Stack) -> None:
+    config = dataclasses.replace(stack.config, retention_days=1)
+    traces = config.traces
+    old_trace = _old_file(traces / "20200101T000000-task-7-abcdef.json", 3)
+    old_temp = _old_file(traces / ".20200101T000000-task-8-abcdef.json.k2j4_x9a.tmp", 3)
+    fresh_trace = _old_file(traces / "20200101T000000-heartbeat-none-123456.json", 0.5)
+    operators_file = _old_file(traces / "README.txt", 3)  # not a trace: never touched
+    marker = str(traces / "old-round-marker.json")
+    stack.rt.db.execute(
+        "heartbeat_round_insert",
+        started_at=datetime.fromtimestamp(time.time() - 3 * 86_400, UTC),
+        duration_s=0.1,
+        drifts=0,
+        repaired=0,
+        unrepaired=0,
+        cost_usd=0.0,
+        source="cron",
+        trace_file=marker,
+    )
+
+    beat = hb.Heartbeat(stack.rt, config)
+    report = beat.round("cron")
+    assert report.trace_file is not None
+    assert not old_trace.exists() and not old_temp.exists()
+    assert fresh_trace.exists() and operators_file.exists() and Path(report.trace_file).exists()
+    kept = [r["trace_file"] for r in stack.rounds()]
+    assert marker not in kept and report.trace_file in kept
+
+    # The same process prunes again only an hour later; a new one (cron's --once) at once.
+    again = _old_file(traces / "20200101T000000-task-9-abcdef.json", 3)
+    beat.round("serve")
+    assert again.exists()
+    hb.Heartbeat(stack.rt, config).round("cron")
+    assert not again.exists()
+
+    # 0 keeps everything.
+    forever = _old_file(traces / "20200101T000000-task-10-abcdef.json", 3000)
+    hb.Heartbeat(stack.rt, dataclasses.replace(config, retention_days=0)).round("cron")
+    assert forever.exists()
 
 
 # ---------------------------------------------------------------------------

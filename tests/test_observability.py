@@ -4,6 +4,7 @@ import io
 import json
 import logging
 import multiprocessing
+import os
 import re
 import threading
 from collections.abc import Iterator
@@ -513,3 +514,23 @@ def test_span_attributes_may_come_from_a_dict_and_parent_must_be_a_span(tmp_path
     assert span.attributes == attributes
     with pytest.raises(TypeError), trace.span("x", parent="root"):
         pass
+
+
+def test_prune_traces_deletes_old_trace_files_only(tmp_path: Path) -> None:
+    def file(name: str, age_s: float) -> Path:
+        path = tmp_path / name
+        path.write_text("{}")
+        os.utime(path, (1_000_000 - age_s, 1_000_000 - age_s))
+        return path
+
+    old = file("20261101T000000-task-12-0a1b2c.json", 100)
+    old_round = file("20261101T000000-heartbeat-none-0a1b2c.json", 100)
+    half_written = file(".20261101T000000-task-13-0a1b2c.json.abc_123.tmp", 100)
+    young = file("20261101T000000-task-14-0a1b2c.json", 10)
+    foreign = [file(name, 100) for name in ("notes.json", "20261101T000000-task-15-0a1b2c.json.bak", "x.tmp")]
+    (tmp_path / "20261101T000000-task-16-0a1b2c.json").mkdir()  # not a file
+
+    assert observability.prune_traces(tmp_path, before=1_000_000 - 50) == 3
+    assert not old.exists() and not old_round.exists() and not half_written.exists()
+    assert young.exists() and all(f.exists() for f in foreign)
+    assert observability.prune_traces(tmp_path / "missing", before=2_000_000) == 0
