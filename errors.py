@@ -108,6 +108,10 @@ class ToolRefused(ToolError):
     error_class = "tool_refused"
 
 
+class SandboxFailed(ToolError):
+    """The kernel has Landlock but the bash gate's sandbox could not be set up: nothing ran."""
+
+
 class HealthCheckFailed(ToolError):
     """An instance did not answer its health check within the bounded wait."""
 

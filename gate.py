@@ -31,8 +31,9 @@ Policy decisions:
   symlinks), lie under a read root: those passed in plus DEFAULT_READ_ROOTS.
   Relative paths are refused (`run()` works in `/`), and programs that would
   default to the working directory (`ls`, `du`, `grep -r`) need a path.
-  A symlink swapped in between check and run is not caught; the roots are
-  piDeploy's own directories.
+  That check reads the paths before the command runs, so a symlink swapped in
+  between (an instance can write its own storage folder) would get past it:
+  run() therefore also starts the command inside a kernel sandbox (below).
 - Only ASCII printable text, tabs and newlines, at most MAX_COMMAND_CHARS.
 - Options are allowlisted per program too (unknown option: refused), so a
   follow flag, an output file or a file-reading option is never let through
@@ -41,11 +42,26 @@ Policy decisions:
   environments) is refused; curl may not use --unix-socket (the engine socket
   would expose every container), -L (a redirect leaves loopback), `@file`
   header or write-out values, or the Docker Engine TCP ports 2375/2376.
+
+The sandbox, a second line that does not depend on the parser: the command is
+started from a short-lived thread that first restricts itself with Landlock
+(Linux 5.13+) and drops every capability but the two that let root read files
+it does not own. The kernel then checks each open, after symlinks, against the
+read roots plus the system files programs need to start (SANDBOX_SYSTEM_PATHS,
+never /etc as a whole); nothing may be written, created, removed or renamed
+anywhere, and Landlock also keeps the command out of other processes' memory
+and environment under /proc. Sockets are not covered: the engine, nginx and
+loopback HTTP stay reachable, which is what the allowlist above is for. On a
+kernel without Landlock, run() logs a warning once (`gate_sandbox_unavailable`)
+and relies on check() alone; `sandbox_status()` says which (see `doctor`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import logging
 import os
 import re
 import selectors
@@ -53,6 +69,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,7 +78,7 @@ from typing import Any
 
 import bashlex
 
-from errors import ToolRefused
+from errors import SandboxFailed, ToolRefused
 
 MAX_COMMAND_CHARS = 2000
 MAX_COMMANDS = 8
@@ -119,7 +136,8 @@ def _roots(read_roots: Sequence[Path]) -> tuple[Path, ...]:
 _PRINTABLE = re.compile(r"[\x20-\x7e\t\n]*")
 
 
-def _check(command: str, roots: tuple[Path, ...]) -> None:
+def _check(command: str, roots: tuple[Path, ...]) -> list[list[str]]:
+    """The simple commands, as word lists; raises _Refused."""
     if len(command) > MAX_COMMAND_CHARS:
         raise _Refused(f"command too long ({len(command)} > {MAX_COMMAND_CHARS} characters)")
     if not _PRINTABLE.fullmatch(command):
@@ -141,8 +159,13 @@ def _check(command: str, roots: tuple[Path, ...]) -> None:
     walker.check_coverage()
     if len(walker.commands) > MAX_COMMANDS:
         raise _Refused(f"too many commands ({len(walker.commands)} > {MAX_COMMANDS})")
+    if len(walker.commands) > 1 and any(words[0] == "nginx" for words in walker.commands):
+        # nginx -t opens nginx's pid and log files, so its sandbox lets it write those: no
+        # other program may share that run.
+        raise _Refused("nginx must run on its own, not in a pipeline or sequence")
     for words in walker.commands:
         _check_simple(words, roots)
+    return walker.commands
 
 
 _COMPOUND_REASONS = {
@@ -1080,21 +1103,20 @@ def run(
     The child works in `/` with `env` (default: PATH and LC_ALL=C only, so none of piDeploy's
     secrets), minus variables that make bash run code first (BASH_ENV, BASH_FUNC_*, LD_*).
     A timeout <= 0 (no time left) returns timed_out=True without starting anything."""
-    verdict = check(command, read_roots)
-    if not verdict.allowed:
-        raise ToolRefused(verdict.reason, command=command)
+    roots = _roots(read_roots)
+    try:
+        commands = _check(command, roots)
+    except _Refused as refused:
+        raise ToolRefused(refused.reason, command=command) from None
     started = time.monotonic()
     if timeout <= 0:
         return BashResult(None, "", "", False, True, 0.0)
     deadline = started + timeout
-    with subprocess.Popen(
+    with _start_sandboxed(
         [_BASH, "--noprofile", "--norc", "-f", "-c", command],  # -f: no globbing, a second line
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        roots,
         env=_child_env(env),
-        cwd="/",
-        start_new_session=True,
+        nginx_files=commands[0][0] == "nginx",  # then it is the only command
     ) as proc:
         try:
             (out, err, truncated), timed_out = _read_capped(proc, deadline, output_cap)
@@ -1115,6 +1137,208 @@ def run(
         timed_out=timed_out,
         duration_s=round(time.monotonic() - started, 3),
     )
+
+
+# ---------------------------------------------------------------------------
+# the sandbox
+# ---------------------------------------------------------------------------
+
+logger = logging.getLogger(__name__)
+
+# What any allowed program needs to start and do its job, beside the read roots: binaries and
+# libraries (read and execute), the few /etc files libc and ps read (never /etc itself: it holds
+# /etc/shadow and secrets of other services), /proc for ps (Landlock denies what belongs to
+# processes outside the sandbox: environ, mem, fd, root), the journal for journalctl.
+SANDBOX_SYSTEM_PATHS: tuple[str, ...] = (
+    *("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32"),
+    *("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime", "/etc/timezone"),
+    *("/etc/passwd", "/etc/group", "/etc/nsswitch.conf", "/etc/hosts", "/etc/host.conf"),
+    *("/etc/resolv.conf", "/etc/gai.conf", "/etc/services", "/etc/protocols"),
+    *("/proc", "/sys/devices/system/cpu", "/run/utmp", "/var/log/journal", "/run/log/journal"),
+    *("/etc/machine-id", "/dev/null", "/dev/zero", "/dev/urandom"),
+)
+
+# Only for a command that is nginx alone (-t reads the whole configuration, TLS keys included,
+# and opens its pid and error log files for writing, creating them in /var/log/nginx only).
+_NGINX_READ_PATHS = ("/etc/nginx", "/etc/ssl", "/etc/letsencrypt", "/var/lib/nginx", "/usr/share/nginx")
+_NGINX_WRITE_PATHS = ("/run/nginx.pid", "/var/log/nginx")
+
+# <linux/landlock.h>, <linux/prctl.h>, <linux/capability.h>. The syscall numbers are the same
+# on every architecture (they were added after the tables were unified).
+_SYS_LANDLOCK_CREATE_RULESET, _SYS_LANDLOCK_ADD_RULE, _SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
+_LANDLOCK_CREATE_RULESET_VERSION = 1
+_LANDLOCK_RULE_PATH_BENEATH = 1
+_FS_EXECUTE, _FS_WRITE_FILE, _FS_READ_FILE, _FS_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+_FS_MAKE_REG, _FS_TRUNCATE, _FS_IOCTL_DEV = 1 << 8, 1 << 14, 1 << 15
+_FS_FILE_RIGHTS = _FS_EXECUTE | _FS_WRITE_FILE | _FS_READ_FILE | _FS_TRUNCATE | _FS_IOCTL_DEV
+_LANDLOCK_SCOPE_SIGNAL = 1 << 1  # no signal to a process outside the sandbox (kill, ABI 6)
+_PR_SET_NO_NEW_PRIVS, _PR_CAPBSET_DROP = 38, 24
+_CAP_SETPCAP = 8
+# Root reads files an instance wrote under its own uid only through these two
+# (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH); nginx -t, as root, also hands its temp
+# folders to its worker user (CAP_CHOWN, CAP_FOWNER).
+_CAPS_KEPT = frozenset({1, 2})
+_CAPS_KEPT_FOR_NGINX = _CAPS_KEPT | {0, 3}
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [
+        ("handled_access_fs", ctypes.c_uint64),
+        ("handled_access_net", ctypes.c_uint64),  # ABI 4; 0: TCP is left to the allowlist
+        ("scoped", ctypes.c_uint64),  # ABI 6
+    ]
+
+
+class _PathBeneathAttr(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_warned_unsandboxed = False
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version; 0 when it has none (or it is disabled at boot)."""
+    version = _libc.syscall(
+        ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET),
+        None,
+        ctypes.c_long(0),
+        ctypes.c_long(_LANDLOCK_CREATE_RULESET_VERSION),
+    )
+    return max(int(version), 0)
+
+
+def sandbox_status() -> str:
+    abi = landlock_abi()
+    if abi:
+        return f"Landlock ABI {abi}: commands read only the read roots and write nothing"
+    return "no Landlock in this kernel (Linux 5.13+ needed): the command check alone guards bash"
+
+
+def _handled_rights(abi: int) -> int:
+    rights = (1 << 13) - 1  # ABI 1: execute .. make_sym
+    if abi >= 2:
+        rights |= 1 << 13  # refer: linking or renaming across folders
+    if abi >= 3:
+        rights |= _FS_TRUNCATE
+    if abi >= 5:
+        rights |= _FS_IOCTL_DEV
+    return rights
+
+
+def _syscall(name: str, number: int, *args: Any) -> int:
+    """syscall(2), or SandboxFailed. Integers go as C longs: syscall() is variadic."""
+    wide = [ctypes.c_long(a) if isinstance(a, int) else a for a in args]
+    result = int(_libc.syscall(ctypes.c_long(number), *wide))
+    if result < 0:
+        code = ctypes.get_errno()
+        raise SandboxFailed(f"bash sandbox: {name} failed: {os.strerror(code)}", call=name, errno=code)
+    return result
+
+
+def _prctl(name: str, option: int, value: int) -> None:
+    zero = ctypes.c_ulong(0)
+    if _libc.prctl(ctypes.c_int(option), ctypes.c_ulong(value), zero, zero, zero) != 0:
+        code = ctypes.get_errno()
+        raise SandboxFailed(f"bash sandbox: {name} failed: {os.strerror(code)}", call=name, errno=code)
+
+
+def _enter_sandbox(roots: tuple[Path, ...], abi: int, *, nginx_files: bool) -> None:
+    """Restrict the CALLING THREAD (and what it starts) for good: call it on a throwaway thread.
+    nginx_files: also what `nginx -t` opens (see _NGINX_READ_PATHS); in the read roots (piDeploy's
+    own nginx keeps its pid and logs there) only files that exist, and only to write in place."""
+    handled = _handled_rights(abi)
+    scoped = _LANDLOCK_SCOPE_SIGNAL if abi >= 6 else 0
+    attr = _RulesetAttr(handled, 0, scoped)
+    size = ctypes.sizeof(attr) if abi >= 6 else ctypes.sizeof(ctypes.c_uint64)  # older ABIs: fs only
+    ruleset = _syscall("landlock_create_ruleset", _SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), size, 0)
+    try:
+        grants = [(Path(p), _FS_READ_FILE | _FS_READ_DIR | _FS_EXECUTE) for p in SANDBOX_SYSTEM_PATHS]
+        grants += [(root, _FS_READ_FILE | _FS_READ_DIR) for root in roots]
+        grants += [(Path("/dev/null"), _FS_WRITE_FILE)]
+        if nginx_files:
+            grants += [(Path(p), _FS_READ_FILE | _FS_READ_DIR) for p in _NGINX_READ_PATHS]
+            grants += [(Path(p), _FS_WRITE_FILE | _FS_MAKE_REG) for p in _NGINX_WRITE_PATHS]
+            grants += [(root, _FS_WRITE_FILE) for root in roots if root.is_dir()]  # not /etc/os-release
+        for path, rights in grants:
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # not on this system (/lib64 on arm64, no journal, ...)
+            try:
+                if not os.path.isdir(f"/proc/self/fd/{fd}"):
+                    rights &= _FS_FILE_RIGHTS  # a rule on a file may only name file rights
+                rule = _PathBeneathAttr(rights & handled, fd)
+                _syscall(
+                    "landlock_add_rule",
+                    _SYS_LANDLOCK_ADD_RULE,
+                    *(ruleset, _LANDLOCK_RULE_PATH_BENEATH, ctypes.byref(rule), 0),
+                )
+            finally:
+                os.close(fd)
+        _drop_capabilities(_CAPS_KEPT_FOR_NGINX if nginx_files else _CAPS_KEPT)
+        _prctl("prctl(PR_SET_NO_NEW_PRIVS)", _PR_SET_NO_NEW_PRIVS, 1)
+        _syscall("landlock_restrict_self", _SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0)
+    finally:
+        os.close(ruleset)
+
+
+def _drop_capabilities(kept: frozenset[int]) -> None:
+    """Shrink this thread's bounding set, so what it starts keeps only `kept` (not
+    CAP_SYS_RAWIO, which would open /proc/kcore, nor CAP_SYSLOG, CAP_SYS_ADMIN ...).
+    Without CAP_SETPCAP there is nothing to drop: piDeploy does not run as root."""
+    last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    for cap in sorted(set(range(last + 1)) - kept, key=lambda c: c == _CAP_SETPCAP):
+        try:
+            _prctl(f"prctl(PR_CAPBSET_DROP, {cap})", _PR_CAPBSET_DROP, cap)
+        except SandboxFailed as failed:
+            if failed.data["errno"] == errno.EPERM:
+                return
+            raise
+
+
+def _start_sandboxed(
+    argv: list[str], roots: tuple[Path, ...], env: dict[str, str], *, nginx_files: bool = False
+) -> subprocess.Popen[bytes]:
+    """Start argv in a new process group, stdin from /dev/null, stdout/stderr piped, cwd `/`,
+    inside the sandbox when the kernel has one. The restriction is taken by a thread that exists
+    only to start the child: Landlock and the bounding set are per thread, so the rest of
+    piDeploy stays unrestricted."""
+    global _warned_unsandboxed
+    abi = landlock_abi()
+    if not abi and not _warned_unsandboxed:
+        _warned_unsandboxed = True
+        logger.warning(
+            "no Landlock in this kernel: bash commands are guarded by the command check alone",
+            extra={"action": "gate_sandbox_unavailable"},
+        )
+    outcome: list[subprocess.Popen[bytes] | BaseException] = []
+
+    def start() -> None:
+        try:
+            if abi:
+                _enter_sandbox(roots, abi, nginx_files=nginx_files)
+            outcome.append(
+                subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    env=env,
+                    cwd="/",
+                    start_new_session=True,
+                )
+            )
+        except BaseException as exc:  # handed to the caller's thread, raised there
+            outcome.append(exc)
+
+    starter = threading.Thread(target=start, name="gate-sandbox", daemon=True)
+    starter.start()
+    starter.join()
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
 
 
 def _read_capped(

@@ -965,7 +965,9 @@ def bash(rt: Runtime, ctx: ToolContext, command: str) -> Result:
     if not ctx.system:
         _refuse_foreign_containers(rt, ctx, command)
     roots = read_roots(rt, ctx)
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
+    # DOCKER_CONFIG: the CLI's own config holds registry credentials, which the gate's sandbox
+    # does not let it read; pointing it at no folder keeps the CLI from warning about that.
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "DOCKER_CONFIG": "/nonexistent"}
     if rt.config.docker_host or os.environ.get("DOCKER_HOST"):
         env["DOCKER_HOST"] = rt.config.docker_host or os.environ["DOCKER_HOST"]
     with _step(ctx, "bash.run"):
@@ -1128,7 +1130,8 @@ TOOLS: dict[str, Tool] = {
         Tool(
             "bash",
             "Read-only diagnostics through a gate: docker ps/inspect/logs, curl to loopback, ss, df, "
-            "cat of piDeploy's own files, nginx -t. Anything that could change the machine is refused.",
+            "cat of piDeploy's own files, nginx -t (on its own). Anything that could change the machine "
+            "is refused, and commands run in a sandbox that reads only those files and writes nothing.",
             _schema({"command": {"type": "string", "minLength": 1, "maxLength": 2000}}, ["command"]),
             bash,
             mutates=False,

@@ -9,15 +9,17 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 import gate
-from errors import ToolRefused
+from errors import SandboxFailed, ToolRefused
+from tests.conftest import require_stack
 
 
 @pytest.fixture
@@ -260,6 +262,8 @@ REFUSED = [
     ("nginx -s reload", "sends signals"),
     ("nginx -t -c /tmp/evil.conf", "outside the read roots"),
     ("nginx -t -g 'daemon off;'", "sets directives"),
+    ("nginx -t; cat {root}/app.log", "nginx must run on its own"),
+    ("nginx -V 2>&1 | head -1", "nginx must run on its own"),
     ("systemctl restart nginx", "systemctl restart is not allowed"),
     ("systemctl stop nginx", "systemctl stop is not allowed"),
     ("systemctl -H host status", "another host"),
@@ -460,3 +464,158 @@ def test_cli_uses_read_roots(root: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert gate.cli(f"cat {root}/app.log", [root]) == 0
     assert gate.cli(f"cat {root}/app.log") == 1
     assert "outside the read roots" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------
+# the sandbox: what the kernel refuses once check() has let a command through
+# ---------------------------------------------------------------------------
+
+
+def require_landlock() -> None:
+    require_stack("Landlock", gate.landlock_abi() > 0, "this kernel has no Landlock (Linux 5.13+)")
+
+
+@pytest.fixture
+def after_check(monkeypatch: pytest.MonkeyPatch) -> list[Callable[[], None]]:
+    """Actions run between the check and the run: what a racing writer could do."""
+    actions: list[Callable[[], None]] = []
+    checked = gate._check
+
+    def check_then_act(command: str, roots: tuple[Path, ...]) -> list[list[str]]:
+        commands = checked(command, roots)
+        for action in actions:
+            action()
+        return commands
+
+    monkeypatch.setattr(gate, "_check", check_then_act)
+    return actions
+
+
+def test_a_symlink_swapped_in_after_the_check_is_not_followed(
+    root: Path, tmp_path: Path, after_check: list[Callable[[], None]]
+) -> None:
+    # An instance writes its own storage folder, a read root of its user's tasks: between the
+    # check and the run it can turn a checked file into a link to anything on the machine.
+    require_landlock()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("s3cret-of-another-user\n")
+    swapped = root / "notes.txt"
+    swapped.write_text("harmless\n")
+
+    def swap() -> None:
+        swapped.unlink()
+        swapped.symlink_to(secret)
+
+    after_check.append(swap)
+    result = gate.run(f"cat {swapped}", read_roots=[root])
+    assert "s3cret" not in result.stdout
+    assert result.exit_code == 1 and "Permission denied" in result.stderr
+    assert gate.run(f"cat {root}/app.log", read_roots=[root]).stdout == "ok\nerror: boom\nok\n"
+
+
+def test_a_command_the_check_let_through_by_mistake_still_writes_nothing(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The second line does not depend on the parser: pretend it had a hole.
+    require_landlock()
+    monkeypatch.setattr(gate, "_check", lambda command, roots: [command.split()])
+    made, victim = root / "made", root / "app.log"
+    result = gate.run(f"touch {made}; rm {victim}; echo x 2>&1 | tee -a {victim}", read_roots=[root])
+    assert not made.exists()
+    assert victim.read_text() == "ok\nerror: boom\nok\n"
+    assert result.stderr.count("Permission denied") == 3
+    shadow = gate.run("cat /etc/shadow", read_roots=[root])
+    assert shadow.stdout == "" and "Permission denied" in shadow.stderr
+    if gate.landlock_abi() >= 6:  # signals scoped to the sandbox: piDeploy is out of reach
+        signal_ = gate.run(f"kill -0 {os.getpid()}")
+        assert signal_.exit_code == 1 and "not permitted" in signal_.stderr
+
+
+def test_a_sandbox_that_cannot_be_set_up_runs_nothing(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    require_landlock()
+    monkeypatch.setattr(gate, "_LANDLOCK_RULE_PATH_BENEATH", 99)  # a rule type the kernel rejects
+    monkeypatch.setattr(gate, "_check", lambda command, roots: [command.split()])
+    made = root / "made"
+    with pytest.raises(SandboxFailed) as failed:
+        gate.run(f"touch {made}", read_roots=[root])
+    assert (
+        failed.value.data["call"] == "landlock_add_rule"
+        and failed.value.error_class == "tool_execution_error"
+    )
+    assert not made.exists()
+
+
+def test_a_sandboxed_command_cannot_read_piDeploys_own_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    require_landlock()
+    monkeypatch.setenv("PIDEPLOY_TEST_SECRET", "sk-not-for-the-model")
+    monkeypatch.setattr(gate, "_check", lambda command, roots: [command.split()])
+    result = gate.run(f"cat /proc/{os.getpid()}/environ")
+    assert "sk-not-for-the-model" not in result.stdout
+    assert "Permission denied" in result.stderr
+    listed = gate.run(f"ps -o pid=,comm= -p {os.getpid()}")  # while ps still sees every process
+    assert listed.stdout.split()[0] == str(os.getpid()) and listed.exit_code == 0
+
+
+def test_the_sandbox_stays_on_the_thread_that_starts_the_command(root: Path, tmp_path: Path) -> None:
+    require_landlock()
+    bounding_before = _bounding_set()
+    assert gate.run(f"cat {root}/app.log", read_roots=[root]).exit_code == 0
+    written = tmp_path / "still-writable"
+    written.write_text("yes")  # this thread, and piDeploy with it, is not restricted
+    assert written.read_text() == "yes"
+    assert _bounding_set() == bounding_before
+    assert Path("/etc/hostname").read_text()
+
+
+def _bounding_set() -> str:
+    status = Path(f"/proc/self/task/{threading.get_native_id()}/status").read_text()
+    return next(line for line in status.splitlines() if line.startswith("CapBnd:"))
+
+
+def test_nginx_t_of_a_running_nginx_passes_in_the_sandbox(tmp_path: Path) -> None:
+    # nginx -t opens its pid and error log files for writing: alone in its command, the
+    # sandbox lets it open those (and create nothing but logs under /var/log/nginx).
+    require_landlock()
+    require_stack("nginx", shutil.which("nginx") is not None)
+    prefix = tmp_path / "nginx"
+    (prefix / "logs").mkdir(parents=True)
+    (prefix / "temp").mkdir()
+    if os.geteuid() == 0:
+        os.chown(prefix / "temp", 65534, -1)  # as nginx left it: its worker user owns it
+    (prefix / "logs" / "error.log").write_text("")
+    (prefix / "nginx.pid").write_text("")  # nginx is running
+    temp = prefix / "temp"
+    (prefix / "nginx.conf").write_text(
+        f"pid {prefix}/nginx.pid;\nerror_log {prefix}/logs/error.log;\nevents {{}}\nhttp {{\n"
+        + "".join(
+            f"    {kind}_temp_path {temp};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        + "    access_log off;\n}\n"
+    )
+    result = gate.run(f"nginx -t -p {prefix}/ -c {prefix}/nginx.conf", read_roots=[prefix])
+    assert result.exit_code == 0, result.stderr
+    assert "test is successful" in result.stderr
+    # A config an instance wrote into its own folder names a pid file anywhere: as root and
+    # unsandboxed, nginx -t would create it.
+    planted = Path(f"/etc/pideploy-planted-{uuid.uuid4().hex}.pid")
+    (prefix / "nginx.conf").write_text(f"pid {planted};\nevents {{}}\n")
+    try:
+        refused = gate.run(f"nginx -t -p {prefix}/ -c {prefix}/nginx.conf", read_roots=[prefix])
+        assert refused.exit_code == 1 and "Permission denied" in refused.stderr
+        assert not planted.exists()
+    finally:
+        planted.unlink(missing_ok=True)
+
+
+def test_without_landlock_run_warns_once_and_relies_on_the_check(
+    root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(gate, "landlock_abi", lambda: 0)
+    monkeypatch.setattr(gate, "_warned_unsandboxed", False)
+    for _ in range(2):
+        assert gate.run(f"cat {root}/app.log", read_roots=[root]).exit_code == 0
+    warnings = [r for r in caplog.records if getattr(r, "action", "") == "gate_sandbox_unavailable"]
+    assert len(warnings) == 1
+    assert "check alone" in gate.sandbox_status()
+    with pytest.raises(ToolRefused):
+        gate.run("cat /etc/shadow", read_roots=[root])
