@@ -160,6 +160,23 @@ def doctor_checks(config: Config, online: bool) -> list[Check]:
             _check(label, functools.partial(_writable, path), f"make {path} writable or set PIDEPLOY_HOME")
         )
 
+    def bash_sandbox() -> str:
+        if not gate.landlock_abi():
+            raise PiDeployError(gate.sandbox_status())
+        trial = gate.run("uptime", timeout=10)  # the sandbox is set up for real, not only detected
+        if trial.exit_code != 0:
+            raise PiDeployError(f"a sandboxed `uptime` failed: {trial.stderr.strip() or trial.exit_code}")
+        return gate.sandbox_status()
+
+    checks.append(
+        _check(
+            "bash sandbox",
+            bash_sandbox,
+            "a Linux 5.13+ kernel with Landlock enabled (the bash gate's command check works without it)",
+            required=False,
+        )
+    )
+
     for model in config.models:
         fix = f"export {model.api_key_env}=... (the playbook covers tasks meanwhile)"
         checks.append(

@@ -29,6 +29,7 @@ import pytest
 from psycopg.rows import dict_row
 
 import db
+import gate
 from engine import LABEL_INSTANCE, LABEL_NAMESPACE, Container, DockerEngine
 from errors import ContainerNotFound
 from proxy import NginxProxy
@@ -386,3 +387,29 @@ def test_serve_refuses_a_public_address_without_a_token(site: Site) -> None:
     refused = site.cli("serve", "--listen", f"0.0.0.0:{free_port()}")
     assert refused.returncode != 0
     assert "PIDEPLOY_API_TOKEN" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_doctor_checks_every_part_and_names_the_fix_of_a_missing_one(site: Site) -> None:
+    report = site.cli("doctor", "--format", "json")
+    assert report.returncode == 0, report.stdout + report.stderr
+    doctor = json.loads(report.stdout)
+    checks = {check["name"]: check for check in doctor["checks"]}
+    needed = ("database", "container engine", "nginx", "data dir", "trace dir", "alerts file dir")
+    assert doctor["ok"] and all(checks[name]["ok"] and checks[name]["required"] for name in needed)
+    assert "schema version" in checks["database"]["detail"]
+    assert checks["container engine"]["detail"].endswith("present")
+    sandbox = checks["bash sandbox"]
+    assert not sandbox["required"] and sandbox["ok"] == (gate.landlock_abi() > 0), sandbox
+
+    no_engine = subprocess.run(
+        [sys.executable, str(ROOT / "pideploy.py"), "doctor"],
+        env={**site.env, "DOCKER_HOST": f"unix://{site.home}/no-engine.sock"},
+        cwd=site.home,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert no_engine.returncode == 1, no_engine.stdout + no_engine.stderr
+    failed = [line for line in no_engine.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(failed) == 1 and "container engine" in failed[0], no_engine.stdout
+    assert "scripts/stack.sh up" in no_engine.stdout
