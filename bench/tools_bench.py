@@ -6,15 +6,21 @@
 2. nginx_sync (read the running instances, render, nginx -t, reload, confirm,
    verify every route through nginx) with 1, 10 and 50 running instances, both
    when the map changed (a reload) and when it did not (verification only).
+3. The bash gate: one `cat` of a file through check + run, in the Landlock
+   sandbox and with the check alone (as on a kernel without Landlock).
 """
 
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
+from unittest import mock
 
+import gate
 import tools
 from bench.queue_bench import _site, _world
 from db import Postgres
@@ -23,6 +29,7 @@ from proxy import NginxProxy
 
 RUNS = 10
 SYNC_RUNS = 5
+GATE_RUNS = 50
 
 
 def _ctx(rt: tools.Runtime, user: str | None = "bench") -> tools.ToolContext:
@@ -48,11 +55,34 @@ def _bare(engine: Engine, image: str, port: int, container_port: int, namespace:
     return elapsed
 
 
+def _gate_runs(sandboxed: bool) -> list[float]:
+    with tempfile.TemporaryDirectory() as folder:
+        log = Path(folder) / "app.log"
+        log.write_text("ok\n" * 100)
+        abi = gate.landlock_abi() if sandboxed else 0
+        timings = []
+        # _warned_unsandboxed: the check-only runs are on purpose, no warning for them.
+        with (
+            mock.patch.object(gate, "landlock_abi", return_value=abi),
+            mock.patch.object(gate, "_warned_unsandboxed", True),
+        ):
+            for _ in range(GATE_RUNS):
+                started = time.monotonic()
+                result = gate.run(f"grep -c ok {log}", read_roots=[Path(folder)])
+                timings.append(time.monotonic() - started)
+                assert result.stdout == "100\n", result
+        return timings
+
+
 def _stats(values: list[float]) -> str:
     return f"median {statistics.median(values):.3f} s  [min {min(values):.3f}, max {max(values):.3f}]"
 
 
 def main() -> None:
+    print(f"bash gate, check + run of one grep ({GATE_RUNS} runs each; {gate.sandbox_status()}):")
+    if gate.landlock_abi():
+        print(f"  in the Landlock sandbox           {_stats(_gate_runs(True))}")
+    print(f"  check alone (no Landlock)         {_stats(_gate_runs(False))}")
     with _site() as (_, config):
         postgres = Postgres(config)
         engine, proxy, world = _world(config)
