@@ -212,20 +212,51 @@ class Queue:
         params: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> Submitted:
-        """start/stop/update/delete of a user's instance; 404 for others', 409 while it is deleted."""
+        """start/stop/update/delete of a user's instance; 404 for others', 409 while it is deleted
+        or when its create failed (only a delete is left to do).
+
+        A repeat is the same action with the same params as the instance's newest unfinished task
+        (a double click): it returns that task. stop, start, stop are three tasks, run in order.
+        An idempotency key returns the unfinished task holding it, if that task is this same
+        request; a different request under a key in use is refused (409)."""
         params = check_params(task_type, params or {})
-        key = _idempotency_key(user_id, idempotency_key) or f"{task_type}:{instance_id}"
+        idempotency = _idempotency_key(user_id, idempotency_key)
         with self.db.transaction() as conn:
             instance = self.db.one("instance_get_for_update", conn, id=instance_id)
             if instance is None or instance["user_id"] != user_id:
                 raise NotFound(f"no instance {instance_id}", instance_id=instance_id)
             pending = self.db.all("task_unfinished_for_instance", conn, instance_id=instance_id)
-            # A repeat of what is already queued is answered before the state rules.
-            for task in pending:
-                if task["dedupe_key"] == key:
-                    return Submitted(task, False)
+            newest = pending[-1] if pending else None
+            # A repeat is answered before the state rules.
+            if idempotency is not None:
+                held = self.db.one("task_unfinished_by_dedupe_key", conn, dedupe_key=idempotency)
+                if held is not None:
+                    if (held["type"], held["instance_id"], held["params"]) != (
+                        task_type,
+                        instance_id,
+                        params,
+                    ):
+                        raise Conflict(
+                            f"idempotency key {idempotency_key!r} is held by task {held['id']}, "
+                            f"a different request ({held['type']} of instance {held['instance_id']})",
+                            task_id=held["id"],
+                        )
+                    return Submitted(held, False)
+            elif newest is not None and (newest["type"], newest["params"]) == (task_type, params):
+                return Submitted(newest, False)
             if instance["status"] == "deleting" or any(t["type"] == "instance_delete" for t in pending):
                 raise Conflict(f"instance {instance_id} is being deleted", instance_id=instance_id)
+            failed_create = instance["status"] == "error" and instance["storage_path"] is None
+            if task_type != "instance_delete" and not pending and failed_create:
+                raise Conflict(
+                    f"instance {instance_id} has nothing to {task_type.removeprefix('instance_')}: "
+                    f"its create failed ({instance['last_error'] or 'no reason recorded'}); "
+                    "delete it, then create it again",
+                    instance_id=instance_id,
+                    status=instance["status"],
+                )
+            # The key only keeps concurrent twins apart (the row lock above already does).
+            key = idempotency or f"{task_type}:{instance_id}:after:{newest['id'] if newest else 0}"
             return self.submit(task_type, user_id, params, instance_id, key, conn)
 
     # --- working ----------------------------------------------------------

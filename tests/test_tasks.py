@@ -44,6 +44,10 @@ def instance(database: Database, name: str, user: str = "alice") -> int:
     return int(row["id"])
 
 
+def all_tasks(database: Database) -> list[Row]:
+    return database.all("task_list", user_id=None, status=None, instance_id=None, limit=10_000)
+
+
 def status(database: Database, task_id: int) -> Row:
     row = database.one("task_get", id=task_id)
     assert row is not None
@@ -100,13 +104,67 @@ def test_a_repeated_submission_returns_the_unfinished_task(queue: tasks.Queue, d
     again = queue.submit_action("alice", "instance_stop", iid)
     assert first.created and not again.created
     assert again.task["id"] == first.task["id"]
-    keyed = queue.submit_action("alice", "instance_stop", iid, idempotency_key="k1")
-    assert keyed.created and keyed.task["id"] != first.task["id"]
     # Once the first has finished, the same submission is a new task.
     claimed = queue.claim("w", LEASE)
     assert claimed is not None and claimed["id"] == first.task["id"]
     queue.finish(claimed["id"], "w", "succeeded", ok(), 0.1)
     assert queue.submit_action("alice", "instance_stop", iid).created
+
+
+def test_stop_start_stop_are_three_tasks_in_order(queue: tasks.Queue, database: Database) -> None:
+    # Only a repeat of the newest unfinished task is a duplicate: the last stop must not be
+    # answered with the first one, or the instance would end up running.
+    iid = instance(database, "a")
+    submitted = [queue.submit_action("alice", kind, iid) for kind in ("instance_stop", "instance_start")]
+    submitted.append(queue.submit_action("alice", "instance_stop", iid))
+    assert all(s.created for s in submitted)
+    assert len({s.task["id"] for s in submitted}) == 3
+    update_v2 = queue.submit_action("alice", "instance_update", iid, {"image": "img:2"})
+    update_v3 = queue.submit_action("alice", "instance_update", iid, {"image": "img:3"})
+    assert update_v2.created and update_v3.created  # same action, other params: not a repeat
+    assert not queue.submit_action("alice", "instance_update", iid, {"image": "img:3"}).created
+    order = []
+    while (claimed := queue.claim("w", LEASE)) is not None:
+        order.append((claimed["type"], claimed["params"]))
+        queue.finish(claimed["id"], "w", "succeeded", ok(), 0.1)
+    assert order == [
+        ("instance_stop", {}),
+        ("instance_start", {}),
+        ("instance_stop", {}),
+        ("instance_update", {"image": "img:2"}),
+        ("instance_update", {"image": "img:3"}),
+    ]
+
+
+def test_an_idempotency_key_answers_only_its_own_request(queue: tasks.Queue, database: Database) -> None:
+    iid, other = instance(database, "a"), instance(database, "b")
+    keyed = queue.submit_action("alice", "instance_stop", iid, idempotency_key="k1")
+    plain = queue.submit_action("alice", "instance_start", iid)
+    retried = queue.submit_action("alice", "instance_stop", iid, idempotency_key="k1")
+    assert keyed.created and plain.created and not retried.created
+    assert retried.task["id"] == keyed.task["id"]  # a retry, though a start was queued since
+    before = all_tasks(database)
+    for task_type, target in [("instance_delete", other), ("instance_start", iid), ("instance_stop", other)]:
+        with pytest.raises(Conflict, match="held by task"):
+            queue.submit_action("alice", task_type, target, idempotency_key="k1")
+    assert all_tasks(database) == before
+    # bob's k1 is his own.
+    bobs = instance(database, "c", user="bob")
+    assert queue.submit_action("bob", "instance_stop", bobs, idempotency_key="k1").created
+
+
+def test_an_instance_whose_create_failed_can_only_be_deleted(queue: tasks.Queue, database: Database) -> None:
+    iid = instance(database, "broken")
+    with database.transaction() as conn:  # as instance_create's rollback leaves it
+        conn.execute(
+            "UPDATE instance SET status = 'error', last_error = 'image missing' WHERE id = %s", (iid,)
+        )
+    for task_type in ("instance_start", "instance_stop", "instance_update"):
+        params = {"image": "img:2"} if task_type == "instance_update" else {}
+        with pytest.raises(Conflict, match="its create failed \\(image missing\\); delete it"):
+            queue.submit_action("alice", task_type, iid, params)
+    assert database.all("task_unfinished_for_instance", instance_id=iid) == []
+    assert queue.submit_action("alice", "instance_delete", iid).created
 
 
 def test_create_inserts_the_instance_and_its_task_together(queue: tasks.Queue, database: Database) -> None:
