@@ -337,8 +337,8 @@ def load(
 def _check(config: Config) -> None:
     checks: list[tuple[str, Callable[[Config], bool], str]] = [
         ("port_range", _valid_range, "LOW-HIGH with 1024 <= LOW <= HIGH <= 65535"),
-        ("listen", lambda c: _valid_hostport(c.listen), "HOST:PORT"),
-        ("nginx_listen", lambda c: _valid_hostport(c.nginx_listen), "HOST:PORT"),
+        ("listen", lambda c: valid_hostport(c.listen), "HOST:PORT"),
+        ("nginx_listen", lambda c: valid_hostport(c.nginx_listen), "HOST:PORT"),
         ("workers", lambda c: c.workers >= 1, "at least 1"),
         ("max_turns", lambda c: c.max_turns >= 1, "at least 1"),
         ("max_attempts", lambda c: c.max_attempts >= 1, "at least 1"),
@@ -367,9 +367,9 @@ def _valid_range(config: Config) -> bool:
     return 1024 <= low <= high <= 65535
 
 
-def _valid_hostport(value: str) -> bool:
+def valid_hostport(value: str) -> bool:
     host, sep, port = value.rpartition(":")
-    return bool(sep and host) and 0 < int(port) < 65536
+    return bool(sep and host) and port.isdigit() and 0 < int(port) < 65536
 
 
 def describe() -> list[tuple[str, str, str]]:

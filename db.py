@@ -74,7 +74,8 @@ def _translate(error: psycopg.Error) -> Exception:
     detail = (getattr(diag, "message_primary", None) or str(error)).strip()
     if isinstance(error, psycopg.errors.UniqueViolation | psycopg.errors.ForeignKeyViolation):
         return Conflict(detail, constraint=constraint)
-    if isinstance(error, psycopg.errors.CheckViolation | psycopg.errors.NotNullViolation):
+    if isinstance(error, psycopg.errors.CheckViolation | psycopg.errors.NotNullViolation | psycopg.DataError):
+        # DataError: a value Postgres cannot take (an id beyond bigint, a malformed number...).
         return BadRequest(detail, constraint=constraint)
     if isinstance(error, psycopg.errors.RaiseException):
         return Conflict(detail)

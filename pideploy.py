@@ -39,7 +39,7 @@ import tasks
 import tools
 from config import Config
 from engine import DockerEngine, engine_from_config
-from errors import BadRequest, ConfigError, NotFound, PiDeployError
+from errors import BadRequest, ConfigError, InfraUnavailable, NotFound, PiDeployError
 from evals.record import RecordError, record
 from observability import setup_logging
 from proxy import proxy_from_config
@@ -268,31 +268,74 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------
 
 
+_MAX_ID = 2**63 - 1  # Postgres bigint
+
+
+def _whole(text: str, low: int, high: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {value}")
+    return value
+
+
+def _id(text: str) -> int:
+    return _whole(text, 1, _MAX_ID)
+
+
+def _count(text: str) -> int:
+    return _whole(text, 1, 10_000)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text}")
+    return value
+
+
+def _hostport(text: str) -> str:
+    if not config_module.valid_hostport(text):
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (port 1-65535), got {text!r}")
+    return text
+
+
 def _add_queue_commands(sub: Any) -> None:
     serve = sub.add_parser("serve", help="run the service: task workers, the heartbeat loop and the HTTP API")
-    serve.add_argument("--workers", type=int, help="task worker threads (default: PIDEPLOY_WORKERS, 2)")
-    serve.add_argument("--listen", help="HOST:PORT of the HTTP API (default: PIDEPLOY_LISTEN)")
+    serve.add_argument(
+        "--workers",
+        type=lambda t: _whole(t, 1, 64),
+        help="task worker threads (default: PIDEPLOY_WORKERS, 2)",
+    )
+    serve.add_argument(
+        "--listen", type=_hostport, help="HOST:PORT of the HTTP API (default: PIDEPLOY_LISTEN)"
+    )
     serve.add_argument("--no-heartbeat", action="store_true", help="do not run the heartbeat loop")
     # Also accepted after the command (`serve --log-format text`); SUPPRESS keeps the global one otherwise.
     serve.add_argument(
         "--log-format", choices=("json", "text"), default=argparse.SUPPRESS, help="json or text"
     )
     serve.add_argument(
-        "--grace", type=float, help="seconds running tasks get at shutdown (PIDEPLOY_SHUTDOWN_GRACE)"
+        "--grace", type=_seconds, help="seconds running tasks get at shutdown (PIDEPLOY_SHUTDOWN_GRACE)"
     )
 
     submit = sub.add_parser("submit", help="queue a task (a running serve, now or later, works it)")
     submit.add_argument("type", choices=tasks.TYPES)
     submit.add_argument("--user", required=True, help="the acting user (heartbeat tasks: system)")
     submit.add_argument(
-        "--instance", type=int, help="the instance (every type but heartbeat and a new create)"
+        "--instance", type=_id, help="the instance (every type but heartbeat and a new create)"
     )
     submit.add_argument("--params", default="{}", help='JSON object, e.g. \'{"name": "alice"}\'')
     submit.add_argument("--idempotency-key", help="a repeat with the same key returns the first task")
     submit.add_argument(
         "--wait", action="store_true", help="show progress; exit 0 only if the task succeeded"
     )
-    submit.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
+    submit.add_argument("--timeout", type=_seconds, help="with --wait: give up after this many seconds")
 
     listing = {
         "tasks": "recent tasks, newest first",
@@ -304,15 +347,15 @@ def _add_queue_commands(sub: Any) -> None:
         parser.add_argument("--format", choices=("table", "json"), default="table")
         parser.add_argument("--user", help="only this user's")
         if name != "instances":
-            parser.add_argument("--instance", type=int, help="only this instance's")
-            parser.add_argument("--limit", type=int, default=50)
+            parser.add_argument("--instance", type=_id, help="only this instance's")
+            parser.add_argument("--limit", type=_count, default=50, help="at most this many (1-10000)")
         if name == "tasks":
             parser.add_argument("--status", choices=("queued", "running", "succeeded", "failed", "cancelled"))
 
     cancel = sub.add_parser(
         "cancel", help="cancel a task: queued ones at once, running ones at their next lease renewal"
     )
-    cancel.add_argument("task", type=int)
+    cancel.add_argument("task", type=_id)
 
 
 def _listen_address(listen: str) -> tuple[str, int]:
@@ -361,7 +404,10 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
             lease_s=config.lease_seconds,
             poll_interval=config.poll_interval,
         )
-        server = api.make_server(api.Api(config, rt.db, queue, rt.proxy), host, port)
+        try:
+            server = api.make_server(api.Api(config, rt.db, queue, rt.proxy), host, port)
+        except OSError as error:  # most often: another serve (or anything) already listens there
+            raise InfraUnavailable(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
         threads = [threading.Thread(target=server.serve_forever, args=(0.5,), name="http", daemon=True)]
         if not args.no_heartbeat:
             loop = heartbeat.Heartbeat(rt, config)

@@ -413,3 +413,58 @@ def test_doctor_checks_every_part_and_names_the_fix_of_a_missing_one(site: Site)
     failed = [line for line in no_engine.stdout.splitlines() if line.startswith("FAIL")]
     assert len(failed) == 1 and "container engine" in failed[0], no_engine.stdout
     assert "scripts/stack.sh up" in no_engine.stdout
+
+
+def _pideploy(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "pideploy.py"), *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "settings", "code", "says"),
+    [
+        (("serve", "--listen", "foo"), {}, 2, "expected HOST:PORT"),
+        (("serve", "--workers", "-1"), {}, 2, "must be between 1 and 64"),
+        (("tasks", "--limit", "-1"), {}, 2, "must be between 1 and 10000"),
+        (("cancel", "99999999999999999999"), {}, 2, "must be between 1 and"),
+        (("submit", "instance_stop", "--user", "alice", "--instance", "x"), {}, 2, "not a whole number"),
+        (("submit", "instance_stop", "--user", "alice", "--timeout", "-5"), {}, 2, "0 or more seconds"),
+        (("tasks",), {"PIDEPLOY_WORKERS": "many"}, 1, "PIDEPLOY_WORKERS"),
+        (("tasks",), {"PIDEPLOY_NO_SUCH_SETTING": "1"}, 1, "PIDEPLOY_NO_SUCH_SETTING"),
+        (
+            ("tasks",),
+            {"DATABASE_URL": "postgresql://nobody@127.0.0.1:9/none?connect_timeout=2"},
+            1,
+            "database",
+        ),
+    ],
+)
+def test_bad_input_on_the_command_line_is_one_line_and_no_traceback(
+    args: tuple[str, ...], settings: dict[str, str], code: int, says: str, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIDEPLOY_") and k != "DATABASE_URL"}
+    env.update(PIDEPLOY_HOME=str(tmp_path / "home"), **settings)
+    result = _pideploy(*args, env=env, cwd=tmp_path)
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr and says in result.stderr, result.stderr
+    if code == 1:  # argparse prints its usage line first; our own errors are one line
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "home" / "pg").exists()  # nothing was started or written
+
+
+def test_a_second_serve_on_a_taken_port_says_so_in_one_line(site: Site) -> None:
+    site.serve()
+    second = site.cli("serve")
+    assert second.returncode == 1
+    assert "Traceback" not in second.stderr
+    error = [line for line in second.stderr.splitlines() if line.startswith("pideploy: error:")]
+    assert error == [
+        f"pideploy: error: cannot listen on {site.env['PIDEPLOY_LISTEN']}: Address already in use"
+    ]
+    assert site.call("GET", "/api/instances")[0] == 200  # the first one serves on
