@@ -430,8 +430,7 @@ def _processes_mentioning(marker: str) -> list[int]:
 
 
 def test_run_timeout_kills_the_whole_process_group(silent_server: int) -> None:
-    if shutil.which("curl") is None:
-        pytest.skip("curl is not installed (apt-get install curl)")
+    require_stack("curl", shutil.which("curl") is not None, "apt-get install curl")
     marker = f"never-{uuid.uuid4().hex}"
     # Two curls in a pipeline: the kill must reach both, not only bash.
     command = f"curl -sS http://127.0.0.1:{silent_server}/{marker} | curl -sS http://127.0.0.1:{silent_server}/{marker}"
