@@ -5,8 +5,9 @@
 across runs, the deterministic `Playbook` as the last link); `Budget` reserves
 cost and tokens before each call, so no call can cross a cap; `LoopGuard`
 stops a model that repeats itself. Every way a run ends is a typed exception
-(errors.RunEnded) or `Finished`, handled in one place, and the trace is
-written in a `finally`, whatever happened.
+(errors.RunEnded) or `Finished`, handled in one place; anything else is a
+crash, recorded in the trace as a failed run with its class and then raised.
+The trace is written and the alerts evaluated in a `finally`, whatever happened.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from errors import (
     ModelTimeout,
     PiDeployError,
     RunCancelled,
+    RunCrashed,
     RunEnded,
     RunTimedOut,
     TokenCapExceeded,
@@ -121,6 +123,7 @@ def task_message(task: TaskSpec) -> str:
 @dataclass(frozen=True)
 class Limits:
     max_turns: int = 12
+    loop_guard_repeats: int = 3  # the same tool call this many times in a row: agent_stuck
     max_tokens: int = 2048  # per call, before the budget trims it
     cost_cap_usd: float = 0.25
     token_cap: int = 200_000
@@ -135,6 +138,7 @@ class Limits:
     def from_config(cls, config: Config, *, heartbeat: bool = False) -> Limits:
         return cls(
             max_turns=config.max_turns,
+            loop_guard_repeats=config.loop_guard_repeats,
             max_tokens=config.max_tokens,
             cost_cap_usd=config.heartbeat_cost_cap if heartbeat else config.run_cost_cap,
             token_cap=config.run_token_cap,
@@ -474,7 +478,9 @@ class Chain:
                 pause = min(self.limits.backoff_max_s, self.limits.backoff_s * 2 ** (attempt - 1))
                 pause = max(pause * random.uniform(0.8, 1.2), error.retry_after or 0.0)  # noqa: S311
                 if time.monotonic() + pause >= deadline:
-                    raise RunTimedOut(self.limits.timeout_s) from error
+                    # Waiting would outlast the run: this model's retries are spent, and the
+                    # next model (or the playbook) may still finish in the time left.
+                    raise
                 self.sleep(pause)
                 continue
             return completion
@@ -546,6 +552,12 @@ def _with_deadline(call: Callable[[], Completion], seconds: float) -> Completion
 # ---------------------------------------------------------------------------
 
 
+NUDGE: dict[str, Any] = {
+    "role": "user",
+    "content": "Call a tool. Finish with report_result.",
+}  # after a toolless answer
+
+
 class Finished(Exception):
     """report_result was called: the normal end of a run."""
 
@@ -568,7 +580,7 @@ class Outcome:
 
 
 class LoopGuard:
-    """The same tool with the same arguments three times in a row is a stuck agent;
+    """The same tool with the same arguments `repeats` times in a row is a stuck agent;
     two unusable answers in a row (bad JSON, unknown tool, no tool call) end the run."""
 
     def __init__(self, repeats: int = 3, bad_outputs: int = 2) -> None:
@@ -607,44 +619,59 @@ def run_task(
     trace: Trace | None = None,
     cancelled: Callable[[], bool] = lambda: False,
 ) -> Outcome:
-    """Work one task to its end. Never raises for the task's own failures: they are the Outcome."""
+    """Work one task to its end. The task's own failures are the Outcome; a crash (a bug, a lost
+    database) is recorded in the trace like any other ending, then raised for the queue."""
     trace = trace or new_trace(task, rt.config, chain)
     allowed = tools.TOOLSETS[task.type]
     specs = [tools.TOOLS[name].spec() for name in allowed]
     deadline = time.monotonic() + limits.timeout_s
     ctx = tools.ToolContext(trace, task.user_id, task.id, task.instance_id, task.allowed_instances, deadline)
-    trace.extra["world_before"] = tools.snapshot(rt, ctx)  # for `eval record`
     messages: list[dict[str, Any]] = []
-    budget, guard = Budget(limits.cost_cap_usd, limits.token_cap, limits.min_output_tokens), LoopGuard()
-    say(
-        messages,
-        trace,
-        {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": task_message(task)},
-    )
+    budget = Budget(limits.cost_cap_usd, limits.token_cap, limits.min_output_tokens)
+    guard = LoopGuard(limits.loop_guard_repeats)
+    say(messages, trace, {"role": "system", "content": SYSTEM_PROMPT})
+    say(messages, trace, {"role": "user", "content": task_message(task)})
     try:
-        for turn in range(1, limits.max_turns + 1):
-            trace.turns = turn
-            check_limits(deadline, limits, cancelled)
-            reply = chain.complete(task, messages, specs, budget, trace, deadline)
-            charge_tools(trace, reply.cost_usd)
-            say(messages, trace, reply.message())
-            if not reply.tool_calls:
-                guard.bad_output("an answer without a tool call")
-                say(messages, trace, {"role": "user", "content": "Call a tool. Finish with report_result."})
-                continue
-            for call in reply.tool_calls:
-                guard.see(call)
-                say(messages, trace, execute(rt, ctx, call, allowed, guard, trace))
-        raise TooManyTurns(limits.max_turns)
-    except Finished as done:
-        outcome = finish(task, rt, trace, budget, report=done.report)
-    except RunEnded as ended:
-        outcome = finish(task, rt, trace, budget, ended=ended)
+        try:
+            trace.extra["world_before"] = tools.snapshot(rt, ctx)  # for `eval record`
+            for turn in range(1, limits.max_turns + 1):
+                trace.turns = turn
+                check_limits(deadline, limits, cancelled)
+                reply = chain.complete(task, messages, specs, budget, trace, deadline)
+                charge_tools(trace, reply.cost_usd)
+                say(messages, trace, reply.message())
+                if not reply.tool_calls:
+                    guard.bad_output("an answer without a tool call")
+                    say(messages, trace, dict(NUDGE))
+                    continue
+                for call in reply.tool_calls:
+                    guard.see(call)
+                    say(messages, trace, execute(rt, ctx, call, allowed, guard, trace))
+            raise TooManyTurns(limits.max_turns)
+        except Finished as done:
+            outcome = finish(task, rt, trace, budget, report=done.report)
+        except RunEnded as ended:
+            outcome = finish(task, rt, trace, budget, ended=ended)
+    except Exception as error:  # a crash, even one inside finish(): recorded, then the queue's to handle
+        crashed(trace, error)
+        raise RunCrashed(error, trace.error_class or "tool_execution_error", trace.path.name) from error
     finally:
         trace.write()
-    evaluate_alerts(trace, rt.config)
+        evaluate_alerts(trace, rt.config)
     return outcome
+
+
+def crashed(trace: Trace, error: Exception) -> None:
+    """A run that ended in neither a report nor a limit still gets its verdict and class."""
+    trace.finish("failed", error=error)
+    trace.extra["crashed"] = f"{type(error).__name__}: {error}"
+    # No traceback here: the caller that catches the re-raised error logs it once.
+    logger.error(
+        "run crashed: %s (trace %s)",
+        trace.extra["crashed"],
+        trace.path,
+        extra={"action": "run_crashed", "task_id": trace.task_id},
+    )
 
 
 def say(messages: list[dict[str, Any]], trace: Trace, *new: dict[str, Any]) -> None:

@@ -106,6 +106,7 @@ class Config:
     lock_dir: Path | None = None
     agent: str = "on"  # "off": the deterministic playbook only
     max_turns: int = 12
+    loop_guard_repeats: int = 3  # the same tool call this many times in a row: agent_stuck
     max_tokens: int = 2048
     run_cost_cap: float = 0.25
     run_token_cap: int = 200_000
@@ -341,6 +342,7 @@ def _check(config: Config) -> None:
         ("nginx_listen", lambda c: valid_hostport(c.nginx_listen), "HOST:PORT"),
         ("workers", lambda c: c.workers >= 1, "at least 1"),
         ("max_turns", lambda c: c.max_turns >= 1, "at least 1"),
+        ("loop_guard_repeats", lambda c: c.loop_guard_repeats >= 2, "at least 2"),
         ("max_attempts", lambda c: c.max_attempts >= 1, "at least 1"),
         (
             "namespace",

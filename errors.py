@@ -127,6 +127,15 @@ class RunEnded(PiDeployError):
     """Base of every way a run ends other than report_result."""
 
 
+class RunCrashed(PiDeployError):
+    """A run ended in an unexpected exception (its __cause__), not a limit: its trace was written
+    all the same, and the task row keeps the trace's name."""
+
+    def __init__(self, cause: Exception, error_class: str, trace_file: str) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}", trace_file=trace_file)
+        self.error_class = error_class
+
+
 class AgentStuck(RunEnded):
     error_class = "agent_stuck"
 

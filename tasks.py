@@ -37,7 +37,7 @@ import heartbeat
 import tools
 from config import Config
 from db import Database, Row
-from errors import BadRequest, Conflict, NotFound, PiDeployError
+from errors import BadRequest, Conflict, NotFound, PiDeployError, RunCrashed
 
 logger = logging.getLogger(__name__)
 
@@ -310,7 +310,8 @@ class Queue:
     ) -> Row | None:
         """A run that raised: try again after `retry_in` seconds if attempts are left, else failed."""
         error_class = error.error_class if isinstance(error, PiDeployError) else "tool_execution_error"
-        message = f"{type(error).__name__}: {error}"
+        crash = error if isinstance(error, RunCrashed) else None  # its message names the cause
+        message = crash.message if crash else f"{type(error).__name__}: {error}"
         if task["attempts"] < task["max_attempts"]:
             return self.db.one(
                 "task_retry_later",
@@ -328,7 +329,7 @@ class Queue:
             result=None,
             error_class=error_class,
             last_error=f"{message} (attempt {task['attempts']} of {task['max_attempts']})",
-            trace_file=None,
+            trace_file=crash.data["trace_file"] if crash else None,
             turns=None,
             cost_usd=None,
             duration_s=round(duration_s, 6),

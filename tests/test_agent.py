@@ -20,10 +20,12 @@ from typing import Any
 import pytest
 
 import agent
+import db
 import tools
 from config import ModelConfig
+from errors import DatabaseError, RunCrashed
 from evals.llm_server import ReplayServer
-from tests.conftest import World
+from tests.conftest import World, make_config_like
 
 pytestmark = pytest.mark.stack
 
@@ -233,14 +235,84 @@ def test_500s_exhaust_retries_then_fall_back_to_the_next_model(
     assert len(failed_a) == 3  # one try and two retries, each a span
     assert all(s["attributes"]["error.type"] == "llm_api_error" for s in failed_a)
     assert [s["attributes"]["pideploy.attempt"] for s in failed_a] == [1, 2, 3]
-    # MODEL_A now cools down: the next run goes straight to MODEL_B.
+
+
+def _a_fails_b_works(a_turn: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "conversations": [
+            {"model": MODEL_A, "turns": [{"repeat": a_turn}]},
+            {"model": MODEL_B, "turns": [call("instance_create", name="{{task.params.name}}"), report()]},
+        ]
+    }
+
+
+def _models_asked(replay: ReplayServer) -> list[str]:
+    return [str(request["model"]) for request in replay.recorded()[0]]
+
+
+def test_a_model_that_keeps_failing_is_skipped_by_the_next_run(
+    memory_world: World, replay: ReplayServer
+) -> None:
+    replay.set_script(_a_fails_b_works({"fault": "http_500"}))
     limits = agent.Limits(retries=2)
     shared = chain([model(replay, MODEL_A), model(replay, MODEL_B)], limits)
-    shared.cooldowns.start(MODEL_A, 60, "kept failing")
-    second = agent.run_task(
-        agent.TaskSpec("instance_create", "alice", {"name": "alpha"}), memory_world.rt, shared, limits
+    first = agent.run_task(
+        agent.TaskSpec("instance_create", "alice", {"name": "one"}), memory_world.rt, shared, limits
     )
+    assert first.status == "succeeded", first.error
+    asked_first = _models_asked(replay)
+    replay.reset_counters(forget_requests=True)
+    second = agent.run_task(
+        agent.TaskSpec("instance_create", "alice", {"name": "two"}), memory_world.rt, shared, limits
+    )
+    assert second.status == "succeeded", second.error
+    assert MODEL_A not in _models_asked(replay)  # skipped without a call: it cools down
     assert {s["attributes"]["pideploy.model_name"] for s in chat_spans(second)} == {MODEL_B}
+    assert asked_first.count(MODEL_A) == 3  # one try and two retries; turn 2 already skipped it
+
+
+def test_a_cool_down_in_the_database_holds_across_processes(
+    memory_world: World, replay: ReplayServer, database_url: str
+) -> None:
+    # Two Database pools on one database stand for two processes (two workers, or serve and cron).
+    other_process = db.Database(database_url)
+    try:
+        limits = agent.Limits(retries=1)
+        links = [agent.Link(agent.OpenAIChat(m), m) for m in (model(replay, MODEL_A), model(replay, MODEL_B))]
+        here = agent.Chain(links, agent.DatabaseCooldowns(memory_world.rt.db), limits, sleep=lambda _: None)
+        there = agent.Chain(links, agent.DatabaseCooldowns(other_process), limits, sleep=lambda _: None)
+        replay.set_script(_a_fails_b_works({"fault": "http_500"}))
+        first = agent.run_task(
+            agent.TaskSpec("instance_create", "alice", {"name": "one"}), memory_world.rt, here, limits
+        )
+        asked_first = _models_asked(replay)
+        replay.reset_counters(forget_requests=True)
+        second = agent.run_task(
+            agent.TaskSpec("instance_create", "alice", {"name": "two"}), memory_world.rt, there, limits
+        )
+        assert second.status == "succeeded" and _models_asked(replay) == [MODEL_B, MODEL_B]
+        assert first.status == "succeeded" and MODEL_A in asked_first
+    finally:
+        other_process.close()
+
+
+def test_database_cooldowns_are_shared_and_expire(database: db.Database, database_url: str) -> None:
+    other_process = db.Database(database_url)
+    try:
+        mine, theirs = agent.DatabaseCooldowns(database), agent.DatabaseCooldowns(other_process)
+        assert mine.active() == theirs.active() == set()
+        mine.start(MODEL_A, 60, "x" * 2000)
+        assert theirs.active() == {MODEL_A}
+        row = other_process.one("model_cooldown_active")
+        assert row is not None and len(row["reason"]) == 500
+        theirs.clear(MODEL_A)
+        assert mine.active() == set()
+        mine.start(MODEL_B, 0.3, "brief")
+        assert theirs.active() == {MODEL_B}
+        time.sleep(0.5)
+        assert theirs.active() == set()  # expired, without anyone clearing it
+    finally:
+        other_process.close()
 
 
 def test_429_retries_the_same_model_honouring_retry_after(memory_world: World, replay: ReplayServer) -> None:
@@ -265,6 +337,78 @@ def test_429_retries_the_same_model_honouring_retry_after(memory_world: World, r
     assert outcome.status == "succeeded", outcome.error
     assert len(pauses) == 1 and pauses[0] >= 3.0
     assert chat_spans(outcome)[0]["attributes"]["error.type"] == "llm_rate_limited"
+
+
+@pytest.mark.parametrize("next_link", [MODEL_B, "playbook"])
+def test_a_retry_after_beyond_the_run_moves_on_instead_of_timing_out(
+    memory_world: World, replay: ReplayServer, next_link: str
+) -> None:
+    pauses: list[float] = []
+    replay.set_script(_a_fails_b_works({"fault": "http_429", "retry_after": 3600}))
+    models = [model(replay, MODEL_A)] + ([model(replay, MODEL_B)] if next_link == MODEL_B else [])
+    limits = agent.Limits(retries=2, backoff_s=0.1, timeout_s=30)
+    shared = chain(models, limits)
+    shared.sleep = pauses.append
+    outcome = agent.run_task(
+        agent.TaskSpec("instance_create", "alice", {"name": "alpha"}), memory_world.rt, shared, limits
+    )
+    assert outcome.status == "succeeded", outcome.error
+    assert pauses == []  # nobody waited an hour for a run with 30 s to live
+    calls = chat_spans(outcome)
+    assert [s["attributes"]["pideploy.model_name"] for s in calls] == [MODEL_A, next_link, next_link]
+    assert calls[0]["attributes"]["error.type"] == "llm_rate_limited"
+    assert outcome.playbook is (next_link == "playbook")
+    assert MODEL_A in shared.cooldowns.active()
+
+
+def test_a_dropped_connection_is_retried_on_the_same_model(memory_world: World, replay: ReplayServer) -> None:
+    pauses: list[float] = []
+    dropped = {"fault": "disconnect", "times": 1, "then": call("instance_create", name="alpha")}
+    replay.set_script(
+        {
+            "conversations": [
+                {"model": MODEL_A, "turns": [dropped, report()]},
+                {"model": MODEL_B, "turns": [{"repeat": {"fault": "http_500"}}]},
+            ]
+        }
+    )
+    limits = agent.Limits(retries=2, backoff_s=0.1)
+    shared = chain([model(replay, MODEL_A), model(replay, MODEL_B)], limits)
+    shared.sleep = pauses.append
+    outcome = agent.run_task(
+        agent.TaskSpec("instance_create", "alice", {"name": "alpha"}), memory_world.rt, shared, limits
+    )
+    assert outcome.status == "succeeded", outcome.error
+    calls = chat_spans(outcome)
+    assert [(s["attributes"]["pideploy.model_name"], s["attributes"]["pideploy.attempt"]) for s in calls] == [
+        (MODEL_A, 1),
+        (MODEL_A, 2),
+        (MODEL_A, 1),
+    ]
+    assert calls[0]["attributes"]["error.type"] == "llm_api_error" and calls[0]["status"] == "error"
+    assert len(pauses) == 1 and MODEL_B not in _models_asked(replay)
+    assert shared.cooldowns.active() == set()
+
+
+def test_a_context_overflow_moves_on_without_a_cool_down(memory_world: World, replay: ReplayServer) -> None:
+    replay.set_script(_a_fails_b_works({"fault": "context_overflow"}))
+    limits = agent.Limits(retries=2)
+    shared = chain([model(replay, MODEL_A), model(replay, MODEL_B)], limits)
+    first = agent.run_task(
+        agent.TaskSpec("instance_create", "alice", {"name": "one"}), memory_world.rt, shared, limits
+    )
+    assert first.status == "succeeded", first.error
+    failed = [s for s in chat_spans(first) if s["attributes"]["pideploy.model_name"] == MODEL_A]
+    # Each turn asks MODEL_A once, without retries (nothing cools it down), then moves on.
+    assert [s["attributes"]["pideploy.attempt"] for s in failed] == [1] * first.turns
+    assert all(s["attributes"]["error.type"] == "llm_api_error" for s in failed)
+    # Too long a prompt is this run's problem, not the model's: the next run asks MODEL_A again.
+    assert shared.cooldowns.active() == set()
+    replay.reset_counters(forget_requests=True)
+    second = agent.run_task(
+        agent.TaskSpec("instance_create", "alice", {"name": "two"}), memory_world.rt, shared, limits
+    )
+    assert second.status == "succeeded" and _models_asked(replay)[0] == MODEL_A
 
 
 @pytest.mark.parametrize(
@@ -355,6 +499,17 @@ def test_a_looping_model_is_stopped_by_the_guard(memory_world: World, replay: Re
     assert outcome.status == "failed" and outcome.error_class == "agent_stuck"
     assert outcome.turns == 3
     assert memory_world.row(iid)["status"] == "running"  # type: ignore[index]
+
+
+def test_the_loop_guard_threshold_is_configurable(memory_world: World, replay: ReplayServer) -> None:
+    iid = make_instance(memory_world)
+    replay.set_script(script({"repeat": call("instance_status", instance_id=iid)}))
+    limits = agent.Limits.from_config(make_config_like(memory_world, loop_guard_repeats=2))
+    assert limits.loop_guard_repeats == 2
+    task = agent.TaskSpec("instance_stop", "alice", {}, instance_id=iid)
+    outcome = agent.run_task(task, memory_world.rt, chain([model(replay, MODEL_A)], limits), limits)
+    assert outcome.status == "failed" and outcome.error_class == "agent_stuck"
+    assert outcome.turns == 2 and "2 times in a row" in (outcome.error or "")
 
 
 def test_max_turns_ends_the_run(memory_world: World, replay: ReplayServer) -> None:
@@ -532,6 +687,84 @@ def test_chain_down_without_playbook_is_classified(memory_world: World, replay: 
     outcome = run(memory_world, agent.TaskSpec("instance_create", "alice", {"name": "alpha"}), [model(replay, MODEL_A)],
                   playbook=False)  # fmt: skip
     assert outcome.status == "failed" and outcome.error_class == "llm_api_error"
+
+
+# ---------------------------------------------------------------------------
+# A crash is an ending too: recorded in the trace, alerts evaluated, then raised
+# ---------------------------------------------------------------------------
+
+
+class BrokenAdapter:
+    """A model adapter with a bug: what no error translation foresaw."""
+
+    name = MODEL_A
+
+    def complete(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], max_tokens: int, timeout: float
+    ) -> agent.Completion:
+        raise RuntimeError("adapter bug")
+
+
+def _lost_database_chain(database_url: str, replay: ReplayServer, limits: agent.Limits) -> agent.Chain:
+    lost = db.Database(database_url)
+    lost.close()  # the cool-down store's database goes away under the run
+    links = [agent.Link(agent.OpenAIChat(model(replay, MODEL_A)), model(replay, MODEL_A))]
+    return agent.Chain(links, agent.DatabaseCooldowns(lost), limits, sleep=lambda _: None)
+
+
+def _broken_adapter_chain(database_url: str, replay: ReplayServer, limits: agent.Limits) -> agent.Chain:
+    return agent.Chain([agent.Link(BrokenAdapter(), model(replay, MODEL_A))], agent.MemoryCooldowns(), limits)
+
+
+def _verify_crash_chain(database_url: str, replay: ReplayServer, limits: agent.Limits) -> agent.Chain:
+    replay.set_script(_create_script(MODEL_A))
+    return chain([model(replay, MODEL_A)], limits)
+
+
+def _verify_fails(task: agent.TaskSpec, rt: tools.Runtime) -> str:
+    raise DatabaseError("database unavailable: connection lost while verifying")
+
+
+@pytest.mark.parametrize(
+    ("make_chain", "error", "error_class", "turns"),
+    [
+        (_lost_database_chain, DatabaseError, "infra_unavailable", 1),
+        (_broken_adapter_chain, RuntimeError, "tool_execution_error", 1),
+        (_verify_crash_chain, DatabaseError, "infra_unavailable", 2),
+    ],
+    ids=["lost-database", "adapter-bug", "crash-while-finishing"],
+)
+def test_a_crash_is_recorded_as_a_failed_run_then_raised(
+    memory_world: World,
+    replay: ReplayServer,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    make_chain: Any,
+    error: type[Exception],
+    error_class: str,
+    turns: int,
+) -> None:
+    w = memory_world
+    w.rt = dataclasses.replace(w.rt, config=make_config_like(w, alert_turns=0))
+    monkeypatch.setattr(agent, "verify_outcome", _verify_fails)  # reached only by the last case
+    limits = agent.Limits(retries=0)
+    shared = make_chain(database_url, replay, limits)
+    task = agent.TaskSpec("instance_create", "alice", {"name": "alpha"}, id=77)
+    trace = agent.new_trace(task, w.rt.config, shared)
+    with pytest.raises(RunCrashed) as crash:
+        agent.run_task(task, w.rt, shared, limits, trace=trace)
+    assert isinstance(crash.value.__cause__, error) and crash.value.error_class == error_class
+    assert crash.value.data == {"trace_file": trace.path.name}
+
+    written = json.loads(trace.path.read_text())
+    assert written["outcome"] == "failed" and written["error_class"] == error_class
+    assert written["finished_at"] is not None and written["summary"]["turns"] == turns
+    assert written["extra"]["crashed"].startswith(error.__name__ + ": ")
+    assert written["spans"]["status"] == "error" and written["spans"]["end"] is not None
+    assert written["transcript"][0]["role"] == "system"
+    alerts = [json.loads(line) for line in w.rt.config.alerts.read_text().splitlines()]
+    assert [(a["rule"], a["outcome"], a["task_id"]) for a in alerts] == [("high_turn_count", "failed", 77)]
+    assert alerts[0]["trace_file"] == str(trace.path)
 
 
 # ---------------------------------------------------------------------------

@@ -32,6 +32,11 @@ def test_environment_sets_typed_values(tmp_path: Path) -> None:
     assert loaded.database_url == "postgres://x"
 
 
+def test_loop_guard_repeats_defaults_to_three_and_is_set_by_the_environment(tmp_path: Path) -> None:
+    assert load(tmp_path).loop_guard_repeats == 3
+    assert load(tmp_path, {"PIDEPLOY_LOOP_GUARD_REPEATS": "2"}).loop_guard_repeats == 2
+
+
 def test_config_is_frozen(tmp_path: Path) -> None:
     loaded = load(tmp_path)
     with pytest.raises(AttributeError):
@@ -43,6 +48,7 @@ def test_config_is_frozen(tmp_path: Path) -> None:
     [
         ({"PIDEPLOY_WORKERS": "many"}, "workers", "expected int"),
         ({"PIDEPLOY_WORKERS": "0"}, "workers", "at least 1"),
+        ({"PIDEPLOY_LOOP_GUARD_REPEATS": "1"}, "loop_guard_repeats", "at least 2"),
         ({"PIDEPLOY_RETENTION_DAYS": "-1"}, "retention_days", "must be >= 0"),
         ({"PIDEPLOY_RUN_COST_CAP": "-1"}, "run_cost_cap", ">= 0"),
         ({"PIDEPLOY_AGENT": "maybe"}, "agent", "one of on, off"),

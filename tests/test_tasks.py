@@ -19,7 +19,7 @@ import tasks
 import tools
 from db import Database, Row
 from engine import MemoryEngine
-from errors import BadRequest, Conflict, NotFound
+from errors import BadRequest, Conflict, DatabaseError, NotFound, RunCrashed
 from proxy import MemoryProxy
 from tests.conftest import make_config
 
@@ -365,6 +365,25 @@ def test_a_run_that_raises_is_retried_then_recorded(
     row = status(database, task["id"])
     assert calls == [1, 2] and row["attempts"] == 2 and row["result"] == {"done": True}
     assert row["trace_file"] == "/tmp/trace.json" and row["duration_s"] is not None
+
+
+def test_a_run_that_crashes_on_its_last_attempt_keeps_its_trace(
+    queue: tasks.Queue, database: Database, pools: list[tasks.WorkerPool]
+) -> None:
+    def runner(task: Row, cancelled: tasks.Cancelled) -> agent.Outcome:
+        cause = DatabaseError("database unavailable: connection lost")
+        raise RunCrashed(cause, "infra_unavailable", f"task-{task['id']}-{task['attempts']}.json") from cause
+
+    task = queue.submit("heartbeat", "system").task
+    start_pool(pools, queue, runner, lease_s=0.6, poll_interval=0.05)
+    wait_until(lambda: status(database, task["id"])["status"] == "failed", timeout=30)
+    row = status(database, task["id"])
+    last = row["max_attempts"]
+    assert row["trace_file"] == f"task-{task['id']}-{last}.json" and row["error_class"] == "infra_unavailable"
+    assert (
+        row["last_error"]
+        == f"DatabaseError: database unavailable: connection lost (attempt {last} of {last})"
+    )
 
 
 def test_notify_wakes_an_idle_worker(
