@@ -21,6 +21,7 @@ from typing import Any
 from errors import ConfigError
 
 ENV_PREFIX = "PIDEPLOY_"
+DEFAULT_CONFIG_FILE = "pideploy.toml"  # in the working directory, used when present
 
 
 @dataclass(frozen=True)
@@ -292,8 +293,8 @@ def load(
     file_path: Path | None = None
     if env.get(ENV_PREFIX + "CONFIG"):
         file_path = Path(env[ENV_PREFIX + "CONFIG"]).expanduser()
-    elif (cwd / "pideploy.toml").is_file():
-        file_path = cwd / "pideploy.toml"
+    elif (cwd / DEFAULT_CONFIG_FILE).is_file():
+        file_path = cwd / DEFAULT_CONFIG_FILE
     document = _read_toml(file_path) if file_path else {}
     source = str(file_path) if file_path else "defaults"
 
@@ -376,7 +377,7 @@ def valid_hostport(value: str) -> bool:
 
 def describe() -> list[tuple[str, str, str]]:
     """(variable, default, type) for every setting: the README's table is built from this."""
-    rows = []
+    rows = [(ENV_PREFIX + "CONFIG", DEFAULT_CONFIG_FILE, "path")]  # names the file the rest may come from
     defaults = Config(home=Path("<home>"))
     for name, f in _settings().items():
         variable = _STANDARD_ENV.get(name, ENV_PREFIX + name.upper())
