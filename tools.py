@@ -419,6 +419,13 @@ def _instance_containers(rt: Runtime, instance_id: int) -> list[Container]:
     return rt.engine.list({LABEL_NAMESPACE: rt.config.namespace, LABEL_INSTANCE: str(instance_id)})
 
 
+def _inspect(rt: Runtime, ctx: ToolContext, container_id: str | None) -> Container | None:
+    if not container_id:
+        return None
+    with _step(ctx, "engine.inspect", **{"container.id": container_id}):
+        return rt.engine.inspect(container_id)
+
+
 def _remove_quietly(rt: Runtime, ctx: ToolContext, container_id: str) -> None:
     with (
         _step(ctx, "engine.remove", **{"container.id": container_id}),
@@ -655,7 +662,7 @@ def _start(rt: Runtime, ctx: ToolContext, row: Row) -> Result:
         raise ToolRefused(
             f"instance {row['id']} is {status}; a heartbeat does not start it", instance_id=row["id"]
         )
-    current = rt.engine.inspect(row["container_id"]) if row["container_id"] else None
+    current = _inspect(rt, ctx, row["container_id"])
     if status == "running" and current is not None and current.running and _healthy_now(row["port"]):
         routes = sync_routes(rt, ctx)
         return {**public_row(row), "note": "already running", "routed": row["id"] in routes["reachable"]}
@@ -725,7 +732,7 @@ def instance_stop(rt: Runtime, ctx: ToolContext, instance_id: int) -> Result:
             raise ToolRefused(f"instance {instance_id} is {row['status']}; a heartbeat does not stop it")
         if row["status"] in ("creating", "updating", "deleting"):
             raise ToolRefused(f"instance {instance_id} is {row['status']}; wait for that to finish")
-        current = rt.engine.inspect(row["container_id"]) if row["container_id"] else None
+        current = _inspect(rt, ctx, row["container_id"])
         if row["status"] == "stopped" and (current is None or not current.running):
             return {**public_row(row), "note": "already stopped"}
         if current is not None and current.running:
@@ -739,11 +746,12 @@ def instance_stop(rt: Runtime, ctx: ToolContext, instance_id: int) -> Result:
 
 def _wait_stopped(rt: Runtime, ctx: ToolContext, container_id: str) -> None:
     limit = time.monotonic() + ctx.remaining(rt.config.stop_timeout + 10)
-    while time.monotonic() < limit:
-        state = rt.engine.inspect(container_id)
-        if state is None or not state.running:
-            return
-        time.sleep(0.1)
+    with _step(ctx, "engine.wait_stopped", **{"container.id": container_id}):
+        while time.monotonic() < limit:
+            state = rt.engine.inspect(container_id)
+            if state is None or not state.running:
+                return
+            time.sleep(0.1)
     raise ToolError(f"container {container_id[:12]} still running after stop")
 
 
@@ -807,10 +815,11 @@ def instance_update(
 
 def _resume_interrupted_update(rt: Runtime, ctx: ToolContext, row: Row) -> Row:
     """A crash left the instance `updating`: the row's container_id is still the old container."""
-    old = rt.engine.inspect(row["container_id"]) if row["container_id"] else None
+    old = _inspect(rt, ctx, row["container_id"])
     _clear_name(rt, ctx, row, keep=old.id if old else None)
     if old is not None and old.name != container_name(rt.config, row["id"]):
-        rt.engine.rename(old.id, container_name(rt.config, row["id"]))
+        with _step(ctx, "engine.rename", **{"container.id": old.id}):
+            rt.engine.rename(old.id, container_name(rt.config, row["id"]))
     status = "running" if old is not None else "error"
     return _transition(rt, ctx, row, "update_resumed", {"old_container": bool(old)}, status=status)
 
@@ -829,7 +838,7 @@ def _update(rt: Runtime, ctx: ToolContext, row: Row, image: str, config: dict[st
     new: Container | None = None
     try:
         if old_id is not None:
-            old = rt.engine.inspect(old_id)
+            old = _inspect(rt, ctx, old_id)
             if old is not None and old.running:
                 with _step(ctx, "engine.stop", **{"container.id": old_id}):
                     rt.engine.stop(old_id, rt.config.stop_timeout)
@@ -847,6 +856,22 @@ def _update(rt: Runtime, ctx: ToolContext, row: Row, image: str, config: dict[st
         new = create_and_start(rt, ctx, container_spec(rt, row, image, row["port"], config))
         step = "health"
         waited = wait_healthy(rt, ctx, new.id, row["port"])
+        step = "record"
+        updated = _transition(
+            rt,
+            ctx,
+            row,
+            "updated",
+            {"from_image": old_image, "to_image": image, "health_wait_s": round(waited, 3)},
+            status="running",
+            container_id=new.id,
+            image=image,
+            config=config,
+        )
+        # Routed while the old container is still kept: nginx rejecting the map (a stopped
+        # instance the update brings back needs a new route) is a failed step like any other.
+        step = "nginx"
+        routes = sync_routes(rt, ctx)
     except PiDeployError as error:
         _roll_back_update(rt, ctx, row, old_id, new, storage, previous_config, was_running, step, error)
         raise RolledBack(
@@ -855,21 +880,9 @@ def _update(rt: Runtime, ctx: ToolContext, row: Row, image: str, config: dict[st
             cause=error.message,
             cause_class=error.error_class,
         ) from error
-    row = _transition(
-        rt,
-        ctx,
-        row,
-        "updated",
-        {"from_image": old_image, "to_image": image, "health_wait_s": round(waited, 3)},
-        status="running",
-        container_id=new.id,
-        image=image,
-        config=config,
-    )
-    if old_id is not None:  # only now, with the new one healthy and recorded
+    if old_id is not None:  # only now, with the new one healthy, recorded and routed
         _remove_quietly(rt, ctx, old_id)
-    routes = sync_routes(rt, ctx)
-    return {**public_row(row), "previous_image": old_image, "routed": row["id"] in routes["reachable"]}
+    return {**public_row(updated), "previous_image": old_image, "routed": row["id"] in routes["reachable"]}
 
 
 def _roll_back_update(
@@ -894,9 +907,11 @@ def _roll_back_update(
         status, last_error = ("running" if was_running else "stopped"), None
         if old_id is not None:
             try:
-                rt.engine.rename(old_id, container_name(rt.config, row["id"]))
+                with _step(ctx, "engine.rename", **{"container.id": old_id}):
+                    rt.engine.rename(old_id, container_name(rt.config, row["id"]))
                 if was_running:
-                    rt.engine.start(old_id)
+                    with _step(ctx, "engine.start", **{"container.id": old_id}):
+                        rt.engine.start(old_id)
                     wait_healthy(rt, ctx, old_id, row["port"])
             except PiDeployError as restore_error:
                 status, last_error = "error", f"update rollback failed: {restore_error.message}"

@@ -7,24 +7,28 @@ the real parts (a real nginx to break, a real engine to refuse).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
 import socket
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import tools
-from errors import ImageNotFound, RolledBack, ToolArgumentError, ToolError, ToolRefused
+from errors import ImageNotFound, ProxyError, RolledBack, ToolArgumentError, ToolError, ToolRefused
 from proxy import NginxProxy
-from tests.conftest import World, make_config_like, require_stack
+from tests.conftest import World, make_config, make_config_like, require_stack
 
 pytestmark = pytest.mark.stack
+V2 = "localhost/pideploy-gateway:v2"
 
 
 # ---------------------------------------------------------------------------
@@ -34,47 +38,69 @@ pytestmark = pytest.mark.stack
 
 def test_full_lifecycle(any_world: World) -> None:
     w = any_world
+    seen = 0
+
+    def appended(instance_id: int) -> list[str]:
+        """The event kinds the last step appended."""
+        nonlocal seen
+        kinds = w.events(instance_id)
+        fresh, seen = kinds[seen:], len(kinds)
+        return fresh
+
     created = w.create("alpha", env={"GATEWAY_LOG_MESSAGE": "hello"})
-    iid = created["instance_id"]
+    iid, port = created["instance_id"], created["port"]
     row = w.row(iid)
-    assert row is not None and row["status"] == "running" and row["port"]
+    assert row is not None and row["status"] == "running" and row["port"] == port
     (container,) = w.containers(iid)
     assert container.running and container.labels["pideploy.user"] == "alice"
+    assert row["container_id"] == container.id
+    assert tools.healthz(port)[0]
     assert w.through_nginx(iid) == (200, "ok")
     assert w.through_nginx(iid, "version")[1] == "v1"
     config_file = Path(row["storage_path"]) / tools.CONFIG_FILE
     assert json.loads(config_file.read_text())["instance"] == {"id": iid, "name": "alpha", "user": "alice"}
-    assert w.events(iid) == ["create_requested", "create_started", "port_reserved", "created"]
+    assert appended(iid) == ["create_requested", "create_started", "port_reserved", "created"]
 
     tools.instance_stop(w.rt, w.ctx(), iid)
-    assert w.row(iid)["status"] == "stopped"  # type: ignore[index]
-    assert not w.containers(iid)[0].running
+    row = w.row(iid)
+    assert row is not None and row["status"] == "stopped" and row["container_id"] == container.id
+    (stopped,) = w.containers(iid)
+    assert stopped.id == container.id and not stopped.running
+    assert not tools.healthz(port)[0]
     assert w.through_nginx(iid)[0] == 404
     assert str(iid) not in w.rt.proxy.routes()
+    assert appended(iid) == ["stopped"]
 
     tools.instance_start(w.rt, w.ctx(), iid)
-    assert w.row(iid)["status"] == "running"  # type: ignore[index]
+    row = w.row(iid)
+    assert row is not None and row["status"] == "running" and row["port"] == port
+    (started,) = w.containers(iid)
+    assert started.id == container.id and started.running
+    assert tools.healthz(port)[0]
     assert w.through_nginx(iid) == (200, "ok")
+    assert w.rt.proxy.routes()[str(iid)] == port
+    assert appended(iid) == ["started"]
 
     updated = tools.instance_update(w.rt, w.ctx(), iid, image="localhost/pideploy-gateway:v2")
     assert updated["image"] == "localhost/pideploy-gateway:v2" and updated["routed"]
-    assert w.through_nginx(iid, "version")[1] == "v2"
+    row = w.row(iid)
+    assert row is not None and row["status"] == "running" and row["image"] == updated["image"]
     (after,) = w.containers(iid)  # the old container is gone once the new one is healthy
-    assert after.id != container.id and w.row(iid)["container_id"] == after.id  # type: ignore[index]
+    assert after.id != container.id and after.running and row["container_id"] == after.id
+    assert after.name == tools.container_name(w.rt.config, iid)
+    assert tools.healthz(port)[0]
+    assert w.through_nginx(iid) == (200, "ok")
+    assert w.through_nginx(iid, "version")[1] == "v2"
+    assert appended(iid) == ["update_started", "updated"]
 
     tools.instance_delete(w.rt, w.ctx(), iid)
     assert w.row(iid) is None
     assert w.containers(iid) == []
     assert not config_file.parent.exists()
+    assert not tools.healthz(port)[0]
     assert w.through_nginx(iid)[0] == 404
-    assert w.events(iid)[4:] == [
-        "stopped",
-        "started",
-        "update_started",
-        "updated",
-        "delete_started",
-        "deleted",
-    ]
+    assert str(iid) not in w.rt.proxy.routes()
+    assert appended(iid) == ["delete_started", "deleted"]  # the history outlives the row
 
 
 def test_repeats_are_idempotent(any_world: World) -> None:
@@ -421,3 +447,213 @@ def test_a_proxy_in_the_environment_does_not_reach_loopback_checks(
     created = memory_world.create("proxied")
     assert memory_world.row(created["instance_id"])["status"] == "running"  # type: ignore[index]
     assert tools.healthz(created["port"]) == (True, "HTTP 200")
+
+
+# ---------------------------------------------------------------------------
+# The update's file lock, held from outside
+# ---------------------------------------------------------------------------
+
+
+def test_an_update_waits_on_the_file_lock_in_the_configured_lock_dir(
+    real_world: World, tmp_path: Path
+) -> None:
+    w = real_world
+    assert make_config(tmp_path).locks == make_config(tmp_path).home / "locks"  # the default: the data dir
+    locks = tmp_path / "elsewhere" / "locks"
+    configured = make_config(
+        tmp_path, namespace=w.rt.config.namespace, health_timeout=10, stop_timeout=3, lock_dir=locks
+    )  # PIDEPLOY_LOCK_DIR
+    w.rt = tools.Runtime(configured, w.rt.db, w.rt.engine, w.rt.proxy)
+    iid = w.create("locked")["instance_id"]
+    tools.instance_update(w.rt, w.ctx(), iid, config={"env": {"GATEWAY_LOG_MESSAGE": "first"}})
+    (lock_file,) = locks.iterdir()  # the lock lives in the configured folder, and only there
+    assert not (configured.home / "locks").exists()
+    before, history = w.row(iid), w.events(iid)
+    assert before is not None
+
+    def unchanged() -> None:
+        assert w.row(iid) == before and w.events(iid) == history
+        assert [c.id for c in w.containers(iid)] == [before["container_id"]]
+
+    outcome: list[str] = []
+
+    def update() -> None:
+        try:
+            outcome.append(tools.instance_update(w.rt, w.ctx(), iid, image=V2)["image"])
+        except ToolError as error:
+            outcome.append(error.message)
+
+    with open(lock_file, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another process's rebuild, as far as the tool can tell
+        hurried = w.ctx()
+        hurried.deadline = time.monotonic() + 1
+        with pytest.raises(ToolError, match=f"another update of instance {iid} is in progress") as busy:
+            tools.instance_update(w.rt, hurried, iid, image=V2)
+        assert busy.value.data["lock"] == str(lock_file)
+        unchanged()
+        waiting = threading.Thread(target=update)
+        waiting.start()
+        time.sleep(1.5)
+        assert waiting.is_alive() and outcome == []  # it waits, and rebuilds nothing meanwhile
+        unchanged()
+    waiting.join(30)
+    assert outcome == [V2]
+    assert w.events(iid)[len(history) :] == ["update_started", "updated"]
+    assert w.through_nginx(iid, "version")[1] == "v2"
+
+
+# ---------------------------------------------------------------------------
+# Tracing: every engine call runs inside a step span of its own
+# ---------------------------------------------------------------------------
+
+_ENGINE_CALLS = ("image_exists", "tag_image", "create", "start", "stop", "kill", "remove", "rename")
+_ENGINE_READS = ("inspect", "list", "logs")
+_WAIT_SPANS = ("health.wait", "engine.wait_stopped")  # polls of the engine inside one waiting step
+
+
+def record_engine_calls(
+    w: World, ctx: tools.ToolContext, monkeypatch: pytest.MonkeyPatch
+) -> list[tuple[str, str]]:
+    """(engine method, the innermost span open when it was called) for each call made from now on."""
+    calls: list[tuple[str, str]] = []
+    for method in _ENGINE_CALLS + _ENGINE_READS:
+        real = getattr(w.rt.engine, method)
+
+        def spy(*args: Any, _method: str = method, _real: Any = real, **kwargs: Any) -> Any:
+            open_spans = [s for s in ctx.trace.spans() if s.end is None]
+            calls.append((_method, open_spans[-1].name))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(w.rt.engine, method, spy)
+    return calls
+
+
+def outside_step_spans(calls: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(m, s) for m, s in calls if not s.startswith("engine.") and s not in _WAIT_SPANS]
+
+
+def test_every_engine_call_of_stop_and_start_runs_in_a_step_span(
+    real_world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = real_world
+    iid = w.create("spans")["instance_id"]
+    ctx = w.ctx()
+    calls = record_engine_calls(w, ctx, monkeypatch)
+    tools.instance_stop(w.rt, ctx, iid)
+    tools.instance_start(w.rt, ctx, iid)
+    assert ("inspect", "engine.inspect") in calls and ("stop", "engine.stop") in calls
+    assert outside_step_spans(calls) == []
+
+
+def test_the_spans_of_an_update_that_rolls_back(real_world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = real_world
+    iid = w.create("traced")["instance_id"]
+    old = w.row(iid)["container_id"]  # type: ignore[index]
+    ctx = w.ctx()
+    calls = record_engine_calls(w, ctx, monkeypatch)
+    with pytest.raises(RolledBack, match="step health"):
+        tools.instance_update(w.rt, ctx, iid, image=V2, config={"env": {"GATEWAY_CRASH_AT_START": "1"}})
+    assert outside_step_spans(calls) == []
+    steps = [s.name for s in ctx.trace.root.children]
+    assert steps == [
+        "engine.image_check",
+        "db.update",  # updating
+        "engine.inspect",
+        "engine.stop",
+        "engine.wait_stopped",
+        "engine.rename",  # the old container kept aside
+        "engine.create",
+        "engine.start",
+        "health.wait",
+        "rollback",
+    ]
+    (health,) = [s for s in ctx.trace.root.children if s.name == "health.wait"]
+    assert health.status == "error" and "exited with code 3" in health.attributes["error.message"]
+    (rollback,) = [s for s in ctx.trace.root.children if s.name == "rollback"]
+    assert rollback.attributes["pideploy.failed_step"] == "health"
+    failed = [(s.name, s.attributes.get("error.message")) for s in rollback.walk() if s.status != "ok"]
+    assert failed == []
+    assert [s.name for s in rollback.children] == [
+        "engine.remove",  # the new container
+        "engine.rename",  # the old one, back to its name
+        "engine.start",
+        "health.wait",
+        "db.update",  # update_rolled_back
+        "nginx.sync",
+        "nginx.verify",
+    ]
+    restore = {s.name: s.attributes.get("container.id") for s in rollback.children[1:3]}
+    assert restore == {"engine.rename": old, "engine.start": old}
+    assert all(s.end is not None for s in ctx.trace.spans()[1:])
+    _assert_update_rolled_back(w, iid, old)
+
+
+# ---------------------------------------------------------------------------
+# Update while nginx's configuration is broken
+# ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def nginx_config_broken(w: World) -> Iterator[None]:
+    """An include nginx.conf reads that makes `nginx -t` fail (nginx itself keeps serving)."""
+    assert isinstance(w.rt.proxy, NginxProxy) and w.rt.proxy.prefix is not None
+    broken = w.rt.proxy.prefix / "conf.d" / "broken.conf"
+    broken.parent.mkdir(exist_ok=True)
+    broken.write_text("this_is_not_a_directive on;\n")
+    try:
+        yield
+    finally:
+        broken.unlink()
+
+
+def test_update_of_a_running_instance_while_nginx_config_is_invalid_keeps_its_route(
+    real_world: World,
+) -> None:
+    # The instance keeps its host port through an update, so its route does not change: the
+    # live map stays as it is, no reload is needed, and the rebuilt container answers on it.
+    w = real_world
+    iid = w.create("upd5")["instance_id"]
+    old = w.row(iid)
+    assert old is not None
+    with nginx_config_broken(w):
+        updated = tools.instance_update(w.rt, w.ctx(), iid, image=V2)
+        assert updated["routed"]
+        row = w.row(iid)
+        assert row is not None and row["status"] == "running" and row["image"] == V2
+        assert row["port"] == old["port"]
+        (only,) = w.containers(iid)
+        assert only.running and only.id == row["container_id"] != old["container_id"]
+        assert w.rt.proxy.routes() == {str(iid): old["port"]}
+        assert w.through_nginx(iid, "version")[1] == "v2"
+        assert w.events(iid)[-2:] == ["update_started", "updated"]
+
+
+def test_update_whose_route_nginx_rejects_restores_the_old_container(real_world: World) -> None:
+    # A stopped instance comes back running from an update, so it needs a route; nginx -t
+    # rejects the new map. The update is undone: the old container stopped again, the DB
+    # `stopped`, and nginx serves the last good map (the other instances' routes).
+    w = real_world
+    keeper = w.create("keeper")["instance_id"]
+    iid = w.create("upd6")["instance_id"]
+    tools.instance_stop(w.rt, w.ctx(), iid)
+    before = w.row(iid)
+    assert before is not None
+    with nginx_config_broken(w), pytest.raises(RolledBack, match="step nginx") as caught:
+        tools.instance_update(w.rt, w.ctx(), iid, image=V2)
+    assert caught.value.data["cause_class"] == ProxyError.error_class
+    row = w.row(iid)
+    assert row is not None and row["status"] == "stopped" and row["last_error"] is None
+    assert (row["image"], row["container_id"], row["port"]) == (
+        before["image"],
+        before["container_id"],
+        before["port"],
+    )
+    (only,) = w.containers(iid)
+    assert only.id == before["container_id"] and not only.running
+    assert only.name == tools.container_name(w.rt.config, iid)
+    assert w.rt.proxy.routes() == {str(keeper): w.row(keeper)["port"]}  # type: ignore[index]
+    assert w.through_nginx(iid)[0] == 404
+    assert w.through_nginx(keeper) == (200, "ok")
+    assert w.events(iid)[-1] == "update_rolled_back"
+    tools.instance_start(w.rt, w.ctx(), iid)  # nginx fixed: the restored container serves v1
+    assert w.through_nginx(iid, "version")[1] == "v1"
