@@ -68,6 +68,7 @@ V2 = "localhost/pideploy-gateway:v2"
 ARTIFACTS = ROOT / "artifacts" / "e2e"
 STATE_MS = 30_000  # a task (replayed model, real engine) and the page's next poll
 NOT_REFRESHED_MS = 6_000  # four of the page's 1.5 s polls
+ACCEPTED_MS = 10_000  # a button's request answered (202 or an error): no task has to run
 # The line of dashboard.html that schedules the next poll; the broken copy drops it.
 POLL_LINE = "state.timer = setTimeout(tick, POLL_MS);"
 
@@ -552,7 +553,7 @@ def test_the_lifecycle_through_the_api_shows_on_the_page(site: Site, page: Page,
 def test_the_lifecycle_through_the_page_buttons(
     site: Site, page: Page, dialogs: Dialogs, steps: Steps
 ) -> None:
-    # 6. Create, update, stop and delete with the page's own controls, following each task's progress.
+    # 6. Create, update, stop, start, stop and delete with the page's own controls, following each task's progress.
     open_dashboard(page, site)
     page.get_by_label("Name").fill("via-page")
     page.get_by_role("button", name="Create").click()
@@ -600,6 +601,33 @@ def test_the_lifecycle_through_the_page_buttons(
     trace.get_by_test_id("trace-close").click()
     expect(trace).to_be_hidden()
 
+    # Started again from the page: its task runs the scripted start, and the instance answers again.
+    row.get_by_role("button", name="Start via-page").click()
+    expect(progress).to_contain_text("start via-page")
+    expect(progress, "the API refused the Start button's request").to_have_attribute(
+        "data-status", re.compile(r"^(queued|running|succeeded)$"), timeout=ACCEPTED_MS
+    )
+    expect(progress).to_have_attribute("data-status", "succeeded")
+    expect_status(row, "running")
+    start_id = int(progress.get_attribute("data-task-id") or 0)
+    site.succeeded(start_id)
+    task_row = page.locator(f'[data-testid="task"][data-task-id="{start_id}"]')
+    expect(task_row.get_by_test_id("type")).to_have_text("instance_start")
+    expect(task_row.get_by_test_id("turns")).to_have_text("2")  # instance_start, report_result
+    expect(row.get_by_test_id("url")).to_have_attribute("href", f"{site.nginx}/i/{iid}/")
+    status, body = get(f"{site.nginx}/i/{iid}/healthz")
+    assert (status, body.strip()) == (200, "ok"), f"restarted instance {iid} through nginx: {status} {body!r}"
+    expect(row.get_by_role("button", name="Start via-page")).to_be_disabled()
+    steps.done("10-page-started")
+
+    # Stopped again, so the delete below removes a stopped instance as before.
+    row.get_by_role("button", name="Stop via-page").click()
+    expect(progress).to_contain_text("stop via-page")
+    expect_status(row, "stopped")
+    expect(progress).to_have_attribute("data-status", "succeeded")
+    assert get(f"{site.nginx}/i/{iid}/healthz")[0] != 200
+    steps.done("11-page-stopped-again")
+
     # Delete asks first: dismissed, nothing happens; accepted, the instance goes.
     tasks_before = len(site.call("GET", "/api/tasks")[1])
     dialogs.accept = False
@@ -612,7 +640,7 @@ def test_the_lifecycle_through_the_page_buttons(
     expect(progress).to_contain_text("delete via-page")
     expect(row).to_have_count(0)
     expect(progress).to_have_attribute("data-status", "succeeded")
-    steps.done("10-page-deleted")
+    steps.done("12-page-deleted")
 
 
 def test_an_instance_in_error_shows_its_reason(site: Site, page: Page, steps: Steps) -> None:
@@ -625,7 +653,7 @@ def test_an_instance_in_error_shows_its_reason(site: Site, page: Page, steps: St
     task_row = page.locator(f'[data-testid="task"][data-task-id="{created["task_id"]}"]')
     expect(task_row).to_have_attribute("data-status", "failed")
     expect(task_row.get_by_test_id("error-class")).not_to_be_empty()
-    steps.done("11-error")
+    steps.done("13-error")
     site.submit("DELETE", f"/api/instances/{created['instance_id']}")
     expect(row).to_have_count(0)
 
@@ -641,7 +669,7 @@ def test_identity_sign_out_a_wrong_token_and_sign_in(site: Site, page: Page, ste
     page.get_by_label("API token").fill("not-the-token")
     page.get_by_role("button", name="Open dashboard").click()
     expect(page.get_by_test_id("login")).to_contain_text("missing or wrong bearer token")
-    steps.done("12-wrong-token")
+    steps.done("14-wrong-token")
 
     page.get_by_label("API token").fill(site.token)
     page.get_by_role("button", name="Open dashboard").click()
@@ -671,7 +699,7 @@ def test_a_page_that_stops_refreshing_fails_the_status_check(site: Site, page: P
     with pytest.raises(AssertionError):
         expect_status(row, "stopped", timeout=NOT_REFRESHED_MS)  # ... but the page never shows it
     expect(row.get_by_test_id("status")).to_have_text("running")
-    steps.done("13-broken-page-stale")
+    steps.done("15-broken-page-stale")
 
     page.unroute_all()
     page.reload()  # the real page, same session: identity from sessionStorage
