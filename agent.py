@@ -220,8 +220,13 @@ class OpenAIChat:
                 stream_options={"include_usage": True},
                 timeout=timeout,
             )
-            with stream:
+            with stream:  # leaving it closes the connection, also when we cut it short
                 for chunk in stream:
+                    # The client's timeout is per read: a stream that trickles never trips it.
+                    if time.monotonic() - started > timeout:
+                        raise ModelTimeout(
+                            f"{self.name}: still streaming after {timeout:g}s", model=self.name
+                        )
                     response_model = chunk.model or response_model
                     if chunk.usage is not None:
                         usage = (chunk.usage.prompt_tokens or 0, chunk.usage.completion_tokens or 0)

@@ -65,6 +65,9 @@ A turn:
                       then drops the connection            -> a read timeout in the client
     disconnect        sends `after_chunks` SSE events (default 1; non-streaming: nothing),
                       then closes the connection mid-stream -> a transport error
+    trickle           sends `after_chunks` SSE events (default 1), then a "." every
+                      `interval` s (default 0.5) for `seconds` (default 600), then drops
+                      the connection: no read ever times out -> only a wall-clock cut ends it
     empty             a normal answer with no content and no tool calls
   Any fault may carry `message` to replace the error text.
 - `"times": N, "then": TURN`: the turn is served for the first N requests at
@@ -100,10 +103,13 @@ from typing import Any, cast
 
 logger = logging.getLogger(__name__)
 
-FAULTS = ("http_500", "http_429", "http_401", "http_404", "context_overflow", "stall", "disconnect", "empty")
+FAULTS = (
+    *("http_500", "http_429", "http_401", "http_404", "context_overflow"),
+    *("stall", "disconnect", "trickle", "empty"),
+)
 _CONVERSATION_KEYS = {"id", "model", "match", "turns", "after_end", "description"}
 _TURN_KEYS = {"content", "tool_calls", "usage", "finish_reason", "delay", "times", "then"}
-_FAULT_KEYS = {"fault", "retry_after", "after_chunks", "seconds", "message", "times", "then"}
+_FAULT_KEYS = {"fault", "retry_after", "after_chunks", "seconds", "interval", "message", "times", "then"}
 _TOOL_CALL_KEYS = {"id", "name", "arguments"}
 _PLACEHOLDER = re.compile(r"\{\{\s*(task|last_result)((?:\.[A-Za-z0-9_-]+)*)\s*\}\}")
 _FENCED_JSON = re.compile(r"```json[ \t]*\n(.*?)```", re.DOTALL)
@@ -231,6 +237,8 @@ class Answer:
     model: str = ""
     break_after: int | None = None  # stall/disconnect: events sent before the break
     hang_s: float = 0.0  # stall: how long to hang before dropping the connection
+    trickle_s: float = 0.0  # trickle: how long to keep sending a "." before dropping it
+    trickle_every_s: float = 0.5
     delay_s: float = 0.0
 
 
@@ -267,6 +275,12 @@ def _fault(turn: dict[str, Any], model: str, prompt_tokens: int) -> Answer:
         return _error(400, text, "invalid_request_error", "context_length_exceeded", "messages")
     if fault == "stall":
         return Answer(break_after=int(turn.get("after_chunks", 1)), hang_s=float(turn.get("seconds", 600)))
+    if fault == "trickle":
+        return Answer(
+            break_after=int(turn.get("after_chunks", 1)),
+            trickle_s=float(turn.get("seconds", 600)),
+            trickle_every_s=float(turn.get("interval", 0.5)),
+        )
     assert fault == "disconnect", fault  # "empty" is an ordinary answer with nothing in it
     return Answer(break_after=int(turn.get("after_chunks", 1)))
 
@@ -732,6 +746,9 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             for index, event in enumerate(events):
                 if index == answer.break_after:
+                    if answer.trickle_s:
+                        dot = stream_events(Answer(content=".", model=answer.model), "", 0, include_usage)[1]
+                        self._trickle(answer, dot)
                     self._break(answer)
                     return
                 if index == 1 and self._wait(answer.delay_s):
@@ -744,6 +761,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client went away (its read timeout, say)
+
+    def _trickle(self, answer: Answer, event: str) -> None:
+        """A model that never stops: an event every trickle_every_s, each one resets the read timeout."""
+        ends = time.monotonic() + answer.trickle_s
+        while time.monotonic() < ends and not self._wait(answer.trickle_every_s):
+            self._chunk(f"data: {event}\n\n".encode())
 
     def _chunk(self, data: bytes) -> None:
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))

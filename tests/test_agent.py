@@ -457,6 +457,35 @@ def test_a_stalled_stream_times_out_and_falls_back(memory_world: World, replay: 
     assert stalled[0]["attributes"]["error.type"] == "llm_timeout"
 
 
+def test_a_stream_that_trickles_forever_is_cut_at_the_model_timeout(
+    memory_world: World, replay: ReplayServer
+) -> None:
+    # Every read gets a byte within the timeout, so only a cut on the call's own clock ends it;
+    # without one, model A would hold the run until its 10 s deadline.
+    replay.set_script(
+        {
+            "conversations": [
+                {
+                    "model": MODEL_A,
+                    "turns": [{"repeat": {"fault": "trickle", "seconds": 60, "interval": 0.1}}],
+                },
+                {"model": MODEL_B, "turns": [call("instance_create", name="alpha"), report()]},
+            ]
+        }
+    )
+    task = agent.TaskSpec("instance_create", "alice", {"name": "alpha"})
+    outcome = run(
+        memory_world,
+        task,
+        [model(replay, MODEL_A, timeout=1), model(replay, MODEL_B)],
+        agent.Limits(retries=0, timeout_s=10),
+    )
+    assert outcome.status == "succeeded", outcome.error
+    trickled = [s for s in chat_spans(outcome) if s["attributes"]["pideploy.model_name"] == MODEL_A]
+    assert trickled[0]["attributes"]["error.type"] == "llm_timeout"
+    assert "still streaming after 1s" in trickled[0]["attributes"]["error.message"]
+
+
 def test_malformed_json_is_returned_to_the_model_once(memory_world: World, replay: ReplayServer) -> None:
     bad = {"tool_calls": [{"name": "instance_create", "arguments": '{"name": "alpha"'}]}
     replay.set_script(_create_script(MODEL_A, bad))
