@@ -846,7 +846,10 @@ class Heartbeat:
                         report.retry_at[int(row["id"])] = due_at
             else:
                 report.repaired.append(drift)
-            if drift.family != "down" and drift.kind != ORPHAN and drift.instance_id in now_rows:
+            # Orphans are reported, not acted on (every round, in its trace): no event. A route of
+            # no known instance is repaired like any other drift, so it is in the history too.
+            known = drift.instance_id in now_rows
+            if drift.family != "down" and drift.kind != ORPHAN and (known or drift.family == "routes"):
                 kind = "drift_unrepaired" if drift in report.unrepaired else "drift_repaired"
                 tools.record_event(
                     self.rt, ctx, drift.instance_id, kind, drift=drift.kind, evidence=drift.evidence

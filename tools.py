@@ -146,7 +146,13 @@ def _step(ctx: ToolContext, name: str, **attributes: Any) -> contextlib.Abstract
 
 
 def _event(
-    rt: Runtime, conn: Any, ctx: ToolContext, instance_id: int, kind: str, user_id: str | None, **detail: Any
+    rt: Runtime,
+    conn: Any,
+    ctx: ToolContext,
+    instance_id: int | None,
+    kind: str,
+    user_id: str | None,
+    **detail: Any,
 ) -> None:
     rt.db.one(
         "event_insert",
@@ -159,10 +165,11 @@ def _event(
     )
 
 
-def record_event(rt: Runtime, ctx: ToolContext, instance_id: int, kind: str, **detail: Any) -> None:
-    """An event outside any status change (its own transaction)."""
+def record_event(rt: Runtime, ctx: ToolContext, instance_id: int | None, kind: str, **detail: Any) -> None:
+    """An event outside any status change (its own transaction). instance_id None: about no
+    instance piDeploy knows (a stray nginx route), kept in the history all the same."""
     with rt.db.transaction() as conn:
-        row = rt.db.one("instance_get", conn, id=instance_id)
+        row = rt.db.one("instance_get", conn, id=instance_id) if instance_id is not None else None
         _event(rt, conn, ctx, instance_id, kind, row["user_id"] if row else ctx.user_id, **detail)
 
 

@@ -325,6 +325,10 @@ def test_an_nginx_map_edited_by_hand_is_repaired(stack: Stack) -> None:
     assert stack.proxy.routes() == {str(alpha): routes[str(alpha)], str(beta): routes[str(beta)]}
     assert stack.through_nginx(beta) == 200 and stack.through_nginx(alpha) == 200
     assert stack.events(beta)[-1] == "drift_repaired"
+    stray = [e for e in stack.rt.db.all("event_list_all", limit=50) if e["instance_id"] is None]
+    assert [(e["kind"], e["detail"]["drift"], e["detail"]["evidence"]["route"]) for e in stray] == [
+        ("drift_repaired", "route_stale", "ghost")
+    ]
 
 
 class _NeverCalled:
