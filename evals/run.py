@@ -843,7 +843,7 @@ def score(
 
     if total.turns > expect["max_turns"]:
         problems["no_loops"].append(f"{total.turns} turns > {expect['max_turns']}")
-    limit = expect.get("max_repeats", 2)
+    limit = expect.get("max_repeats", 1)
     for trace in traces:
         most, what = max_repeats(trace)
         if most > limit:

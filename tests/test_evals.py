@@ -221,6 +221,10 @@ def test_each_score_fails_for_its_own_reason() -> None:
     scores, problems = scored([status, status, status, *GOOD])
     assert failing(scores) == ["no_loops"]
     assert any("asked for 3 times" in p for p in problems) and any("5 turns > 4" in p for p in problems)
+    twice, problems = scored([status, status, *GOOD], expect={"max_turns": 10})  # no repeat by default
+    assert failing(twice) == ["no_loops"] and any("asked for 2 times (at most 1)" in p for p in problems)
+    allowed, _ = scored([status, status, *GOOD], expect={"max_turns": 10, "max_repeats": 2})
+    assert failing(allowed) == []
     scores, problems = scored(world=["notes: its container was replaced"])
     assert failing(scores) == ["world_ok"] and problems == ["world_ok: notes: its container was replaced"]
 
