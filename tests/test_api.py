@@ -26,6 +26,8 @@ from engine import LABEL_INSTANCE, LABEL_NAMESPACE, MemoryEngine
 from proxy import MemoryProxy
 from tests.conftest import make_config
 
+pytestmark = pytest.mark.stack  # a real PostgreSQL (the `database` fixture)
+
 TOKEN = "s3cret-token"
 V2 = "localhost/pideploy-gateway:v2"
 

@@ -571,6 +571,7 @@ def _bounding_set() -> str:
     return next(line for line in status.splitlines() if line.startswith("CapBnd:"))
 
 
+@pytest.mark.stack
 def test_nginx_t_of_a_running_nginx_passes_in_the_sandbox(tmp_path: Path) -> None:
     # nginx -t opens its pid and error log files for writing: alone in its command, the
     # sandbox lets it open those (and create nothing but logs under /var/log/nginx).

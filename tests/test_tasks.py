@@ -23,6 +23,8 @@ from errors import BadRequest, Conflict, DatabaseError, NotFound, RunCrashed
 from proxy import MemoryProxy
 from tests.conftest import make_config
 
+pytestmark = pytest.mark.stack  # a real PostgreSQL (the `database` fixture)
+
 LEASE = 0.3  # seconds: long enough for a claim, short enough that expiry tests are quick
 
 
