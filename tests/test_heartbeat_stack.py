@@ -34,7 +34,7 @@ import db
 import heartbeat as hb
 import tools
 from config import Config, ModelConfig
-from engine import LABEL_NAMESPACE, Container, DockerEngine
+from engine import LABEL_INSTANCE, LABEL_NAMESPACE, Container, DockerEngine
 from evals.llm_server import ReplayServer
 from proxy import NginxProxy, proxy_from_config, render_map
 from tests.conftest import ROOT, free_port, make_config, nginx_binary, require_stack
@@ -342,6 +342,30 @@ class _NeverCalled:
     ) -> agent.Completion:
         self.calls += 1
         raise AssertionError("a healthy round must not call a model")
+
+
+def test_a_targeted_round_lists_only_its_instances_containers(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A `die` event's round must not pay for the whole fleet: at 200 instances, listing every
+    # container is most of the round.
+    alpha, beta = stack.create("alpha"), stack.create("beta")
+    stack.kill(alpha)
+    listed: list[dict[str, str]] = []
+    real_list = stack.engine.list
+
+    def spy(labels: dict[str, str]) -> Any:
+        listed.append(dict(labels))
+        return real_list(labels)
+
+    monkeypatch.setattr(stack.engine, "list", spy)
+
+    report = stack.heartbeat().round("event", only={alpha})
+
+    assert [d.kind for d in report.repaired] == ["container_exited"] and report.ok
+    assert report.engine_calls == 2  # its list, and an inspect of the dead container for its OOM flag
+    assert listed and all(labels.get(LABEL_INSTANCE) == str(alpha) for labels in listed), listed
+    assert stack.through_nginx(alpha) == 200 and stack.through_nginx(beta) == 200
 
 
 def test_a_healthy_fleet_costs_one_engine_call_and_no_model_call(stack: Stack) -> None:
