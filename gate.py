@@ -71,7 +71,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1094,6 +1094,7 @@ def run(
     timeout: float = 20.0,
     output_cap: int = 16_000,
     env: Mapping[str, str] | None = None,
+    connect_ports: Collection[int] | None = None,
 ) -> BashResult:
     """check() first (raise errors.ToolRefused(reason, command=command) if refused), then run the
     command with bash -c in a NEW PROCESS GROUP (start_new_session=True), stdin from /dev/null,
@@ -1102,7 +1103,8 @@ def run(
 
     The child works in `/` with `env` (default: PATH and LC_ALL=C only, so none of piDeploy's
     secrets), minus variables that make bash run code first (BASH_ENV, BASH_FUNC_*, LD_*).
-    A timeout <= 0 (no time left) returns timed_out=True without starting anything."""
+    A timeout <= 0 (no time left) returns timed_out=True without starting anything.
+    connect_ports: the only TCP ports the command may connect to (Landlock ABI 4+); None: any."""
     roots = _roots(read_roots)
     try:
         commands = _check(command, roots)
@@ -1117,6 +1119,7 @@ def run(
         roots,
         env=_child_env(env),
         nginx_files=commands[0][0] == "nginx",  # then it is the only command
+        connect_ports=None if connect_ports is None else frozenset(connect_ports),
     ) as proc:
         try:
             (out, err, truncated), timed_out = _read_capped(proc, deadline, output_cap)
@@ -1167,7 +1170,8 @@ _NGINX_WRITE_PATHS = ("/run/nginx.pid", "/var/log/nginx")
 # on every architecture (they were added after the tables were unified).
 _SYS_LANDLOCK_CREATE_RULESET, _SYS_LANDLOCK_ADD_RULE, _SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
 _LANDLOCK_CREATE_RULESET_VERSION = 1
-_LANDLOCK_RULE_PATH_BENEATH = 1
+_LANDLOCK_RULE_PATH_BENEATH, _LANDLOCK_RULE_NET_PORT = 1, 2
+_NET_CONNECT_TCP = 1 << 1  # LANDLOCK_ACCESS_NET_CONNECT_TCP (ABI 4)
 _FS_EXECUTE, _FS_WRITE_FILE, _FS_READ_FILE, _FS_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 _FS_MAKE_REG, _FS_TRUNCATE, _FS_IOCTL_DEV = 1 << 8, 1 << 14, 1 << 15
 _FS_FILE_RIGHTS = _FS_EXECUTE | _FS_WRITE_FILE | _FS_READ_FILE | _FS_TRUNCATE | _FS_IOCTL_DEV
@@ -1187,6 +1191,10 @@ class _RulesetAttr(ctypes.Structure):
         ("handled_access_net", ctypes.c_uint64),  # ABI 4; 0: TCP is left to the allowlist
         ("scoped", ctypes.c_uint64),  # ABI 6
     ]
+
+
+class _NetPortAttr(ctypes.Structure):
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("port", ctypes.c_uint64)]
 
 
 class _PathBeneathAttr(ctypes.Structure):
@@ -1244,14 +1252,20 @@ def _prctl(name: str, option: int, value: int) -> None:
         raise SandboxFailed(f"bash sandbox: {name} failed: {os.strerror(code)}", call=name, errno=code)
 
 
-def _enter_sandbox(roots: tuple[Path, ...], abi: int, *, nginx_files: bool) -> None:
+def _enter_sandbox(
+    roots: tuple[Path, ...], abi: int, *, nginx_files: bool, connect_ports: frozenset[int] | None
+) -> None:
     """Restrict the CALLING THREAD (and what it starts) for good: call it on a throwaway thread.
     nginx_files: also what `nginx -t` opens (see _NGINX_READ_PATHS); in the read roots (piDeploy's
-    own nginx keeps its pid and logs there) only files that exist, and only to write in place."""
+    own nginx keeps its pid and logs there) only files that exist, and only to write in place.
+    connect_ports: TCP connects only to these (ABI 4+; unix sockets such as the engine's are not
+    TCP and stay reachable)."""
     handled = _handled_rights(abi)
+    net = _NET_CONNECT_TCP if connect_ports is not None and abi >= 4 else 0
     scoped = _LANDLOCK_SCOPE_SIGNAL if abi >= 6 else 0
-    attr = _RulesetAttr(handled, 0, scoped)
-    size = ctypes.sizeof(attr) if abi >= 6 else ctypes.sizeof(ctypes.c_uint64)  # older ABIs: fs only
+    attr = _RulesetAttr(handled, net, scoped)
+    # The struct grew with the ABI: hand the kernel only the fields it knows.
+    size = 8 * (3 if abi >= 6 else 2 if abi >= 4 else 1)
     ruleset = _syscall("landlock_create_ruleset", _SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), size, 0)
     try:
         grants = [(Path(p), _FS_READ_FILE | _FS_READ_DIR | _FS_EXECUTE) for p in SANDBOX_SYSTEM_PATHS]
@@ -1277,6 +1291,13 @@ def _enter_sandbox(roots: tuple[Path, ...], abi: int, *, nginx_files: bool) -> N
                 )
             finally:
                 os.close(fd)
+        for port in sorted(connect_ports or ()) if net else ():
+            port_rule = _NetPortAttr(_NET_CONNECT_TCP, port)
+            _syscall(
+                "landlock_add_rule",
+                _SYS_LANDLOCK_ADD_RULE,
+                *(ruleset, _LANDLOCK_RULE_NET_PORT, ctypes.byref(port_rule), 0),
+            )
         _drop_capabilities(_CAPS_KEPT_FOR_NGINX if nginx_files else _CAPS_KEPT)
         _prctl("prctl(PR_SET_NO_NEW_PRIVS)", _PR_SET_NO_NEW_PRIVS, 1)
         _syscall("landlock_restrict_self", _SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0)
@@ -1299,7 +1320,12 @@ def _drop_capabilities(kept: frozenset[int]) -> None:
 
 
 def _start_sandboxed(
-    argv: list[str], roots: tuple[Path, ...], env: dict[str, str], *, nginx_files: bool = False
+    argv: list[str],
+    roots: tuple[Path, ...],
+    env: dict[str, str],
+    *,
+    nginx_files: bool = False,
+    connect_ports: frozenset[int] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start argv in a new process group, stdin from /dev/null, stdout/stderr piped, cwd `/`,
     inside the sandbox when the kernel has one. The restriction is taken by a thread that exists
@@ -1318,7 +1344,7 @@ def _start_sandboxed(
     def start() -> None:
         try:
             if abi:
-                _enter_sandbox(roots, abi, nginx_files=nginx_files)
+                _enter_sandbox(roots, abi, nginx_files=nginx_files, connect_ports=connect_ports)
             outcome.append(
                 subprocess.Popen(
                     argv,

@@ -984,8 +984,11 @@ def mark_error(rt: Runtime, ctx: ToolContext, instance_id: int, reason: str) -> 
 
 
 def bash(rt: Runtime, ctx: ToolContext, command: str) -> Result:
+    ports: set[int] | None = None  # a heartbeat may connect anywhere on loopback
     if not ctx.system:
         _refuse_foreign_containers(rt, ctx, command)
+        ports = _own_ports(rt, ctx)
+        _refuse_foreign_ports(command, ports)
     roots = read_roots(rt, ctx)
     # DOCKER_CONFIG: the CLI's own config holds registry credentials, which the gate's sandbox
     # does not let it read; pointing it at no folder keeps the CLI from warning about that.
@@ -993,7 +996,13 @@ def bash(rt: Runtime, ctx: ToolContext, command: str) -> Result:
     if rt.config.docker_host or os.environ.get("DOCKER_HOST"):
         env["DOCKER_HOST"] = rt.config.docker_host or os.environ["DOCKER_HOST"]
     with _step(ctx, "bash.run"):
-        result = gate.run(command, read_roots=roots, timeout=ctx.remaining(rt.config.tool_timeout), env=env)
+        result = gate.run(
+            command,
+            read_roots=roots,
+            timeout=ctx.remaining(rt.config.tool_timeout),
+            env=env,
+            connect_ports=ports,  # the kernel's second line, where it has Landlock ABI 4
+        )
     return {
         "exit_code": result.exit_code,
         "stdout": result.stdout,
@@ -1010,6 +1019,26 @@ def read_roots(rt: Runtime, ctx: ToolContext) -> list[Path]:
         return [rt.config.home / "nginx", rt.config.traces, rt.config.alerts, *gate.DEFAULT_READ_ROOTS]
     own = rt.db.all("instance_list_for_user", user_id=ctx.user_id)
     return [Path(r["storage_path"]) for r in own if r["storage_path"]] + list(gate.DEFAULT_READ_ROOTS)
+
+
+_LOOPBACK_URL = re.compile(r"(?i)\b(https?)://(?:127\.0\.0\.1|localhost|\[::1\])(?::(\d+))?")
+
+
+def _own_ports(rt: Runtime, ctx: ToolContext) -> set[int]:
+    """The TCP ports a user's task may reach: its own instances' (and a TCP engine's, for docker)."""
+    own = {int(r["port"]) for r in rt.db.all("instance_list_for_user", user_id=ctx.user_id) if r["port"]}
+    engine = re.fullmatch(r"tcp://[^:/]+:(\d+)/?", rt.config.docker_host or os.environ.get("DOCKER_HOST", ""))
+    return own | ({int(engine.group(1))} if engine else set())
+
+
+def _refuse_foreign_ports(command: str, own: set[int]) -> None:
+    """In a user's task, curl reaches only that user's instances: not another user's gateway,
+    not piDeploy's API (whose X-User-Id it could set), not nginx's routes to everyone."""
+    for match in _LOOPBACK_URL.finditer(command):
+        port = int(match.group(2) or (443 if match.group(1).lower() == "https" else 80))
+        if port not in own:
+            mine = ", ".join(str(p) for p in sorted(own)) or "none"
+            raise ToolRefused(f"port {port} is not one of this user's instances (theirs: {mine})", port=port)
 
 
 _CONTAINER_REF = re.compile(r"pideploy-[A-Za-z0-9_-]+?-(\d+)\b|\b[0-9a-f]{12,64}\b")

@@ -642,6 +642,8 @@ def test_timeout_kills_a_hanging_tool(memory_world: World, replay: ReplayServer)
     silent.bind(("127.0.0.1", 0))
     silent.listen()
     port = silent.getsockname()[1]
+    with memory_world.rt.db.transaction() as conn:  # alice's own instance, or bash refuses the port
+        conn.execute("UPDATE instance SET port = %s WHERE id = %s", (port, iid))
     marker = f"127.0.0.1:{port}/hang"
     replay.set_script(script(call("bash", command=f"curl -s http://{marker}"), report()))
     limits = agent.Limits(timeout_s=2.0)

@@ -6,6 +6,7 @@ names a substring of its reason, so a refusal for the wrong reason fails.
 
 from __future__ import annotations
 
+import http.server
 import os
 import shutil
 import socket
@@ -14,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -605,6 +607,42 @@ def test_nginx_t_of_a_running_nginx_passes_in_the_sandbox(tmp_path: Path) -> Non
         assert not planted.exists()
     finally:
         planted.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def two_http_servers() -> Iterator[tuple[int, int]]:
+    """Two loopback HTTP servers answering 200 "ok": one a command may reach, one it may not."""
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Ok) for _ in range(2)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield servers[0].server_address[1], servers[1].server_address[1]
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+class _Ok(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+
+def test_a_command_connects_only_to_the_ports_it_is_given(two_http_servers: tuple[int, int]) -> None:
+    require_landlock()
+    require_stack("Landlock network rules", gate.landlock_abi() >= 4, "Linux 6.7+ (Landlock ABI 4)")
+    require_stack("curl", shutil.which("curl") is not None, "apt-get install curl")
+    mine, theirs = two_http_servers
+    allowed = gate.run(f"curl -sS -m 5 http://127.0.0.1:{mine}/", connect_ports={mine})
+    assert (allowed.exit_code, allowed.stdout) == (0, "ok")
+    denied = gate.run(f"curl -sS -m 5 http://127.0.0.1:{theirs}/", connect_ports={mine})
+    assert denied.exit_code == 7 and denied.stdout == "", denied  # curl: could not connect
+    anywhere = gate.run(f"curl -sS -m 5 http://127.0.0.1:{theirs}/")  # None: a heartbeat's run
+    assert (anywhere.exit_code, anywhere.stdout) == (0, "ok")
 
 
 def test_without_landlock_run_warns_once_and_relies_on_the_check(

@@ -339,6 +339,19 @@ def test_bash_runs_read_only_commands_and_refuses_the_rest(any_world: World) -> 
         tools.bash(w.rt, w.ctx(), "rm -rf /")
     with pytest.raises(ToolRefused, match="not one of this user's containers"):
         tools.bash(w.rt, w.ctx("mallory"), f"docker logs {tools.container_name(w.rt.config, iid)}")
+    # Another user's gateway, piDeploy's API (whose X-User-Id curl could set), nginx's routes to
+    # everyone: a user's task reaches none of them, only its own instances' ports.
+    mallory = w.create("m-diag", user="mallory")["instance_id"]
+    for url in (
+        f"http://127.0.0.1:{port}/healthz",
+        "http://localhost:8700/api/instances",
+        "http://[::1]/i/1/",
+    ):
+        with pytest.raises(ToolRefused, match="is not one of this user's instances"):
+            tools.bash(w.rt, w.ctx("mallory"), f"curl -s {url}")
+    theirs = w.row(mallory)["port"]  # type: ignore[index]
+    assert tools.bash(w.rt, w.ctx("mallory"), f"curl -s http://127.0.0.1:{theirs}/healthz")["stdout"] == "ok"
+    assert tools.bash(w.rt, w.ctx(None), f"curl -s http://127.0.0.1:{port}/healthz")["stdout"] == "ok"
 
 
 def test_a_port_whose_server_just_stopped_is_free_and_a_listened_one_is_not() -> None:
