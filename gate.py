@@ -1159,6 +1159,8 @@ SANDBOX_SYSTEM_PATHS: tuple[str, ...] = (
     *("/etc/resolv.conf", "/etc/gai.conf", "/etc/services", "/etc/protocols"),
     *("/proc", "/sys/devices/system/cpu", "/run/utmp", "/var/log/journal", "/run/log/journal"),
     *("/etc/machine-id", "/dev/null", "/dev/zero", "/dev/urandom"),
+    # systemctl status on a systemd host reads unit state and cgroups (no systemd here to check it).
+    *("/run/systemd", "/sys/fs/cgroup"),
 )
 
 # Only for a command that is nginx alone (-t reads the whole configuration, TLS keys included,
