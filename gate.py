@@ -1024,15 +1024,40 @@ def _curl(program: str, args: list[str]) -> list[str]:
     if len(urls) > MAX_CURL_URLS:
         raise _Refused(f"curl takes at most {MAX_CURL_URLS} URLs")
     for url in urls:
-        match = _CURL_URL.fullmatch(url)
-        if match is None:
-            raise _Refused(f"curl URL {url!r} is not loopback (127.0.0.1, localhost, [::1]) over http(s)")
-        scheme = (match["scheme"] or "http").lower()
-        if scheme not in ("http", "https"):
-            raise _Refused(f"curl scheme {scheme}:// is not allowed; only http and https")
-        if match["port"] in _ENGINE_PORTS:
-            raise _Refused(f"curl to port {match['port']} (the engine API) is not allowed; use docker")
+        port = _curl_port(url)
+        if str(port) in _ENGINE_PORTS:
+            raise _Refused(f"curl to port {port} (the engine API) is not allowed; use docker")
     return []
+
+
+def _curl_port(url: str) -> int:
+    """The loopback TCP port an allowed curl URL connects to (80 or 443 when it names none)."""
+    match = _CURL_URL.fullmatch(url)
+    if match is None:
+        raise _Refused(f"curl URL {url!r} is not loopback (127.0.0.1, localhost, [::1]) over http(s)")
+    scheme = (match["scheme"] or "http").lower()
+    if scheme not in ("http", "https"):
+        raise _Refused(f"curl scheme {scheme}:// is not allowed; only http and https")
+    return int(match["port"] or (443 if scheme == "https" else 80))
+
+
+def _check_ports(commands: list[list[str]], allowed: Collection[int]) -> None:
+    """A run limited to some TCP ports (a user's task: its own instances): every curl URL must
+    name one of them, and nothing else that opens TCP connections or loads code from a
+    config file may run."""
+    for words in commands:
+        program, args = words[0], words[1:]
+        if program in ("nginx", "pg_isready"):
+            # nginx -c loads the modules its config names (code, as root) from wherever it says.
+            raise _Refused(f"{program} is for operators and the heartbeat, not a user's task")
+        if program != "curl":
+            continue
+        parsed = _parse(program, args, _CURL)
+        urls = parsed.positionals + [value for name, value in parsed.options if name == "--url"]
+        for url in urls:
+            if _curl_port(url) not in allowed:
+                mine = ", ".join(str(p) for p in sorted(allowed)) or "none"
+                raise _Refused(f"port {_curl_port(url)} is not one of this task's instance ports ({mine})")
 
 
 _CHECKERS: dict[str, _Checker] = {
@@ -1104,10 +1129,14 @@ def run(
     The child works in `/` with `env` (default: PATH and LC_ALL=C only, so none of piDeploy's
     secrets), minus variables that make bash run code first (BASH_ENV, BASH_FUNC_*, LD_*).
     A timeout <= 0 (no time left) returns timed_out=True without starting anything.
-    connect_ports: the only TCP ports the command may connect to (Landlock ABI 4+); None: any."""
+    connect_ports: the only TCP ports the command may connect to: every curl URL must name one
+    (ToolRefused), nginx and pg_isready are refused, and the kernel refuses any other TCP connect
+    (Landlock ABI 4+). None: any port."""
     roots = _roots(read_roots)
     try:
         commands = _check(command, roots)
+        if connect_ports is not None:
+            _check_ports(commands, connect_ports)
     except _Refused as refused:
         raise ToolRefused(refused.reason, command=command) from None
     started = time.monotonic()
@@ -1316,9 +1345,17 @@ def _drop_capabilities(kept: frozenset[int]) -> None:
         try:
             _prctl(f"prctl(PR_CAPBSET_DROP, {cap})", _PR_CAPBSET_DROP, cap)
         except SandboxFailed as failed:
-            if failed.data["errno"] == errno.EPERM:
+            # No CAP_SETPCAP: fine when this thread holds no capability it should not pass on
+            # (not root); root without it would hand CAP_SYS_RAWIO and the rest to the command.
+            if failed.data["errno"] == errno.EPERM and not _effective_capabilities() - kept:
                 return
             raise
+
+
+def _effective_capabilities() -> set[int]:
+    status = Path(f"/proc/self/task/{threading.get_native_id()}/status").read_text()
+    mask = int(next(line for line in status.splitlines() if line.startswith("CapEff:")).split()[1], 16)
+    return {cap for cap in range(64) if mask >> cap & 1}
 
 
 def _start_sandboxed(

@@ -508,7 +508,10 @@ def sync_routes(rt: Runtime, ctx: ToolContext) -> Result:
         rt.db.one("routes_lock", conn, key=_ROUTE_LOCK)
         running = rt.db.all("instance_list_running", conn)
         routes = {str(r["id"]): int(r["port"]) for r in running if r["port"]}
-        rt.proxy.apply(routes)
+        try:
+            rt.proxy.apply(routes)
+        except OSError as error:  # writing the map (disk full, permissions): nginx's trouble, say so
+            raise ProxyError(f"cannot write the nginx route map: {error}") from error
         span.set(**{"pideploy.routes": len(routes)})
     mine = [
         r["id"]
@@ -609,7 +612,8 @@ def _create(rt: Runtime, ctx: ToolContext, row: Row) -> Result:
         routes = sync_routes(rt, ctx)
         if row["id"] in routes["unreachable"]:
             raise ProxyError(f"instance {row['id']} is not reachable through nginx")
-    except PiDeployError as error:
+    except Exception as raised:  # not only ours: a disk-full OSError must not skip the undo
+        error = _as_tool_error(raised)
         _undo_create(rt, ctx, row, container, storage, step, error)
         raise RolledBack(
             f"create failed at step {step}: {error.message}; undone: container, port and storage",
@@ -879,7 +883,8 @@ def _update(rt: Runtime, ctx: ToolContext, row: Row, image: str, config: dict[st
         # instance the update brings back needs a new route) is a failed step like any other.
         step = "nginx"
         routes = sync_routes(rt, ctx)
-    except PiDeployError as error:
+    except Exception as raised:  # not only ours: a disk-full OSError must not skip the rollback
+        error = _as_tool_error(raised)
         _roll_back_update(rt, ctx, row, old_id, new, storage, previous_config, was_running, step, error)
         raise RolledBack(
             f"update failed at step {step}: {error.message}; the previous container was restored",
@@ -890,6 +895,10 @@ def _update(rt: Runtime, ctx: ToolContext, row: Row, image: str, config: dict[st
     if old_id is not None:  # only now, with the new one healthy, recorded and routed
         _remove_quietly(rt, ctx, old_id)
     return {**public_row(updated), "previous_image": old_image, "routed": row["id"] in routes["reachable"]}
+
+
+def _as_tool_error(raised: Exception) -> PiDeployError:
+    return raised if isinstance(raised, PiDeployError) else ToolError(f"{type(raised).__name__}: {raised}")
 
 
 def _roll_back_update(
@@ -987,8 +996,7 @@ def bash(rt: Runtime, ctx: ToolContext, command: str) -> Result:
     ports: set[int] | None = None  # a heartbeat may connect anywhere on loopback
     if not ctx.system:
         _refuse_foreign_containers(rt, ctx, command)
-        ports = _own_ports(rt, ctx)
-        _refuse_foreign_ports(command, ports)
+        ports = _own_ports(rt, ctx)  # the gate refuses curl to any other port, nginx, pg_isready
     roots = read_roots(rt, ctx)
     # DOCKER_CONFIG: the CLI's own config holds registry credentials, which the gate's sandbox
     # does not let it read; pointing it at no folder keeps the CLI from warning about that.
@@ -1021,24 +1029,11 @@ def read_roots(rt: Runtime, ctx: ToolContext) -> list[Path]:
     return [Path(r["storage_path"]) for r in own if r["storage_path"]] + list(gate.DEFAULT_READ_ROOTS)
 
 
-_LOOPBACK_URL = re.compile(r"(?i)\b(https?)://(?:127\.0\.0\.1|localhost|\[::1\])(?::(\d+))?")
-
-
 def _own_ports(rt: Runtime, ctx: ToolContext) -> set[int]:
     """The TCP ports a user's task may reach: its own instances' (and a TCP engine's, for docker)."""
     own = {int(r["port"]) for r in rt.db.all("instance_list_for_user", user_id=ctx.user_id) if r["port"]}
     engine = re.fullmatch(r"tcp://[^:/]+:(\d+)/?", rt.config.docker_host or os.environ.get("DOCKER_HOST", ""))
     return own | ({int(engine.group(1))} if engine else set())
-
-
-def _refuse_foreign_ports(command: str, own: set[int]) -> None:
-    """In a user's task, curl reaches only that user's instances: not another user's gateway,
-    not piDeploy's API (whose X-User-Id it could set), not nginx's routes to everyone."""
-    for match in _LOOPBACK_URL.finditer(command):
-        port = int(match.group(2) or (443 if match.group(1).lower() == "https" else 80))
-        if port not in own:
-            mine = ", ".join(str(p) for p in sorted(own)) or "none"
-            raise ToolRefused(f"port {port} is not one of this user's instances (theirs: {mine})", port=port)
 
 
 _CONTAINER_REF = re.compile(r"pideploy-[A-Za-z0-9_-]+?-(\d+)\b|\b[0-9a-f]{12,64}\b")

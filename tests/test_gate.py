@@ -632,13 +632,19 @@ class _Ok(http.server.BaseHTTPRequestHandler):
         return
 
 
-def test_a_command_connects_only_to_the_ports_it_is_given(two_http_servers: tuple[int, int]) -> None:
+def test_a_command_connects_only_to_the_ports_it_is_given(
+    two_http_servers: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     require_landlock()
     require_stack("Landlock network rules", gate.landlock_abi() >= 4, "Linux 6.7+ (Landlock ABI 4)")
     require_stack("curl", shutil.which("curl") is not None, "apt-get install curl")
     mine, theirs = two_http_servers
     allowed = gate.run(f"curl -sS -m 5 http://127.0.0.1:{mine}/", connect_ports={mine})
     assert (allowed.exit_code, allowed.stdout) == (0, "ok")
+    with pytest.raises(ToolRefused, match=f"port {theirs} is not one of this task's instance ports"):
+        gate.run(f"curl -sS -m 5 localhost:{theirs}/", connect_ports={mine})  # the check, first
+    # The kernel, second: a parser hole that let the URL through still cannot connect.
+    monkeypatch.setattr(gate, "_check_ports", lambda commands, allowed: None)
     denied = gate.run(f"curl -sS -m 5 http://127.0.0.1:{theirs}/", connect_ports={mine})
     assert denied.exit_code == 7 and denied.stdout == "", denied  # curl: could not connect
     anywhere = gate.run(f"curl -sS -m 5 http://127.0.0.1:{theirs}/")  # None: a heartbeat's run

@@ -345,10 +345,16 @@ def test_bash_runs_read_only_commands_and_refuses_the_rest(any_world: World) -> 
     for url in (
         f"http://127.0.0.1:{port}/healthz",
         "http://localhost:8700/api/instances",
-        "http://[::1]/i/1/",
+        "'http://[::1]/i/1/'",  # quoted, as the gate asks of a bracket
+        "localhost:8700/api/instances",  # no scheme: still port 8700
+        "--url 127.0.0.1:8700",
+        '"http"://localhost:8700/',  # quoting does not hide it: the gate checks the parsed words
     ):
-        with pytest.raises(ToolRefused, match="is not one of this user's instances"):
+        with pytest.raises(ToolRefused, match="is not one of this task's instance ports"):
             tools.bash(w.rt, w.ctx("mallory"), f"curl -s {url}")
+    for operator_only in ("nginx -t", "pg_isready -h 127.0.0.1"):
+        with pytest.raises(ToolRefused, match="not a user's task"):
+            tools.bash(w.rt, w.ctx("mallory"), operator_only)
     theirs = w.row(mallory)["port"]  # type: ignore[index]
     assert tools.bash(w.rt, w.ctx("mallory"), f"curl -s http://127.0.0.1:{theirs}/healthz")["stdout"] == "ok"
     assert tools.bash(w.rt, w.ctx(None), f"curl -s http://127.0.0.1:{port}/healthz")["stdout"] == "ok"
@@ -639,6 +645,30 @@ def test_update_of_a_running_instance_while_nginx_config_is_invalid_keeps_its_ro
         assert w.rt.proxy.routes() == {str(iid): old["port"]}
         assert w.through_nginx(iid, "version")[1] == "v2"
         assert w.events(iid)[-2:] == ["update_started", "updated"]
+
+
+def test_an_update_that_fails_with_a_foreign_error_is_still_rolled_back(
+    any_world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not every failure is one of ours: a disk-full OSError while routing must undo the update
+    # like a ProxyError would, not leave the row on the new container and the old one behind.
+    w = any_world
+    iid = w.create("upd-oserror")["instance_id"]
+    tools.instance_stop(w.rt, w.ctx(), iid)  # the update brings it back: its route must change
+    before = w.row(iid)
+    assert before is not None
+
+    def disk_full(routes: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(w.rt.proxy, "apply", disk_full)
+    with pytest.raises(RolledBack, match=r"step nginx.*No space left on device"):
+        tools.instance_update(w.rt, w.ctx(), iid, image=V2)
+    monkeypatch.undo()
+    row = w.row(iid)
+    assert row is not None and (row["status"], row["container_id"]) == ("stopped", before["container_id"])
+    (only,) = w.containers(iid)
+    assert only.id == before["container_id"] and only.name == tools.container_name(w.rt.config, iid)
 
 
 def test_update_whose_route_nginx_rejects_restores_the_old_container(real_world: World) -> None:
