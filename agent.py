@@ -659,7 +659,7 @@ def run_task(
             outcome = finish(task, rt, trace, budget, ended=ended)
     except Exception as error:  # a crash, even one inside finish(): recorded, then the queue's to handle
         crashed(trace, error)
-        raise RunCrashed(error, trace.error_class or "tool_execution_error", trace.path.name) from error
+        raise RunCrashed(error, trace.error_class or "tool_execution_error", str(trace.path)) from error
     finally:
         trace.write()
         evaluate_alerts(trace, rt.config)

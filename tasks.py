@@ -257,7 +257,18 @@ class Queue:
                 )
             # The key only keeps concurrent twins apart (the row lock above already does).
             key = idempotency or f"{task_type}:{instance_id}:after:{newest['id'] if newest else 0}"
-            return self.submit(task_type, user_id, params, instance_id, key, conn)
+            submitted = self.submit(task_type, user_id, params, instance_id, key, conn)
+            held = submitted.task
+            if not submitted.created and (held["type"], held["instance_id"], held["params"]) != (
+                task_type,
+                instance_id,
+                params,
+            ):  # the same key, taken meanwhile by a request for another instance (no shared row lock)
+                raise Conflict(
+                    f"idempotency key {idempotency_key!r} is held by task {held['id']}, a different request",
+                    task_id=held["id"],
+                )
+            return submitted
 
     # --- working ----------------------------------------------------------
 

@@ -785,7 +785,7 @@ def test_a_crash_is_recorded_as_a_failed_run_then_raised(
     with pytest.raises(RunCrashed) as crash:
         agent.run_task(task, w.rt, shared, limits, trace=trace)
     assert isinstance(crash.value.__cause__, error) and crash.value.error_class == error_class
-    assert crash.value.data == {"trace_file": trace.path.name}
+    assert crash.value.data == {"trace_file": str(trace.path)}  # as a finished run records it
 
     written = json.loads(trace.path.read_text())
     assert written["outcome"] == "failed" and written["error_class"] == error_class

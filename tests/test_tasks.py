@@ -155,6 +155,36 @@ def test_an_idempotency_key_answers_only_its_own_request(queue: tasks.Queue, dat
     assert queue.submit_action("bob", "instance_stop", bobs, idempotency_key="k1").created
 
 
+def test_an_idempotency_key_taken_meanwhile_for_another_instance_is_a_conflict(
+    queue: tasks.Queue, database: Database
+) -> None:
+    # Two instances share no row lock: a request for B can pass the key check while one for A
+    # holds the key uncommitted. When A commits, B's insert finds A's task: B must not get it.
+    a, b = instance(database, "a"), instance(database, "b")
+    outcome: list[object] = []
+    with database.transaction() as conn:
+        conn.execute(
+            "INSERT INTO task (type, params, instance_id, user_id, dedupe_key) "
+            "VALUES ('instance_stop', '{}', %s, 'alice', 'idem:alice:k')",
+            (a,),
+        )
+
+        def other() -> None:
+            try:
+                outcome.append(queue.submit_action("alice", "instance_start", b, idempotency_key="k"))
+            except Conflict as conflict:
+                outcome.append(conflict)
+
+        racer = threading.Thread(target=other)
+        racer.start()
+        time.sleep(0.5)  # the racer is now blocked on the unique index, behind our insert
+        assert not outcome
+    racer.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], Conflict), outcome
+    assert "held by task" in outcome[0].message
+    assert database.all("task_unfinished_for_instance", instance_id=b) == []
+
+
 def test_an_instance_whose_create_failed_can_only_be_deleted(queue: tasks.Queue, database: Database) -> None:
     iid = instance(database, "broken")
     with database.transaction() as conn:  # as instance_create's rollback leaves it
