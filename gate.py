@@ -1009,7 +1009,6 @@ _ENGINE_PORTS = {"2375", "2376"}  # a Docker Engine API over TCP: its GETs can r
 
 def _curl(program: str, args: list[str]) -> list[str]:
     parsed = _parse(program, args, _CURL)
-    urls = parsed.positionals
     for name, value in parsed.options:
         if name in ("-X", "--request") and value not in ("GET", "HEAD"):
             raise _Refused(f"curl -X {value} is not allowed: {_CURL_SENDS}")
@@ -1017,8 +1016,7 @@ def _curl(program: str, args: list[str]) -> list[str]:
             raise _Refused(f"curl {name} @file reads a file")
         if name in ("-w", "--write-out") and "%output" in value:
             raise _Refused(f"curl {name} %output writes a file")
-        if name == "--url":
-            urls.append(value)
+    urls = _curl_urls(parsed)
     if not urls:
         raise _Refused("curl needs a loopback URL")
     if len(urls) > MAX_CURL_URLS:
@@ -1028,6 +1026,10 @@ def _curl(program: str, args: list[str]) -> list[str]:
         if str(port) in _ENGINE_PORTS:
             raise _Refused(f"curl to port {port} (the engine API) is not allowed; use docker")
     return []
+
+
+def _curl_urls(parsed: _Parsed) -> list[str]:
+    return parsed.positionals + [value for name, value in parsed.options if name == "--url"]
 
 
 def _curl_port(url: str) -> int:
@@ -1052,12 +1054,10 @@ def _check_ports(commands: list[list[str]], allowed: Collection[int]) -> None:
             raise _Refused(f"{program} is for operators and the heartbeat, not a user's task")
         if program != "curl":
             continue
-        parsed = _parse(program, args, _CURL)
-        urls = parsed.positionals + [value for name, value in parsed.options if name == "--url"]
-        for url in urls:
-            if _curl_port(url) not in allowed:
+        for port in map(_curl_port, _curl_urls(_parse(program, args, _CURL))):
+            if port not in allowed:
                 mine = ", ".join(str(p) for p in sorted(allowed)) or "none"
-                raise _Refused(f"port {_curl_port(url)} is not one of this task's instance ports ({mine})")
+                raise _Refused(f"port {port} is not one of this task's instance ports ({mine})")
 
 
 _CHECKERS: dict[str, _Checker] = {
@@ -1271,16 +1271,19 @@ def _syscall(name: str, number: int, *args: Any) -> int:
     wide = [ctypes.c_long(a) if isinstance(a, int) else a for a in args]
     result = int(_libc.syscall(ctypes.c_long(number), *wide))
     if result < 0:
-        code = ctypes.get_errno()
-        raise SandboxFailed(f"bash sandbox: {name} failed: {os.strerror(code)}", call=name, errno=code)
+        raise _sandbox_failed(name)
     return result
 
 
 def _prctl(name: str, option: int, value: int) -> None:
     zero = ctypes.c_ulong(0)
     if _libc.prctl(ctypes.c_int(option), ctypes.c_ulong(value), zero, zero, zero) != 0:
-        code = ctypes.get_errno()
-        raise SandboxFailed(f"bash sandbox: {name} failed: {os.strerror(code)}", call=name, errno=code)
+        raise _sandbox_failed(name)
+
+
+def _sandbox_failed(name: str) -> SandboxFailed:
+    code = ctypes.get_errno()
+    return SandboxFailed(f"bash sandbox: {name} failed: {os.strerror(code)}", call=name, errno=code)
 
 
 def _enter_sandbox(

@@ -740,19 +740,14 @@ class Heartbeat:
         given); a dead container of a running row is inspected too, for its OOM flag.
         """
         now = self.clock()
-        namespace = {LABEL_NAMESPACE: self.config.namespace}
         if only is not None and len(only) <= TARGETED_LIST_MAX:
             # A targeted round (a `die` event, a verify) looks at its few instances only: listing
             # every container costs a fleet-sized call (0.4 s at 200 running instances) whose
             # other rows the diff would drop anyway.
-            containers = [
-                c
-                for iid in sorted(only)
-                for c in self.rt.engine.list({**namespace, LABEL_INSTANCE: str(iid)})
-            ]
+            containers = [c for iid in sorted(only) for c in tools.instance_containers(self.rt, iid)]
             calls = len(only)
         else:
-            containers, calls = self.rt.engine.list(namespace), 1
+            containers, calls = self.rt.engine.list({LABEL_NAMESPACE: self.config.namespace}), 1
         rows = self.rt.db.all("instance_list_all")
         routes = self.rt.proxy.routes()
         busy = frozenset(int(r["instance_id"]) for r in self.rt.db.all("heartbeat_busy_instances"))

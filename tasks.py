@@ -231,16 +231,7 @@ class Queue:
             if idempotency is not None:
                 held = self.db.one("task_unfinished_by_dedupe_key", conn, dedupe_key=idempotency)
                 if held is not None:
-                    if (held["type"], held["instance_id"], held["params"]) != (
-                        task_type,
-                        instance_id,
-                        params,
-                    ):
-                        raise Conflict(
-                            f"idempotency key {idempotency_key!r} is held by task {held['id']}, "
-                            f"a different request ({held['type']} of instance {held['instance_id']})",
-                            task_id=held["id"],
-                        )
+                    _refuse_another_request(held, task_type, instance_id, params, idempotency_key)
                     return Submitted(held, False)
             elif newest is not None and (newest["type"], newest["params"]) == (task_type, params):
                 return Submitted(newest, False)
@@ -258,16 +249,8 @@ class Queue:
             # The key only keeps concurrent twins apart (the row lock above already does).
             key = idempotency or f"{task_type}:{instance_id}:after:{newest['id'] if newest else 0}"
             submitted = self.submit(task_type, user_id, params, instance_id, key, conn)
-            held = submitted.task
-            if not submitted.created and (held["type"], held["instance_id"], held["params"]) != (
-                task_type,
-                instance_id,
-                params,
-            ):  # the same key, taken meanwhile by a request for another instance (no shared row lock)
-                raise Conflict(
-                    f"idempotency key {idempotency_key!r} is held by task {held['id']}, a different request",
-                    task_id=held["id"],
-                )
+            if not submitted.created:  # the key, taken meanwhile for another instance (no shared row lock)
+                _refuse_another_request(submitted.task, task_type, instance_id, params, idempotency_key)
             return submitted
 
     # --- working ----------------------------------------------------------
@@ -377,6 +360,18 @@ class Queue:
         if row is None:
             raise Conflict(f"task {task_id} already ended ({task['status']})", task_id=task_id)
         return row
+
+
+def _refuse_another_request(
+    held: Row, task_type: str, instance_id: int, params: dict[str, Any], idempotency_key: str | None
+) -> None:
+    """The unfinished task holding a key answers only the request it was made for."""
+    if (held["type"], held["instance_id"], held["params"]) != (task_type, instance_id, params):
+        raise Conflict(
+            f"idempotency key {idempotency_key!r} is held by task {held['id']}, "
+            f"a different request ({held['type']} of instance {held['instance_id']})",
+            task_id=held["id"],
+        )
 
 
 def _idempotency_key(user_id: str, key: str | None) -> str | None:

@@ -422,7 +422,7 @@ def _tail_logs(rt: Runtime, container_id: str) -> str:
         return ""
 
 
-def _instance_containers(rt: Runtime, instance_id: int) -> list[Container]:
+def instance_containers(rt: Runtime, instance_id: int) -> list[Container]:
     return rt.engine.list({LABEL_NAMESPACE: rt.config.namespace, LABEL_INSTANCE: str(instance_id)})
 
 
@@ -443,7 +443,7 @@ def _remove_quietly(rt: Runtime, ctx: ToolContext, container_id: str) -> None:
 
 def _clear_name(rt: Runtime, ctx: ToolContext, row: Row, keep: str | None) -> None:
     """Remove this instance's leftover containers (from a crashed attempt), except `keep`."""
-    for container in _instance_containers(rt, row["id"]):
+    for container in instance_containers(rt, row["id"]):
         if container.id != keep:
             _remove_quietly(rt, ctx, container.id)
 
@@ -772,7 +772,7 @@ def instance_delete(rt: Runtime, ctx: ToolContext, instance_id: int) -> Result:
         raise ToolRefused("a heartbeat round never deletes instances")
     if row is None:
         # Already gone (a retried task): sweep leftovers the engine may still have.
-        for container in _instance_containers(rt, instance_id):
+        for container in instance_containers(rt, instance_id):
             _remove_quietly(rt, ctx, container.id)
         remove_storage(rt, str(storage_for(rt, instance_id)))
         return {"instance_id": instance_id, "deleted": True, "note": "already deleted"}
@@ -781,7 +781,7 @@ def instance_delete(rt: Runtime, ctx: ToolContext, instance_id: int) -> Result:
         if row["status"] != "deleting":
             row = _transition(rt, ctx, row, "delete_started", status="deleting")
         removed = 0
-        for container in _instance_containers(rt, instance_id):
+        for container in instance_containers(rt, instance_id):
             _remove_quietly(rt, ctx, container.id)
             removed += 1
         if row["container_id"]:
