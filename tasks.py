@@ -29,7 +29,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import jsonschema
 import psycopg
 
 import agent
@@ -86,11 +85,10 @@ def check_params(task_type: str, params: object) -> dict[str, Any]:
         raise BadRequest(f"unknown task type {task_type!r} (one of {', '.join(TYPES)})", field="type")
     if not isinstance(params, dict):
         raise BadRequest("params must be a JSON object", field="params")
-    validator = jsonschema.Draft202012Validator(PARAM_SCHEMAS[task_type])
-    problems = sorted(validator.iter_errors(params), key=lambda e: list(e.path))
-    if problems:
-        where = "/".join(str(p) for p in problems[0].path) or "(body)"
-        raise BadRequest(f"invalid {task_type} request: {where}: {problems[0].message}", field=where)
+    problem = tools.schema_problem(PARAM_SCHEMAS[task_type], params)
+    if problem:
+        where = "/".join(problem[0]) or "(body)"
+        raise BadRequest(f"invalid {task_type} request: {where}: {problem[1]}", field=where)
     return params
 
 

@@ -318,13 +318,20 @@ def allocate_port(rt: Runtime, ctx: ToolContext, row: Row) -> Row:
     raise ToolError(f"no free host port in {rt.config.port_range}", port_range=rt.config.port_range)
 
 
+# The top-level keys of the config file that piDeploy writes itself: a user's config may not set them.
+OWN_CONFIG_KEYS = ("gateway", "instance")
+
+
 def render_config(rt: Runtime, row: Row, config: Mapping[str, Any], storage: Path) -> Path:
-    """Write the instance's config file atomically into its storage folder."""
-    document = {
+    """Write the instance's config file atomically into its storage folder.
+
+    piDeploy's own fields come last, so they win even over a row whose config was stored
+    before such keys were refused at submit."""
+    own = {
         "instance": {"id": row["id"], "name": row["name"], "user": row["user_id"]},
         "gateway": {"port": rt.config.container_port},
-        **{k: v for k, v in config.items() if k != "env"},
     }
+    document = {**{k: v for k, v in config.items() if k != "env"}, **own}
     path = storage / CONFIG_FILE
     temp = storage / f".{CONFIG_FILE}.tmp"
     temp.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
@@ -1075,6 +1082,11 @@ _NAME = {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,62}$", "description"
 _CONFIG = {
     "type": "object",
     "maxProperties": 64,
+    "propertyNames": {
+        "not": {"enum": list(OWN_CONFIG_KEYS)},
+        "description": "piDeploy writes this key of the config file itself (the instance's identity "
+        "and the gateway's port); a config may not set it",
+    },
     "properties": {
         "env": {
             "type": "object",
@@ -1216,17 +1228,30 @@ TOOLSETS: dict[str, tuple[str, ...]] = {
 }
 
 
+def schema_problem(schema: Mapping[str, Any], document: object) -> tuple[list[str], str] | None:
+    """The first way `document` breaks `schema`: (its path, what is wrong), or None.
+
+    A `not` with a description says why in words: jsonschema's own message for it
+    ("... should not be valid under ...") names the rule, not the reason."""
+    validator = jsonschema.Draft202012Validator(schema)
+    problems = sorted(validator.iter_errors(document), key=lambda e: [str(p) for p in e.path])
+    if not problems:
+        return None
+    problem = problems[0]
+    message = problem.message
+    if problem.validator == "not" and isinstance(problem.schema, dict) and "description" in problem.schema:
+        message = f"{problem.instance!r} is not allowed: {problem.schema['description']}"
+    return [str(p) for p in problem.path], message
+
+
 def validate(tool: Tool, arguments: object) -> dict[str, Any]:
     """The model's arguments, checked against the tool's schema; ToolArgumentError if not."""
     if not isinstance(arguments, dict):
         raise ToolArgumentError(f"arguments to {tool.name} must be a JSON object", tool=tool.name)
-    validator = jsonschema.Draft202012Validator(tool.parameters)
-    problems = sorted(validator.iter_errors(arguments), key=lambda e: list(e.path))
-    if problems:
-        where = "/".join(str(p) for p in problems[0].path) or "(arguments)"
-        raise ToolArgumentError(
-            f"invalid arguments to {tool.name}: {where}: {problems[0].message}", tool=tool.name
-        )
+    problem = schema_problem(tool.parameters, arguments)
+    if problem:
+        where = "/".join(problem[0]) or "(arguments)"
+        raise ToolArgumentError(f"invalid arguments to {tool.name}: {where}: {problem[1]}", tool=tool.name)
     return arguments
 
 

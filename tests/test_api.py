@@ -318,6 +318,14 @@ def test_bad_input_is_a_4xx_and_writes_nothing(service: Service) -> None:
         (400, "POST", "/api/instances", {"body": {"name": "ok", "config": "x"}}),
         (400, "POST", "/api/instances", {"body": {"name": "ok", "config": {"env": {"lower": "x"}}}}),
         (400, "POST", "/api/instances", {"body": {"name": "ok", "config": {"env": {"A": 1}}}}),
+        # piDeploy's own fields of the config file: a config claiming another user's instance.
+        (
+            400,
+            "POST",
+            "/api/instances",
+            {"body": {"name": "ok", "config": {"instance": {"id": 1, "user": "bob"}}}},
+        ),
+        (400, "POST", "/api/instances", {"body": {"name": "ok", "config": {"gateway": {"port": 1}}}}),
         (
             413,
             "POST",
@@ -326,6 +334,7 @@ def test_bad_input_is_a_4xx_and_writes_nothing(service: Service) -> None:
         ),
         (400, "POST", f"/api/instances/{iid}/update", {"body": {"image": 7}}),
         (400, "POST", f"/api/instances/{iid}/update", {"body": {"tag": "v2"}}),
+        (400, "POST", f"/api/instances/{iid}/update", {"body": {"config": {"instance": {"user": "bob"}}}}),
         (400, "POST", f"/api/instances/{iid}/stop", {"body": {"force": True}}),
         (400, "POST", f"/api/instances/{iid}/stop", {"headers": {"Idempotency-Key": "x" * 300}}),
         (404, "POST", "/api/instances/424242/start", {}),
@@ -347,6 +356,8 @@ def test_bad_input_is_a_4xx_and_writes_nothing(service: Service) -> None:
     # What the errors say is meant for people.
     unknown = c.call("POST", "/api/instances", {"name": "ok", "owner": "bob"}).body["error"]
     assert "owner" in unknown and "allowed" in unknown
+    own = c.call("POST", "/api/instances", {"name": "ok", "config": {"instance": {"id": 1}}}).body["error"]
+    assert "config: 'instance' is not allowed: piDeploy writes this key" in own
 
 
 # --- health, metrics, dashboard ------------------------------------------------------

@@ -435,6 +435,19 @@ def _pideploy(*args: str, env: dict[str, str], cwd: Path) -> subprocess.Complete
         (("cancel", "99999999999999999999"), {}, 2, "must be between 1 and"),
         (("submit", "instance_stop", "--user", "alice", "--instance", "x"), {}, 2, "not a whole number"),
         (("submit", "instance_stop", "--user", "alice", "--timeout", "-5"), {}, 2, "0 or more seconds"),
+        (
+            (
+                "submit",
+                "instance_create",
+                "--user",
+                "alice",
+                "--params",
+                '{"name": "w", "config": {"instance": {}}}',
+            ),
+            {},
+            1,
+            "config: 'instance' is not allowed",
+        ),
         (("tasks",), {"PIDEPLOY_WORKERS": "many"}, 1, "PIDEPLOY_WORKERS"),
         (("tasks",), {"PIDEPLOY_NO_SUCH_SETTING": "1"}, 1, "PIDEPLOY_NO_SUCH_SETTING"),
         (

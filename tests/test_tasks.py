@@ -90,6 +90,9 @@ def test_params_are_checked_like_the_tools_check_them() -> None:
         ("instance_create", {"name": "ok", "extra": 1}),
         ("instance_create", {"name": "ok", "config": {"env": {"lower": "x"}}}),
         ("instance_stop", {"force": True}),
+        ("instance_create", {"name": "ok", "config": {"instance": {"id": 1, "user": "bob"}}}),
+        ("instance_create", {"name": "ok", "config": {"gateway": {"port": 1}}}),
+        ("instance_update", {"config": {"instance": {"name": "web"}}}),
         ("instance_update", {"image": 5}),
         ("nope", {}),
     ]:

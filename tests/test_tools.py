@@ -148,6 +148,7 @@ def test_arguments_are_validated_against_the_schema(any_world: World) -> None:
         ("instance_create", {"name": "Bad Name"}),
         ("instance_create", {"name": "ok", "extra": 1}),
         ("instance_create", {"name": "ok", "config": {"env": {"lower": "x"}}}),
+        ("instance_create", {"name": "ok", "config": {"instance": {"id": 1, "user": "bob"}}}),
         ("instance_create", {}),
         ("instance_create", ["not", "an", "object"]),
         ("instance_delete", {"instance_id": 1}),  # not in this task type's tool set
@@ -156,6 +157,29 @@ def test_arguments_are_validated_against_the_schema(any_world: World) -> None:
         with pytest.raises(ToolArgumentError):
             tools.call(w.rt, w.ctx(), name, arguments, allowed)
     assert w.rt.db.all("instance_list_all") == []
+
+
+def test_pideploys_own_config_fields_win_over_a_config_stored_before_they_were_refused(
+    memory_world: World,
+) -> None:
+    w = memory_world
+    claims = {"instance": {"id": 1, "name": "x", "user": "bob"}, "gateway": {"port": 1}, "theme": "dark"}
+    with w.rt.db.transaction() as conn:  # a row submitted before such keys were refused
+        row = w.rt.db.one(
+            "instance_insert", conn, user_id="alice", name="old", image=w.rt.config.image, config=claims
+        )
+    assert row is not None
+    tools.instance_create(w.rt, w.ctx(instance_id=row["id"]), "old")
+    stored = w.row(row["id"])
+    assert stored is not None and stored["status"] == "running"
+    written = json.loads((Path(stored["storage_path"]) / tools.CONFIG_FILE).read_text())
+    assert written == {
+        "instance": {"id": row["id"], "name": "old", "user": "alice"},
+        "gateway": {"port": w.rt.config.container_port},
+        "theme": "dark",
+    }
+    # The keys the schema refuses are exactly the ones piDeploy writes.
+    assert set(written) - {"theme"} == set(tools.OWN_CONFIG_KEYS)
 
 
 # ---------------------------------------------------------------------------
