@@ -480,7 +480,7 @@ def cmd_submit(args: argparse.Namespace, config: Config) -> int:
     params = tasks.check_params(args.type, params)
     with open_database(config) as postgres:
         queue = tasks.Queue(postgres.db, config.max_attempts)
-        submitted = _submit(queue, args, params)
+        submitted = _submit(queue, args, params, config.image)
         task = submitted.task
         note = "" if submitted.created else " (a repeat: the unfinished task is returned)"
         print(f"task {task['id']} {task['status']}{note}", file=sys.stderr)
@@ -499,21 +499,25 @@ def cmd_submit(args: argparse.Namespace, config: Config) -> int:
     return 1
 
 
-def _submit(queue: tasks.Queue, args: argparse.Namespace, params: dict[str, Any]) -> tasks.Submitted:
+def _submit(
+    queue: tasks.Queue, args: argparse.Namespace, params: dict[str, Any], image: str
+) -> tasks.Submitted:
     if args.type == "heartbeat":
         if args.user != tasks.SYSTEM_USER:
             raise BadRequest(f"heartbeat tasks run as --user {tasks.SYSTEM_USER}")
-        key = f"idem:{args.user}:{args.idempotency_key}" if args.idempotency_key else "heartbeat"
-        return queue.submit("heartbeat", args.user, params, None, key)
+        return queue.submit_heartbeat(params, args.idempotency_key)
     if args.type == "instance_create":
-        if args.instance is not None:
+        if args.instance is not None:  # names the instance the create is about: it must be that one
             row = queue.db.one("instance_get_owned", id=args.instance, user_id=args.user)
             if row is None:
                 raise NotFound(f"no instance {args.instance} of user {args.user}")
-        key = f"instance_create:{args.user}:{params['name']}"
-        if args.idempotency_key:
-            key = f"idem:{args.user}:{args.idempotency_key}"
-        return queue.submit("instance_create", args.user, params, args.instance, key)
+            if row["name"] != params["name"]:
+                raise BadRequest(f"instance {args.instance} is named {row['name']!r}, not {params['name']!r}")
+        # The API's path, so the same answers: a repeat is deduplicated, an existing name is a 409.
+        _, submitted = queue.submit_create(
+            args.user, params["name"], params.get("config"), image, args.idempotency_key
+        )
+        return submitted
     if args.instance is None:
         raise BadRequest(f"{args.type} needs --instance")
     return queue.submit_action(args.user, args.type, args.instance, params, args.idempotency_key)

@@ -159,21 +159,28 @@ class Queue:
     def submit_create(
         self, user_id: str, name: str, config: dict[str, Any] | None, image: str, idempotency_key: str | None
     ) -> tuple[Row, Submitted]:
-        """The instance row (`creating`) and its instance_create task, in one transaction."""
+        """The instance row (`creating`) and its instance_create task, in one transaction.
+
+        The one way a create is submitted (API and CLI). A repeat is the same name and config
+        while the first create is unfinished: it returns that task. A name that exists
+        otherwise, or an idempotency key held by a different request, is refused (409)."""
         check_user(user_id)
         params: dict[str, Any] = {"name": name}
         if config is not None:
             params["config"] = config
         check_params("instance_create", params)
-        key = _idempotency_key(user_id, idempotency_key) or f"instance_create:{user_id}:{name}"
+        idempotency = _idempotency_key(user_id, idempotency_key)
+        key = idempotency or f"instance_create:{user_id}:{name}"
         for attempt in range(2):
             try:
                 with self.db.transaction() as conn:
-                    existing = self.db.one("task_unfinished_by_dedupe_key", conn, dedupe_key=key)
-                    if existing is not None:
-                        instance = self.db.one("instance_get", conn, id=existing["instance_id"])
+                    held = self.db.one("task_unfinished_by_dedupe_key", conn, dedupe_key=key)
+                    if held is not None and _same_create(held, name, config):
+                        instance = self.db.one("instance_get", conn, id=held["instance_id"])
                         if instance is not None and instance["user_id"] == user_id:
-                            return instance, Submitted(existing, False)
+                            return instance, Submitted(held, False)
+                    if held is not None and idempotency is not None:
+                        raise _held_by_another_request(held, idempotency_key)
                     if self.db.one("instance_by_name", conn, user_id=user_id, name=name) is not None:
                         # Maybe a twin committed between our two reads: the second pass tells.
                         raise Conflict(
@@ -195,12 +202,24 @@ class Queue:
                         detail={"name": name, "actor": user_id},
                     )
                     submitted = self.submit("instance_create", user_id, params, instance["id"], key, conn)
+                    if not submitted.created:
+                        # The key was taken meanwhile by a request for another name (a twin of this
+                        # one would have met our row first): raising rolls our row back.
+                        raise _held_by_another_request(submitted.task, idempotency_key)
                     return instance, submitted
             except Conflict as error:
                 # A concurrent twin inserted the same name first: the second pass finds its task.
                 if attempt or error.data.get("constraint") != "instance_user_id_name_key":
                     raise
         raise AssertionError("unreachable: the second pass returns or raises")
+
+    def submit_heartbeat(self, params: dict[str, Any], idempotency_key: str | None = None) -> Submitted:
+        """A heartbeat round as a task; one unfinished at a time (or one per idempotency key)."""
+        key = _idempotency_key(SYSTEM_USER, idempotency_key) or "heartbeat"
+        submitted = self.submit("heartbeat", SYSTEM_USER, params, None, key)
+        if not submitted.created and idempotency_key is not None:
+            _refuse_another_request(submitted.task, "heartbeat", None, params, idempotency_key)
+        return submitted
 
     def submit_action(
         self,
@@ -361,15 +380,37 @@ class Queue:
 
 
 def _refuse_another_request(
-    held: Row, task_type: str, instance_id: int, params: dict[str, Any], idempotency_key: str | None
+    held: Row, task_type: str, instance_id: int | None, params: dict[str, Any], idempotency_key: str | None
 ) -> None:
     """The unfinished task holding a key answers only the request it was made for."""
     if (held["type"], held["instance_id"], held["params"]) != (task_type, instance_id, params):
-        raise Conflict(
-            f"idempotency key {idempotency_key!r} is held by task {held['id']}, "
-            f"a different request ({held['type']} of instance {held['instance_id']})",
+        raise _held_by_another_request(held, idempotency_key)
+
+
+def _held_by_another_request(held: Row, idempotency_key: str | None) -> Conflict:
+    about = f" of instance {held['instance_id']}" if held["instance_id"] is not None else ""
+    if idempotency_key is None:  # the name's own key: an unfinished create of that name
+        return Conflict(
+            f"an instance named {held['params'].get('name')!r} is being created by task {held['id']}",
+            field="name",
             task_id=held["id"],
         )
+    return Conflict(
+        f"idempotency key {idempotency_key!r} is held by task {held['id']}, "
+        f"a different request ({held['type']}{about})",
+        task_id=held["id"],
+    )
+
+
+def _same_create(held: Row, name: str, config: dict[str, Any] | None) -> bool:
+    """Whether an unfinished task is this create request: no config is the empty config."""
+    params = held["params"] or {}
+    return (
+        held["type"] == "instance_create"
+        and held["instance_id"] is not None
+        and params.get("name") == name
+        and (params.get("config") or {}) == (config or {})
+    )
 
 
 def _idempotency_key(user_id: str, key: str | None) -> str | None:

@@ -252,6 +252,33 @@ def test_duplicate_submissions_are_deduplicated(service: Service) -> None:
     assert service.counts()[:2] == (2, 1)
 
 
+def test_an_idempotency_key_held_by_a_different_request_is_a_409(service: Service) -> None:
+    c = service.client
+    first = c.call("POST", "/api/instances", {"name": "web"}, headers={"Idempotency-Key": "k1"})
+    assert first.status == 202
+    retry = c.call("POST", "/api/instances", {"name": "web"}, headers={"Idempotency-Key": "k1"})
+    assert (
+        retry.status == 202 and retry.body["deduplicated"] and retry.body["task_id"] == first.body["task_id"]
+    )
+    stop = c.call(
+        "POST", f"/api/instances/{first.body['instance_id']}/stop", headers={"Idempotency-Key": "k2"}
+    )
+    assert stop.status == 202
+    before = service.counts()
+    for body, key, holder in [
+        ({"name": "other"}, "k1", first.body["task_id"]),
+        ({"name": "web", "config": {"env": {"A": "1"}}}, "k1", first.body["task_id"]),
+        ({"name": "third"}, "k2", stop.body["task_id"]),
+    ]:
+        reply = c.call("POST", "/api/instances", body, headers={"Idempotency-Key": key})
+        assert reply.status == 409, (body, key, reply.body)
+        assert reply.body["task_id"] == holder and "a different request" in reply.body["error"]
+    # Without a key, the same name with another config is not a repeat either.
+    twin = c.call("POST", "/api/instances", {"name": "web", "config": {"env": {"A": "1"}}})
+    assert twin.status == 409
+    assert service.counts() == before
+
+
 def test_a_user_only_sees_and_acts_on_their_own(service: Service) -> None:
     c = service.client
     created = c.call("POST", "/api/instances", {"name": "private"}).body

@@ -246,6 +246,49 @@ def test_hand_inserted_tasks_are_worked_by_two_serves_sharing_the_queue(site: Si
     assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:3] == ["ID", "TYPE", "STATUS"]
 
 
+def test_a_create_from_the_command_line_gets_the_apis_answers(site: Site) -> None:
+    def submit(*args: str) -> subprocess.CompletedProcess[str]:
+        return site.cli("submit", *args)
+
+    def create(params: dict[str, Any], *more: str) -> subprocess.CompletedProcess[str]:
+        return submit("instance_create", "--user", "alice", "--params", json.dumps(params), *more)
+
+    # No serve yet, so every task stays unfinished and keeps its key.
+    first = create({"name": "keyed"}, "--idempotency-key", "k1")
+    assert first.returncode == 0, first.stderr
+    keyed = json.loads(first.stdout)
+    assert keyed["instance_id"] is not None and not keyed["deduplicated"]  # the row exists at once
+    again = create({"name": "keyed"}, "--idempotency-key", "k1")
+    assert json.loads(again.stdout) == {**keyed, "deduplicated": True}
+    stop = submit(
+        "instance_stop", "--user", "alice", "--instance", str(keyed["instance_id"]), "--idempotency-key", "k2"
+    )
+    assert stop.returncode == 0, stop.stderr
+    stop_task = json.loads(stop.stdout)["task_id"]
+    for params, key, holder in [
+        ({"name": "other"}, "k1", keyed["task_id"]),
+        ({"name": "third"}, "k2", stop_task),
+    ]:
+        refused = create(params, "--idempotency-key", key)
+        assert refused.returncode == 1, refused.stdout
+        assert f"is held by task {holder}, a different request" in refused.stderr
+
+    site.serve()
+    assert site.sql("SELECT count(*) AS n FROM task")[0]["n"] == 2  # the keyed create and the stop
+    done = create({"name": "web"}, "--wait")
+    assert done.returncode == 0, done.stderr
+    iid = json.loads(done.stdout)["instance_id"]
+    site.check_world(iid)
+    # The same name with another config (or none given, when it has one): a refusal, not a success.
+    changed = {"name": "web", "config": {"env": {"GATEWAY_LOG_MESSAGE": "other"}}}
+    refused = create(changed, "--wait")
+    assert refused.returncode == 1 and refused.stdout == ""
+    status, answer = site.call("POST", "/api/instances", changed)
+    assert status == 409 and f"pideploy: error: {answer['error']}\n" in refused.stderr
+    assert site.sql("SELECT count(*) AS n FROM task")[0]["n"] == 3  # and the create of web
+    assert site.sql("SELECT config FROM instance WHERE id = %s", iid)[0]["config"] == {}
+
+
 def test_the_lifecycle_through_the_http_api(site: Site) -> None:
     site.serve()
     status, created = site.call("POST", "/api/instances", {"name": "life"})

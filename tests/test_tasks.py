@@ -217,6 +217,79 @@ def test_create_inserts_the_instance_and_its_task_together(queue: tasks.Queue, d
         queue.submit_create("alice", "web", None, "img:1", None)
 
 
+def test_a_create_with_an_existing_name_is_a_repeat_only_with_the_same_config(
+    queue: tasks.Queue, database: Database
+) -> None:
+    row, first = queue.submit_create("alice", "web", None, "img", None)
+    same_row, same = queue.submit_create("alice", "web", {}, "img", None)  # no config is {}
+    assert (same_row["id"], same.task["id"], same.created) == (row["id"], first.task["id"], False)
+    before = all_tasks(database)
+    with pytest.raises(Conflict, match="an instance named 'web' already exists"):
+        queue.submit_create("alice", "web", {"env": {"A": "1"}}, "img", None)
+    assert all_tasks(database) == before
+    assert database.one("instance_get", id=row["id"])["config"] == {}  # type: ignore[index]
+
+
+def test_an_idempotency_key_answers_only_its_own_create(queue: tasks.Queue, database: Database) -> None:
+    row, keyed = queue.submit_create("alice", "web", None, "img", "k1")
+    again_row, again = queue.submit_create("alice", "web", None, "img", "k1")
+    assert (again_row["id"], again.task["id"], again.created) == (row["id"], keyed.task["id"], False)
+    stop = queue.submit_action("alice", "instance_stop", instance(database, "other"), idempotency_key="k2")
+    before = (all_tasks(database), database.all("instance_list_for_user", user_id="alice"))
+    for name, config, key, holder in [
+        ("web-2", None, "k1", keyed.task["id"]),  # another name under the create's key
+        ("web", {"env": {"A": "1"}}, "k1", keyed.task["id"]),  # the same name, another config
+        ("web-3", None, "k2", stop.task["id"]),  # a key held by a stop
+    ]:
+        with pytest.raises(Conflict, match=f"is held by task {holder}, a different request") as refused:
+            queue.submit_create("alice", name, config, "img", key)
+        assert refused.value.data["task_id"] == holder
+    assert (all_tasks(database), database.all("instance_list_for_user", user_id="alice")) == before
+    # bob's k1 is his own.
+    assert queue.submit_create("bob", "web-2", None, "img", "k1")[1].created
+
+
+def test_a_create_key_taken_meanwhile_by_another_request_is_a_conflict_and_leaves_no_row(
+    queue: tasks.Queue, database: Database
+) -> None:
+    # The key check passes while another request holds the key uncommitted; our insert then finds
+    # its task: we must not answer with it, nor leave our instance row without a task.
+    other = instance(database, "other")
+    outcome: list[object] = []
+    with database.transaction() as conn:
+        conn.execute(
+            "INSERT INTO task (type, params, instance_id, user_id, dedupe_key) "
+            "VALUES ('instance_stop', '{}', %s, 'alice', 'idem:alice:k')",
+            (other,),
+        )
+
+        def create() -> None:
+            try:
+                outcome.append(queue.submit_create("alice", "new", None, "img", "k"))
+            except Conflict as conflict:
+                outcome.append(conflict)
+
+        racer = threading.Thread(target=create)
+        racer.start()
+        time.sleep(0.5)  # the racer is now blocked on the unique index, behind our insert
+        assert not outcome
+    racer.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], Conflict), outcome
+    assert "held by task" in outcome[0].message
+    assert database.one("instance_by_name", user_id="alice", name="new") is None
+
+
+def test_a_heartbeat_under_a_key_held_by_another_request_is_a_conflict(
+    queue: tasks.Queue, database: Database
+) -> None:
+    iid = instance(database, "a", user=tasks.SYSTEM_USER)  # a user may be called "system"
+    stop = queue.submit_action(tasks.SYSTEM_USER, "instance_stop", iid, idempotency_key="k")
+    with pytest.raises(Conflict, match=f"held by task {stop.task['id']}"):
+        queue.submit_heartbeat({}, "k")
+    first = queue.submit_heartbeat({}, "h")
+    assert first.created and queue.submit_heartbeat({}, "h").task["id"] == first.task["id"]
+
+
 def test_concurrent_twin_creates_make_one_instance(queue: tasks.Queue, database: Database) -> None:
     results: list[tuple[Row, tasks.Submitted]] = []
     barrier = threading.Barrier(4)
