@@ -545,15 +545,23 @@ def instance_create(rt: Runtime, ctx: ToolContext, name: str, config: dict[str, 
         raise ToolRefused("instance_create acts for a user; a heartbeat round cannot create instances")
     assert ctx.user_id is not None
     row = _row_for_create(rt, ctx, name, config)
+    if row["status"] == "creating":
+        with instance_lock(rt, ctx, row["id"]):
+            # Read again under the lock: another task may have built, failed or deleted it meanwhile.
+            current = rt.db.one("instance_get", id=row["id"])
+            if current is None:
+                raise ToolError(
+                    f"instance {row['id']} was deleted before it was built", instance_id=row["id"]
+                )
+            row = current
+            if row["status"] == "creating":
+                return _create(rt, ctx, row)
     if row["status"] == "running":
         return {**public_row(row), "url": rt.proxy.url_for(str(row["id"])), "note": "already created"}
-    if row["status"] != "creating":
-        raise ToolRefused(
-            f"instance {row['id']} is {row['status']}; instance_create only builds new instances",
-            instance_id=row["id"],
-        )
-    with instance_lock(rt, ctx, row["id"]):
-        return _create(rt, ctx, row)
+    raise ToolRefused(
+        f"instance {row['id']} is {row['status']}; instance_create only builds new instances",
+        instance_id=row["id"],
+    )
 
 
 def _row_for_create(rt: Runtime, ctx: ToolContext, name: str, config: dict[str, Any] | None) -> Row:
@@ -568,25 +576,41 @@ def _row_for_create(rt: Runtime, ctx: ToolContext, name: str, config: dict[str, 
         if config is not None and config != row["config"]:
             raise ToolRefused("the config of this task's instance was fixed when it was submitted")
         return row
-    existing = rt.db.one("instance_by_name", user_id=ctx.user_id, name=name)
-    if existing is not None:
-        ctx.instance_id = existing["id"]
-        return existing
-    with rt.db.transaction() as conn:
-        row = rt.db.one(
-            "instance_insert",
-            conn,
-            user_id=ctx.user_id,
-            name=name,
-            image=rt.config.image,
-            config=config or {},
-        )
-        assert row is not None
-        _event(rt, conn, ctx, row["id"], "create_requested", row["user_id"], name=name)
-        if ctx.task_id is not None:
-            rt.db.execute("task_set_instance", conn, id=ctx.task_id, instance_id=row["id"])
-    ctx.instance_id = row["id"]
-    return row
+    # A task with no instance row (inserted by hand, or a direct call): the row is made here,
+    # under the same rule as a submitted create: a name that exists is that instance only if
+    # the request is the same (no config is the empty config), else a refusal.
+    for _ in range(2):
+        existing = rt.db.one("instance_by_name", user_id=ctx.user_id, name=name)
+        if existing is not None:
+            if existing["config"] != (config or {}):
+                raise ToolRefused(
+                    f"an instance named {name!r} already exists (instance {existing['id']}) with a "
+                    "different config; update it, or create another name",
+                    instance_id=existing["id"],
+                )
+            ctx.instance_id = existing["id"]
+            return existing
+        try:
+            with rt.db.transaction() as conn:
+                row = rt.db.one(
+                    "instance_insert",
+                    conn,
+                    user_id=ctx.user_id,
+                    name=name,
+                    image=rt.config.image,
+                    config=config or {},
+                )
+                assert row is not None
+                _event(rt, conn, ctx, row["id"], "create_requested", row["user_id"], name=name)
+                if ctx.task_id is not None:
+                    rt.db.execute("task_set_instance", conn, id=ctx.task_id, instance_id=row["id"])
+        except Conflict as error:
+            if error.data.get("constraint") != "instance_user_id_name_key":
+                raise
+            continue  # a twin inserted the name first: the next pass judges it like any existing one
+        ctx.instance_id = row["id"]
+        return row
+    raise ToolError(f"the instance named {name!r} keeps appearing and disappearing; try again")
 
 
 def _create(rt: Runtime, ctx: ToolContext, row: Row) -> Result:

@@ -115,6 +115,53 @@ def test_repeats_are_idempotent(any_world: World) -> None:
     assert len(w.containers()) == 0
 
 
+def test_a_create_with_no_instance_row_takes_an_existing_name_only_for_the_same_request(
+    memory_world: World,
+) -> None:
+    # A hand-inserted task (or a direct call) has no instance row: the submitted create's rule holds.
+    w = memory_world
+    iid = w.create("web", env={"A": "1"})["instance_id"]
+    before = (w.row(iid), w.events(iid))
+    assert w.create("web", env={"A": "1"})["note"] == "already created"
+    for config in (None, {"env": {"A": "2"}}):  # no config is the empty config: not this instance's
+        with pytest.raises(ToolRefused, match=r"already exists \(instance \d+\) with a different config"):
+            tools.instance_create(w.rt, w.ctx(), "web", config)
+    assert (w.row(iid), w.events(iid)) == before
+
+
+def test_a_create_that_waited_for_the_lock_acts_on_the_row_as_it_is_then(memory_world: World) -> None:
+    w = memory_world
+    with w.rt.db.transaction() as conn:  # as submit_create leaves it
+        row = w.rt.db.one(
+            "instance_insert", conn, user_id="alice", name="web", image=w.rt.config.image, config={}
+        )
+    assert row is not None
+    outcome: list[object] = []
+
+    def hand_task() -> None:
+        try:
+            outcome.append(tools.instance_create(w.rt, w.ctx(), "web"))
+        except ToolRefused as refused:
+            outcome.append(refused)
+
+    with tools.instance_lock(w.rt, w.ctx(), row["id"]):  # the instance's own create task holds it...
+        racer = threading.Thread(target=hand_task)
+        racer.start()
+        time.sleep(0.5)  # ...while the hand task read `creating` and waits
+        with w.rt.db.transaction() as conn:  # ...and fails
+            conn.execute(
+                "UPDATE instance SET status = 'error', last_error = 'image missing' WHERE id = %s",
+                (row["id"],),
+            )
+    racer.join(30)
+    assert len(outcome) == 1 and isinstance(outcome[0], ToolRefused), outcome
+    after = w.row(row["id"])
+    assert after is not None and (after["status"], after["last_error"]) == ("error", "image missing")
+    assert w.containers(row["id"]) == []
+
+
+# ---------------------------------------------------------------------------
+# Safety: ownership and scope, checked in the tool, recorded as an event
 # ---------------------------------------------------------------------------
 # Safety: ownership and scope, checked in the tool, recorded as an event
 # ---------------------------------------------------------------------------
