@@ -56,6 +56,10 @@ RETURNING *;
 -- name: instance_delete
 DELETE FROM instance WHERE id = %(id)s RETURNING *;
 
+-- name: instance_was_created
+-- Whether an instance's create ever finished: its `created` event (the history outlives statuses).
+SELECT EXISTS (SELECT 1 FROM event WHERE instance_id = %(id)s AND kind = 'created') AS created;
+
 -- name: instance_ports_taken
 SELECT port FROM instance WHERE port IS NOT NULL;
 

@@ -254,15 +254,10 @@ class Queue:
                 return Submitted(newest, False)
             if instance["status"] == "deleting" or any(t["type"] == "instance_delete" for t in pending):
                 raise Conflict(f"instance {instance_id} is being deleted", instance_id=instance_id)
-            failed_create = instance["status"] == "error" and instance["storage_path"] is None
-            if task_type != "instance_delete" and not pending and failed_create:
-                raise Conflict(
-                    f"instance {instance_id} has nothing to {task_type.removeprefix('instance_')}: "
-                    f"its create failed ({instance['last_error'] or 'no reason recorded'}); "
-                    "delete it, then create it again",
-                    instance_id=instance_id,
-                    status=instance["status"],
-                )
+            if task_type != "instance_delete" and not pending:  # else the create may still succeed
+                failed = tools.failed_create(self.db, instance, task_type.removeprefix("instance_"), conn)
+                if failed:
+                    raise Conflict(failed, instance_id=instance_id, status=instance["status"])
             # The key only keeps concurrent twins apart (the row lock above already does).
             key = idempotency or f"{task_type}:{instance_id}:after:{newest['id'] if newest else 0}"
             submitted = self.submit(task_type, user_id, params, instance_id, key, conn)

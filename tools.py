@@ -228,6 +228,31 @@ def scoped_instance(rt: Runtime, ctx: ToolContext, instance_id: int, tool: str) 
     return row
 
 
+def failed_create(db: Database, row: Row, action: str, conn: Any = None) -> str:
+    """What to tell someone who asks to `action` an instance whose create failed, or "".
+
+    A failed create leaves the instance `error` with nothing built (or half of it): start,
+    stop and update have nothing to act on, and acting would only replace the failure's
+    status and reason. Only a delete is left. "Failed" is judged by history, not by columns
+    (a create cut short may leave a storage path): its create never finished."""
+    if row["status"] != "error":
+        return ""
+    found = db.one("instance_was_created", conn, id=row["id"])
+    if found is not None and found["created"]:
+        return ""
+    reason = row["last_error"] or "no reason recorded"
+    return (
+        f"instance {row['id']} has nothing to {action}: its create failed ({reason}); "
+        "delete it, then create it again"
+    )
+
+
+def _refuse_failed_create(rt: Runtime, row: Row, tool: str) -> None:
+    problem = failed_create(rt.db, row, tool.removeprefix("instance_"))
+    if problem:
+        raise ToolRefused(problem, tool=tool, instance_id=row["id"], status=row["status"])
+
+
 @contextlib.contextmanager
 def instance_lock(rt: Runtime, ctx: ToolContext, instance_id: int, wait: float = 60.0) -> Iterator[None]:
     """A per-instance lock across threads and processes (a session advisory lock)."""
@@ -692,6 +717,7 @@ def instance_start(rt: Runtime, ctx: ToolContext, instance_id: int) -> Result:
         raise ToolError(f"no instance {instance_id}")
     with instance_lock(rt, ctx, instance_id):
         row = rt.db.one("instance_get", id=instance_id) or row
+        _refuse_failed_create(rt, row, "instance_start")
         return _start(rt, ctx, row)
 
 
@@ -769,6 +795,7 @@ def instance_stop(rt: Runtime, ctx: ToolContext, instance_id: int) -> Result:
         raise ToolError(f"no instance {instance_id}")
     with instance_lock(rt, ctx, instance_id):
         row = rt.db.one("instance_get", id=instance_id) or row
+        _refuse_failed_create(rt, row, "instance_stop")  # a stop queued behind its create, which failed
         if ctx.system and row["status"] != "stopped":
             # A heartbeat only converges to the user's wish: it stops what the DB says is stopped.
             raise ToolRefused(f"instance {instance_id} is {row['status']}; a heartbeat does not stop it")
@@ -840,6 +867,7 @@ def instance_update(
         raise ToolRefused("a heartbeat round never updates instances")
     with update_lock(rt.config, instance_id, ctx), instance_lock(rt, ctx, instance_id):
         row = rt.db.one("instance_get", id=instance_id) or row
+        _refuse_failed_create(rt, row, "instance_update")
         if row["status"] == "updating":
             row = _resume_interrupted_update(rt, ctx, row)
         if row["status"] not in ("running", "stopped", "error"):
@@ -1011,12 +1039,23 @@ def instance_logs(rt: Runtime, ctx: ToolContext, instance_id: int, tail: int = 5
 
 
 def mark_error(rt: Runtime, ctx: ToolContext, instance_id: int, reason: str) -> Result:
+    row = scoped_instance(rt, ctx, instance_id, "mark_error")
     if not ctx.system:
         raise ToolRefused("only a heartbeat round marks instances as error")
-    row = scoped_instance(rt, ctx, instance_id, "mark_error")
     if row is None:
         raise ToolError(f"no instance {instance_id}")
     with instance_lock(rt, ctx, instance_id):
+        row = rt.db.one("instance_get", id=instance_id) or row
+        # The round's plan was made from an earlier look: a user's stop since then stands, and
+        # an instance already in error keeps the reason it has (a failed create's, say).
+        if row["status"] in ("stopped", "error"):
+            raise ToolRefused(
+                f"instance {instance_id} is {row['status']}"
+                + (f" ({row['last_error']})" if row["last_error"] else "")
+                + "; a heartbeat marks error only an instance that should be running or is stuck",
+                instance_id=instance_id,
+                status=row["status"],
+            )
         row = _transition(rt, ctx, row, "marked_error", {"reason": reason}, status="error", last_error=reason)
     with contextlib.suppress(PiDeployError):
         sync_routes(rt, ctx)

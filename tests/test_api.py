@@ -213,6 +213,27 @@ def test_actions_queued_behind_a_create_wait_their_turn(service: Service) -> Non
     assert c.call("GET", f"/api/instances/{created['instance_id']}").body["status"] == "stopped"
 
 
+def test_a_stop_queued_behind_a_create_that_fails_leaves_it_error(service: Service) -> None:
+    c = service.client
+    created = c.call(
+        "POST", "/api/instances", {"name": "doomed", "config": {"env": {"GATEWAY_CRASH_AT_START": "1"}}}
+    )
+    iid = created.body["instance_id"]
+    stop = c.call("POST", f"/api/instances/{iid}/stop")
+    start = c.call("POST", f"/api/instances/{iid}/start")
+    assert stop.status == start.status == 202  # accepted: the create may still succeed
+    service.start_workers()
+    assert service.wait_task(created.body["task_id"])["status"] == "failed"
+    for task_id in (stop.body["task_id"], start.body["task_id"]):
+        task = service.wait_task(task_id)
+        assert (task["status"], task["error_class"]) == ("failed", "tool_refused"), task
+    instance = c.call("GET", f"/api/instances/{iid}").body
+    assert instance["status"] == "error" and instance["last_error"].startswith("create failed at health")
+    assert containers(service.engine, iid) == []
+    again = c.call("POST", f"/api/instances/{iid}/stop")
+    assert again.status == 409 and "its create failed" in again.body["error"]
+
+
 def test_instances_carry_their_last_event(service: Service) -> None:
     # The dashboard shows each instance's newest event without a request per row.
     service.start_workers()

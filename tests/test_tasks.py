@@ -200,6 +200,33 @@ def test_an_instance_whose_create_failed_can_only_be_deleted(queue: tasks.Queue,
             queue.submit_action("alice", task_type, iid, params)
     assert database.all("task_unfinished_for_instance", instance_id=iid) == []
     assert queue.submit_action("alice", "instance_delete", iid).created
+    # Half built (a storage folder and a port), as a create killed on its last attempt leaves it.
+    half = instance(database, "half")
+    with database.transaction() as conn:
+        conn.execute(
+            "UPDATE instance SET status = 'error', storage_path = '/tmp/x', port = 20001,"
+            " last_error = 'worker gone' WHERE id = %s",
+            (half,),
+        )
+    with pytest.raises(Conflict, match="its create failed \\(worker gone\\)"):
+        queue.submit_action("alice", "instance_start", half)
+    # An instance that was created and is error since (the heartbeat gave up on it) may be started.
+    given_up = instance(database, "given-up")
+    with database.transaction() as conn:
+        conn.execute(
+            "UPDATE instance SET status = 'error', last_error = '3 recoveries failed' WHERE id = %s",
+            (given_up,),
+        )
+        database.one(
+            "event_insert",
+            conn,
+            instance_id=given_up,
+            user_id="alice",
+            task_id=None,
+            kind="created",
+            detail={},
+        )
+    assert queue.submit_action("alice", "instance_start", given_up).created
 
 
 def test_create_inserts_the_instance_and_its_task_together(queue: tasks.Queue, database: Database) -> None:

@@ -188,6 +188,52 @@ def test_ownership_is_enforced_whatever_the_model_asks(any_world: World) -> None
     assert w.row(iid)["status"] == "running"  # type: ignore[index]
 
 
+def test_an_instance_whose_create_failed_stays_error_whatever_is_asked_of_it(any_world: World) -> None:
+    w = any_world
+    with pytest.raises(RolledBack):
+        w.create("broken", env={"GATEWAY_CRASH_AT_START": "1"})
+    broken = w.rt.db.one("instance_by_name", user_id="alice", name="broken")
+    assert broken is not None and broken["status"] == "error"
+    iid, reason = broken["id"], broken["last_error"]
+    # As a create killed on its last attempt leaves it: half built, never created.
+    with w.rt.db.transaction() as conn:
+        half = w.rt.db.one(
+            "instance_insert", conn, user_id="alice", name="half", image=w.rt.config.image, config={}
+        )
+        assert half is not None
+        conn.execute(
+            "UPDATE instance SET status = 'error', storage_path = %s, port = %s,"
+            " last_error = 'instance_create failed: worker w stopped renewing its lease' WHERE id = %s",
+            (str(tools.storage_for(w.rt, half["id"])), w.rt.config.ports[1], half["id"]),
+        )
+    for instance_id in (iid, half["id"]):
+        before = (w.row(instance_id), w.events(instance_id))
+        ctx = w.ctx(instance_id=instance_id)  # a task queued behind the create
+        for act in (tools.instance_stop, tools.instance_start):
+            with pytest.raises(ToolRefused, match=r"its create failed .*; delete it, then create it again"):
+                act(w.rt, ctx, instance_id)
+        with pytest.raises(ToolRefused, match="its create failed"):
+            tools.instance_update(w.rt, ctx, instance_id, image=V2)
+        with pytest.raises(ToolRefused, match="is error"):  # a heartbeat keeps the reason too
+            tools.mark_error(
+                w.rt, w.ctx(None, allowed_instances=frozenset({instance_id})), instance_id, "stuck"
+            )
+        assert (w.row(instance_id), w.events(instance_id)) == before
+        assert w.containers(instance_id) == []
+    assert w.row(iid)["last_error"] == reason  # type: ignore[index]
+    tools.instance_delete(w.rt, w.ctx(), iid)  # what is left to do
+    assert w.row(iid) is None
+
+
+def test_a_heartbeat_never_marks_error_an_instance_its_user_stopped_meanwhile(memory_world: World) -> None:
+    w = memory_world
+    iid = w.create("paused")["instance_id"]
+    tools.instance_stop(w.rt, w.ctx(), iid)  # after the round planned from a look at it running
+    with pytest.raises(ToolRefused, match="is stopped"):
+        tools.mark_error(w.rt, w.ctx(None, allowed_instances=frozenset({iid})), iid, "3 recoveries failed")
+    assert w.row(iid)["status"] == "stopped"  # type: ignore[index]
+
+
 def test_arguments_are_validated_against_the_schema(any_world: World) -> None:
     w = any_world
     allowed = tools.TOOLSETS["instance_create"]
