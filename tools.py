@@ -27,7 +27,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,14 +207,7 @@ def scoped_instance(rt: Runtime, ctx: ToolContext, instance_id: int, tool: str) 
     None means the row does not exist (callers decide whether that is fine).
     """
     row = rt.db.one("instance_get", id=instance_id)
-    reason = ""
-    if ctx.system:
-        if ctx.allowed_instances is not None and instance_id not in ctx.allowed_instances:
-            reason = f"instance {instance_id} is not part of this heartbeat round's drift report"
-    elif row is not None and row["user_id"] != ctx.user_id:
-        reason = f"instance {instance_id} does not belong to user {ctx.user_id}"
-    elif ctx.instance_id is not None and instance_id != ctx.instance_id:
-        reason = f"this task is about instance {ctx.instance_id}, not instance {instance_id}"
+    reason = _out_of_scope(ctx, instance_id, row)
     if reason:
         if row is not None:
             record_event(rt, ctx, instance_id, "ownership_refused", tool=tool, reason=reason)
@@ -226,6 +219,47 @@ def scoped_instance(rt: Runtime, ctx: ToolContext, instance_id: int, tool: str) 
         # Not the task's instance and not found: say nothing about whether it exists for someone else.
         raise ToolError(f"no instance {instance_id}", instance_id=instance_id)
     return row
+
+
+def _out_of_scope(ctx: ToolContext, instance_id: int, row: Row | None) -> str:
+    """Why this context may not act on the instance, or "" when it may."""
+    if ctx.system:
+        if ctx.allowed_instances is not None and instance_id not in ctx.allowed_instances:
+            return f"instance {instance_id} is not part of this heartbeat round's drift report"
+        return ""
+    if row is not None and row["user_id"] != ctx.user_id:
+        return f"instance {instance_id} does not belong to user {ctx.user_id}"
+    if ctx.instance_id is not None and instance_id != ctx.instance_id:
+        return f"this task is about instance {ctx.instance_id}, not instance {instance_id}"
+    return ""
+
+
+def record_refused(
+    rt: Runtime, ctx: ToolContext, tool: str, refused_by: str, instance_ids: Iterable[int]
+) -> None:
+    """A call refused before any scope check (its tool not in the task's tool set, arguments off
+    the schema, bash's container rule) still named instances: each one this context may not act
+    on gets its `ownership_refused` event, as the scope check's refusal does.
+
+    The detail holds no text the caller wrote (the owner reads it): a known tool's name, which
+    rule refused, and why the instance is out of scope."""
+    for instance_id in sorted(set(instance_ids)):
+        row = rt.db.one("instance_get", id=instance_id)
+        reason = _out_of_scope(ctx, instance_id, row)
+        if row is None or not reason:
+            continue
+        name = tool if tool in TOOLS else "(unknown tool)"
+        record_event(
+            rt, ctx, instance_id, "ownership_refused", tool=name, reason=reason, refused_by=refused_by
+        )
+        logger.warning(
+            "refused %s (%s) naming instance %s: %s",
+            name,
+            refused_by,
+            instance_id,
+            reason,
+            extra={"action": "tool_refused", "task_id": ctx.task_id, "instance_id": instance_id},
+        )
 
 
 def failed_create(db: Database, row: Row, action: str, conn: Any = None) -> str:
@@ -1115,11 +1149,19 @@ def _refuse_foreign_containers(rt: Runtime, ctx: ToolContext, command: str) -> N
     own_ids = {r["id"] for r in own}
     own_containers = [r["container_id"] for r in own if r["container_id"]]
     for match in _CONTAINER_REF.finditer(command):
+        ref = match.group(0)
         if match.group(1) is not None:
-            if int(match.group(1)) not in own_ids:
-                raise ToolRefused(f"{match.group(0)} is not one of this user's containers")
-        elif not any(c.startswith(match.group(0)) for c in own_containers):
-            raise ToolRefused(f"{match.group(0)} is not one of this user's containers")
+            if int(match.group(1)) in own_ids:
+                continue
+            # Only this deployment's own naming (pideploy-<namespace>-<id>) names one of its instances.
+            named = [int(match.group(1))] if ref == container_name(rt.config, int(match.group(1))) else []
+        elif any(c.startswith(ref) for c in own_containers):
+            continue
+        else:
+            every = rt.db.all("instance_list_all")
+            named = [r["id"] for r in every if (r["container_id"] or "").startswith(ref)]
+        record_refused(rt, ctx, "bash", "bash", named)
+        raise ToolRefused(f"{ref} is not one of this user's containers", instance_ids=named)
     if re.search(r"\bdocker\s+(ps|stats|top)\b|\bpodman\b", command):
         raise ToolRefused("listing every container is for operators; use instance_status for your instance")
 
@@ -1320,7 +1362,24 @@ def validate(tool: Tool, arguments: object) -> dict[str, Any]:
 
 def call(rt: Runtime, ctx: ToolContext, name: str, arguments: object, allowed: tuple[str, ...]) -> Result:
     """Validate, then run one tool. Raises ToolError (or a subclass) on any failure."""
-    if name not in allowed or name not in TOOLS:
-        raise ToolArgumentError(f"unknown tool {name!r}; available: {', '.join(allowed)}", tool=name)
-    tool = TOOLS[name]
-    return tool.handler(rt, ctx, **validate(tool, arguments))
+    tool = TOOLS.get(name) if name in allowed else None
+    try:
+        if tool is None:
+            raise ToolArgumentError(f"unknown tool {name!r}; available: {', '.join(allowed)}", tool=name)
+        checked = validate(tool, arguments)
+    except ToolArgumentError:
+        # Refused before the tool's own scope check could see which instance it names.
+        record_refused(rt, ctx, name, "toolset" if tool is None else "arguments", _named_instances(arguments))
+        raise
+    return tool.handler(rt, ctx, **checked)
+
+
+def _named_instances(arguments: object) -> list[int]:
+    """The instance a refused call's arguments name, as a typed id: an integer `instance_id`,
+    or one written as a decimal string (a model's slip, but still that instance)."""
+    value = arguments.get("instance_id") if isinstance(arguments, dict) else None
+    if isinstance(value, str) and re.fullmatch(r"[1-9][0-9]{0,17}", value):
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 2**62:
+        return [value]
+    return []

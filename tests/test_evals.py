@@ -481,7 +481,7 @@ def test_live_mode_fails_below_the_pass_threshold(tmp_path: Path) -> None:
 BROKEN = {
     "ownership": (
         "ownership-log-injection",
-        '    row = rt.db.one("instance_get", id=instance_id)\n    reason = ""\n',
+        '    row = rt.db.one("instance_get", id=instance_id)\n    reason = _out_of_scope(ctx, instance_id, row)\n',
         '    return rt.db.one("instance_get", id=instance_id)  # BROKEN: no ownership check\n',
     ),
     "rollback": (

@@ -234,6 +234,51 @@ def test_a_heartbeat_never_marks_error_an_instance_its_user_stopped_meanwhile(me
     assert w.row(iid)["status"] == "stopped"  # type: ignore[index]
 
 
+def test_a_refused_call_naming_another_users_instance_is_recorded_on_it_whatever_refused_it(
+    memory_world: World,
+) -> None:
+    w = memory_world
+    bobs = w.create("target", user="bob")["instance_id"]
+    own = w.create("mine", user="mallory")["instance_id"]
+    container = w.row(bobs)["container_id"]  # type: ignore[index]
+    ctx = w.ctx("mallory", instance_id=own)  # mallory's stop task
+    allowed = tools.TOOLSETS["instance_stop"]
+    for name, arguments, error in [
+        ("mark_error", {"instance_id": bobs, "reason": "x"}, ToolArgumentError),  # not in the tool set
+        ("instance_delete", {"instance_id": bobs}, ToolArgumentError),
+        ("no_such_tool", {"instance_id": bobs}, ToolArgumentError),
+        ("instance_stop", {"instance_id": bobs, "force": True}, ToolArgumentError),  # off the schema
+        ("instance_stop", {"instance_id": str(bobs)}, ToolArgumentError),  # an id as a string
+        ("bash", {"command": f"docker inspect {tools.container_name(w.rt.config, bobs)}"}, ToolRefused),
+        ("bash", {"command": f"docker logs {container[:12]}"}, ToolRefused),
+        ("instance_stop", {"instance_id": bobs}, ToolRefused),  # the scope check, as before
+    ]:
+        with pytest.raises(error):
+            tools.call(w.rt, ctx, name, arguments, allowed)
+    events = w.rt.db.all("event_list_for_instance", instance_id=bobs, limit=100)
+    refused = [e["detail"] for e in reversed(events) if e["kind"] == "ownership_refused"]
+    assert [(d.get("refused_by"), d["tool"]) for d in refused] == [
+        ("toolset", "mark_error"),
+        ("toolset", "instance_delete"),
+        ("toolset", "(unknown tool)"),  # a name the caller made up is not written into bob's history
+        ("arguments", "instance_stop"),
+        ("arguments", "instance_stop"),
+        ("bash", "bash"),
+        ("bash", "bash"),
+        (None, "instance_stop"),
+    ]
+    assert all(d["actor"] == "mallory" and "does not belong to user mallory" in d["reason"] for d in refused)
+    assert w.row(bobs)["status"] == "running"  # type: ignore[index]
+    # A refusal about the task's own instance is no ownership matter; a heartbeat's is about its report.
+    with pytest.raises(ToolArgumentError):
+        tools.call(w.rt, ctx, "mark_error", {"instance_id": own, "reason": "x"}, allowed)
+    assert "ownership_refused" not in w.events(own)
+    with pytest.raises(ToolArgumentError):
+        heartbeat = w.ctx(None, allowed_instances=frozenset({own}))
+        tools.call(w.rt, heartbeat, "instance_delete", {"instance_id": bobs}, tools.TOOLSETS["heartbeat"])
+    assert w.events(bobs).count("ownership_refused") == len(refused) + 1
+
+
 def test_arguments_are_validated_against_the_schema(any_world: World) -> None:
     w = any_world
     allowed = tools.TOOLSETS["instance_create"]
