@@ -243,15 +243,29 @@ def record_refused(
 
     The detail holds no text the caller wrote (the owner reads it): a known tool's name, which
     rule refused, and why the instance is out of scope."""
+    name = tool if tool in TOOLS else "(unknown tool)"
     for instance_id in sorted(set(instance_ids)):
-        row = rt.db.one("instance_get", id=instance_id)
-        reason = _out_of_scope(ctx, instance_id, row)
-        if row is None or not reason:
+        try:
+            row = rt.db.one("instance_get", id=instance_id)
+            reason = _out_of_scope(ctx, instance_id, row)
+            if row is None or not reason:
+                continue
+            record_event(
+                rt, ctx, instance_id, "ownership_refused", tool=name, reason=reason, refused_by=refused_by
+            )
+        except PiDeployError as error:  # the refusal stands all the same; the caller raises it
+            logger.warning(
+                "cannot record the refusal of %s naming instance %s: %s",
+                name,
+                instance_id,
+                error.message,
+                extra={
+                    "action": "tool_refused_unrecorded",
+                    "task_id": ctx.task_id,
+                    "instance_id": instance_id,
+                },
+            )
             continue
-        name = tool if tool in TOOLS else "(unknown tool)"
-        record_event(
-            rt, ctx, instance_id, "ownership_refused", tool=name, reason=reason, refused_by=refused_by
-        )
         logger.warning(
             "refused %s (%s) naming instance %s: %s",
             name,

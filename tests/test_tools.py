@@ -23,7 +23,15 @@ from typing import Any
 import pytest
 
 import tools
-from errors import ImageNotFound, ProxyError, RolledBack, ToolArgumentError, ToolError, ToolRefused
+from errors import (
+    DatabaseError,
+    ImageNotFound,
+    ProxyError,
+    RolledBack,
+    ToolArgumentError,
+    ToolError,
+    ToolRefused,
+)
 from proxy import NginxProxy
 from tests.conftest import World, make_config, make_config_like, require_stack
 
@@ -277,6 +285,20 @@ def test_a_refused_call_naming_another_users_instance_is_recorded_on_it_whatever
         heartbeat = w.ctx(None, allowed_instances=frozenset({own}))
         tools.call(w.rt, heartbeat, "instance_delete", {"instance_id": bobs}, tools.TOOLSETS["heartbeat"])
     assert w.events(bobs).count("ownership_refused") == len(refused) + 1
+
+
+def test_a_refusal_that_cannot_be_recorded_is_still_the_refusal(
+    memory_world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = memory_world
+    bobs = w.create("target", user="bob")["instance_id"]
+
+    def database_down(*args: Any, **kwargs: Any) -> None:
+        raise DatabaseError("connection lost")
+
+    monkeypatch.setattr(tools, "record_event", database_down)
+    with pytest.raises(ToolArgumentError, match="unknown tool 'mark_error'"):
+        tools.call(w.rt, w.ctx("mallory"), "mark_error", {"instance_id": bobs, "reason": "x"}, ("bash",))
 
 
 def test_arguments_are_validated_against_the_schema(any_world: World) -> None:
