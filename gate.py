@@ -43,6 +43,13 @@ Policy decisions:
   would expose every container), -L (a redirect leaves loopback), `@file`
   header or write-out values, or the Docker Engine TCP ports 2375/2376.
 
+Who runs the command adds rules (check()/run() arguments): a user's task gets
+connect_ports (its instances' ports: curl to no other, no nginx or pg_isready)
+and containers (Containers, from the engine's list: each docker word naming a
+container must resolve, as the engine would resolve it, to exactly one of the
+user's own; no listing; no podman, which reads its own store). A heartbeat or
+an operator keeps the rest.
+
 The sandbox, a second line that does not depend on the parser: the command is
 started from a short-lived thread that first restricts itself with Landlock
 (Linux 5.13+) and drops every capability but the two that let root read files
@@ -115,18 +122,66 @@ class _Refused(Exception):
         self.reason = reason
 
 
+_HEX = re.compile(r"[0-9a-f]+")
+
+
+@dataclass(frozen=True)
+class Containers:
+    """Every container the engine has, and which of them a user's task may name.
+
+    The caller lists the engine (the gate imports no engine); the gate resolves each word of
+    a docker command the way the engine would and checks the resolved ids."""
+
+    own: frozenset[str]  # full ids of the task's user's containers
+    every: Mapping[str, str]  # full id -> name, of every container the engine has
+
+    def resolve(self, ref: str) -> frozenset[str]:
+        """Every container the engine could take `ref` for. Docker and Podman try an exact id,
+        then an exact name (Docker also with a leading /), then a unique id prefix: any of
+        them may be what runs, so all count, and the word must be one of these spellings
+        exactly (the engine also forgives a trailing / or blank, which is not let through)."""
+        if ref in self.every:
+            return frozenset({ref})
+        found = {cid for cid, name in self.every.items() if ref in (name, "/" + name)}
+        if _HEX.fullmatch(ref):
+            found |= {cid for cid in self.every if cid.startswith(ref)}
+        return frozenset(found)
+
+
 # ---------------------------------------------------------------------------
 # check(): parse, walk the tree, check each simple command
 # ---------------------------------------------------------------------------
 
 
-def check(command: str, read_roots: Sequence[Path] = ()) -> Verdict:
-    """Allowed, or refused with a reason. Never raises."""
+def check(
+    command: str,
+    read_roots: Sequence[Path] = (),
+    *,
+    connect_ports: Collection[int] | None = None,
+    containers: Callable[[], Containers] | None = None,
+) -> Verdict:
+    """Allowed, or refused with a reason. Never raises (but for what `containers` raises).
+
+    The defaults are an operator's or a heartbeat's scope. A user's task passes
+    connect_ports (its instances' ports) and containers (called once, when a docker command
+    needs names resolved): see run()."""
     try:
-        _check(command, _roots(read_roots))
+        _check_scope(_check(command, _roots(read_roots)), connect_ports, containers)
     except _Refused as refused:
         return Verdict(False, refused.reason)
     return Verdict(True, "")
+
+
+def _check_scope(
+    commands: list[list[str]],
+    connect_ports: Collection[int] | None,
+    containers: Callable[[], Containers] | None,
+) -> None:
+    """The rules that depend on who runs the command, over the already checked commands."""
+    if connect_ports is not None:
+        _check_ports(commands, connect_ports)
+    if containers is not None:
+        _check_containers(commands, containers)
 
 
 def _roots(read_roots: Sequence[Path]) -> tuple[Path, ...]:
@@ -911,30 +966,99 @@ _DOCKER_WRITES = _words(
 )
 
 
-def _docker(program: str, args: list[str]) -> list[str]:
+@dataclass(frozen=True)
+class _DockerCall:
+    shown: str  # as the model wrote it, for reasons: "docker container ls"
+    subcommand: str  # the canonical one: ps, inspect, logs, images, version, info, port, top, stats
+    group: str  # "", "container" or "image"
+    parsed: _Parsed
+
+
+def _docker_call(program: str, args: list[str]) -> _DockerCall:
     if not args:
         raise _Refused(f"{program} needs a subcommand")
     if args[0].startswith("-"):
         name = args[0].partition("=")[0]
         why = _DOCKER_GLOBAL.get(name, "global flags are not allowed")
         raise _Refused(f"{program} {name} is not allowed: {why}")
-    subcommand, rest = args[0], args[1:]
-    shown = subcommand
+    subcommand, rest, group = args[0], args[1:], ""
+    shown = f"{program} {subcommand}"
     if subcommand in _DOCKER_GROUPS:
-        group = _DOCKER_GROUPS[subcommand]
         inner = rest[0] if rest else ""
-        if inner not in group:
-            raise _Refused(f"{program} {subcommand} {inner} is not allowed; only {' '.join(group)}".rstrip())
-        shown, subcommand, rest = f"{subcommand} {inner}", group[inner], rest[1:]
+        if inner not in _DOCKER_GROUPS[subcommand]:
+            allowed = " ".join(_DOCKER_GROUPS[subcommand])
+            raise _Refused(f"{program} {subcommand} {inner} is not allowed; only {allowed}".rstrip())
+        group, shown = subcommand, f"{shown} {inner}"
+        subcommand, rest = _DOCKER_GROUPS[group][inner], rest[1:]
     if subcommand not in _DOCKER_SUBCOMMANDS:
         kind = "not read-only" if subcommand in _DOCKER_WRITES else "not allowed"
-        raise _Refused(f"{program} {shown} is {kind}; only {' '.join(_DOCKER_SUBCOMMANDS)}")
-    parsed = _parse(f"{program} {shown}", rest, _DOCKER_SUBCOMMANDS[subcommand])
-    if subcommand == "stats" and "--no-stream" not in parsed.names:
+        raise _Refused(f"{shown} is {kind}; only {' '.join(_DOCKER_SUBCOMMANDS)}")
+    return _DockerCall(shown, subcommand, group, _parse(shown, rest, _DOCKER_SUBCOMMANDS[subcommand]))
+
+
+_PORT_SPEC = re.compile(r"\d{1,5}(/(tcp|udp|sctp))?")
+
+
+def _docker(program: str, args: list[str]) -> list[str]:
+    call = _docker_call(program, args)
+    names, positionals = call.parsed.names, call.parsed.positionals
+    if call.subcommand == "stats" and "--no-stream" not in names:
         raise _Refused(f"{program} stats needs --no-stream (it would stream forever)")
-    if subcommand == "top" and len(parsed.positionals) != 1:
+    if call.subcommand == "top" and len(positionals) != 1:
         raise _Refused(f"{program} top takes exactly one container and no ps options")
+    if call.subcommand == "port" and (
+        not 1 <= len(positionals) <= 2 or not all(map(_PORT_SPEC.fullmatch, positionals[1:]))
+    ):
+        raise _Refused(f"{call.shown} takes one container and at most one PORT[/PROTO]")
+    if call.subcommand in ("inspect", "logs") and not positionals:
+        raise _Refused(f"{call.shown} needs a {'name' if call.group == 'image' else 'container'}")
     return []
+
+
+def _check_containers(commands: list[list[str]], containers: Callable[[], Containers]) -> None:
+    """A user's task names only its own containers, as the engine resolves the words it gives
+    (an id, an id prefix, a name), and lists nothing: every listing shows other users'
+    containers, their names, labels and commands."""
+    resolved: Containers | None = None
+    for words in commands:
+        program, args = words[0], words[1:]
+        if program == "podman":
+            # The podman program reads its own container store, not the engine piDeploy resolves
+            # names through (and not its own sandbox either): nothing here could vouch for a name.
+            raise _Refused("podman is for operators; use docker, which talks to piDeploy's engine")
+        if program != "docker":
+            continue
+        call = _docker_call(program, args)
+        for ref in _container_refs(call):
+            resolved = resolved or containers()
+            found = resolved.resolve(ref)
+            if not found or not found <= resolved.own:
+                raise _Refused(f"{ref} is not one of this user's containers")
+            if len(found) > 1:
+                raise _Refused(f"{ref} is ambiguous (an id prefix of several containers); use the name")
+
+
+_LISTING = "listing every container is for operators; name your own container, or use instance_status"
+
+
+def _container_refs(call: _DockerCall) -> list[str]:
+    """The words of a docker call that name containers; _Refused for a listing."""
+    parsed, shown = call.parsed, call.shown
+    if call.subcommand in ("images", "version") or (call.group == "image" and call.subcommand == "inspect"):
+        return []
+    if call.subcommand == "ps":
+        raise _Refused(f"{shown}: {_LISTING}")
+    if call.subcommand == "info":
+        raise _Refused(f"{shown} counts every container and describes the engine: for operators")
+    if call.subcommand == "stats" and (not parsed.positionals or parsed.names & {"-a", "--all"}):
+        raise _Refused(f"{shown} without your containers' names: {_LISTING}")
+    if call.subcommand == "inspect":
+        kinds = {value for name, value in parsed.options if name == "--type"}
+        if kinds - {"container"}:
+            raise _Refused(f"{shown} --type {min(kinds - {'container'})}: only your own containers")
+    if call.subcommand == "port":
+        return parsed.positionals[:1]
+    return parsed.positionals
 
 
 # --- curl --------------------------------------------------------------------
@@ -1120,6 +1244,7 @@ def run(
     output_cap: int = 16_000,
     env: Mapping[str, str] | None = None,
     connect_ports: Collection[int] | None = None,
+    containers: Callable[[], Containers] | None = None,
 ) -> BashResult:
     """check() first (raise errors.ToolRefused(reason, command=command) if refused), then run the
     command with bash -c in a NEW PROCESS GROUP (start_new_session=True), stdin from /dev/null,
@@ -1131,12 +1256,13 @@ def run(
     A timeout <= 0 (no time left) returns timed_out=True without starting anything.
     connect_ports: the only TCP ports the command may connect to: every curl URL must name one
     (ToolRefused), nginx and pg_isready are refused, and the kernel refuses any other TCP connect
-    (Landlock ABI 4+). None: any port."""
+    (Landlock ABI 4+). None: any port.
+    containers: a user's task's view of the engine (see Containers): docker may name only its own
+    containers and list none, podman is refused. None: any container."""
     roots = _roots(read_roots)
     try:
         commands = _check(command, roots)
-        if connect_ports is not None:
-            _check_ports(commands, connect_ports)
+        _check_scope(commands, connect_ports, containers)
     except _Refused as refused:
         raise ToolRefused(refused.reason, command=command) from None
     started = time.monotonic()
@@ -1447,7 +1573,7 @@ def _wait_unreaped(pid: int, deadline: float) -> bool:
 
 def cli(command: str, read_roots: Sequence[Path] = ()) -> int:
     """For `python pideploy.py gate 'COMMAND'`: prints `allowed` or `refused: REASON` to stdout;
-    returns 0 when allowed, 1 when refused."""
+    returns 0 when allowed, 1 when refused. The scope is an operator's."""
     verdict = check(command, read_roots)
     print("allowed" if verdict.allowed else f"refused: {verdict.reason}", file=sys.stdout)
     return 0 if verdict.allowed else 1

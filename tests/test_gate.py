@@ -65,6 +65,7 @@ ALLOWED = [
     "docker container logs --tail 5 x",
     "podman image ls",
     "docker image inspect localhost/pideploy-gateway:latest",
+    "docker port x 8080/tcp",
     # curl to loopback
     "curl -sS http://127.0.0.1:8780/health",
     "curl -sSf -m 5 --connect-timeout 2 -H 'Accept: application/json' http://localhost:8780/api",
@@ -233,6 +234,10 @@ REFUSED = [
     ("docker --log-level debug ps", "global flags"),
     ("docker", "needs a subcommand"),
     ("docker ps --format {{.Names}}", "brace expansion"),
+    ("docker port x y", "at most one PORT"),
+    ("docker port x 80 81", "at most one PORT"),
+    ("docker inspect", "needs a container"),
+    ("docker logs --tail 5", "needs a container"),
     # curl
     ("curl http://example.com/", "not loopback"),
     ("curl http://127.0.0.1@evil.com/", "not loopback"),
@@ -351,6 +356,162 @@ def test_a_root_given_through_a_symlink_still_matches(tmp_path: Path, root: Path
     alias.symlink_to(root)
     assert gate.check(f"cat {root}/app.log", [alias]).allowed
     assert gate.check(f"cat {alias}/app.log", [root]).allowed
+
+
+# ---------------------------------------------------------------------------
+# a user's scope: docker names only the user's own containers, as the engine resolves them
+# ---------------------------------------------------------------------------
+
+OWN_ID = "c0ffee11" + "1" * 56  # the user's container: pideploy-ns-3
+OWN_OLD_ID = "dd" + "2" * 62  # the user's other container, kept by an update
+THEIRS_ID = "c0ffee22" + "3" * 56  # another user's: pideploy-ns-33 (a prefix of it is shared)
+OTHER_ID = "dd" + "4" * 62  # another user's: pideploy-ns-4
+OPERATORS_ID = "ab" + "5" * 62  # not piDeploy's, named like an id prefix of the user's own
+ENGINE = gate.Containers(
+    own=frozenset({OWN_ID, OWN_OLD_ID}),
+    every={
+        OWN_ID: "pideploy-ns-3",
+        OWN_OLD_ID: "pideploy-ns-3-old",
+        THEIRS_ID: "pideploy-ns-33",
+        OTHER_ID: "pideploy-ns-4",
+        OPERATORS_ID: "c0ffee1",
+    },
+)
+
+USER_ALLOWED = [
+    "docker inspect pideploy-ns-3",
+    "docker inspect -f '{{.State.Status}}' pideploy-ns-3 pideploy-ns-3-old",
+    "docker inspect /pideploy-ns-3",  # Docker's own spelling of a name
+    f"docker inspect {OWN_ID}",
+    "docker inspect c0ffee11",  # a prefix only the user's own container has
+    "docker inspect c0ffee111",
+    "docker inspect --type container pideploy-ns-3",
+    "docker container inspect pideploy-ns-3",
+    "docker logs --tail 20 pideploy-ns-3 2>&1 | grep -i error",
+    "docker container logs pideploy-ns-3",
+    "docker top pideploy-ns-3",
+    "docker port pideploy-ns-3 8080/tcp",
+    "docker stats --no-stream pideploy-ns-3",
+    "docker images",
+    "docker image ls",
+    "docker image inspect localhost/pideploy-gateway:latest",
+    "docker version",
+    "curl -s http://127.0.0.1:20003/healthz",
+]
+
+USER_REFUSED = [
+    # another user's container, by any spelling of its name
+    ("docker inspect pideploy-ns-33", "pideploy-ns-33 is not one of this user's containers"),
+    ("docker inspect 'pideploy-ns-'33", "pideploy-ns-33 is not one of"),
+    ("docker inspect pideploy-ns-\\33", "pideploy-ns-33 is not one of"),
+    ('docker inspect "pideploy-ns-"33', "pideploy-ns-33 is not one of"),
+    ("docker inspect pideploy-ns-3''3", "pideploy-ns-33 is not one of"),
+    ("docker inspect -f '{{json .Config}}' pideploy-ns-4", "pideploy-ns-4 is not one of"),
+    ("docker logs pideploy-ns-4", "not one of"),
+    ("docker container logs --tail 5 pideploy-ns-4", "not one of"),
+    ("docker logs pideploy-ns-3 pideploy-ns-4", "pideploy-ns-4 is not one of"),  # podman takes several
+    ("docker top pideploy-ns-4", "not one of"),
+    ("docker port pideploy-ns-4", "not one of"),
+    ("docker stats --no-stream pideploy-ns-3 pideploy-ns-4", "pideploy-ns-4 is not one of"),
+    ("uptime; docker inspect pideploy-ns-4", "not one of"),
+    # ... by its id, an id prefix, an id split by quotes
+    (f"docker inspect {THEIRS_ID}", "not one of"),
+    ("docker inspect c0ffee22", "not one of"),
+    ("docker inspect c0ff''ee22", "c0ffee22 is not one of"),
+    ("docker inspect 'c0ffee'22", "c0ffee22 is not one of"),
+    ("docker inspect c0ffee", "not one of"),  # the user's and another's: the engine may pick either
+    ("docker inspect c", "not one of"),
+    ("docker inspect c0ffee1", "not one of"),  # a prefix of the user's own, but another's exact name
+    ("docker inspect dd", "not one of"),
+    # ... by what the engine forgives but is not a name
+    ("docker inspect pideploy-ns-3/", "not one of"),
+    ("docker inspect 'pideploy-ns-3 '", "not one of"),
+    ("docker inspect pideploy-ns-3/../json", "not one of"),
+    ("docker inspect C0FFEE11", "not one of"),
+    ("docker inspect pideploy-ns", "not one of"),
+    ("docker logs -- pideploy-ns-4", "not one of"),
+    # anything that is not a container of the user's: an image, a volume, a network
+    ("docker inspect localhost/pideploy-gateway:latest", "not one of"),
+    ("docker inspect --type volume pideploy-ns-3", "--type volume: only your own containers"),
+    ("docker inspect --type=image pideploy-ns-3", "--type image"),
+    ("docker inspect --type network --type container pideploy-ns-3", "--type network"),
+    # listings, by any spelling
+    ("docker ps", "listing every container is for operators"),
+    ("docker ps -a", "listing every container"),
+    ("docker 'ps' -a", "listing every container"),
+    ('"docker" p\\s -a', "listing every container"),
+    ("docker ps -q --filter label=pideploy.user=alice", "listing every container"),
+    ("docker ps -l --format '{{.Names}}'", "listing every container"),
+    ("docker ps -n 3", "listing every container"),
+    ("docker container ls -a", "listing every container"),
+    ("docker stats --no-stream", "listing every container"),
+    ("docker stats --no-stream -a pideploy-ns-3", "listing every container"),
+    ("docker info", "counts every container"),
+    ("docker info --format '{{json .}}'", "counts every container"),
+    # podman reads its own store, not the engine the names were resolved through
+    ("podman inspect pideploy-ns-3", "podman is for operators"),
+    ("podman ps", "podman is for operators"),
+    # what the gate refuses in every scope still comes first
+    ("docker rm -f pideploy-ns-3", "not read-only"),
+]
+
+
+def _user_check(command: str) -> gate.Verdict:
+    return gate.check(command, connect_ports={20003}, containers=lambda: ENGINE)
+
+
+@pytest.mark.parametrize("command", USER_ALLOWED)
+def test_a_user_may_name_its_own_containers(command: str) -> None:
+    verdict = _user_check(command)
+    assert verdict == gate.Verdict(True, ""), verdict.reason
+
+
+@pytest.mark.parametrize(("command", "reason"), USER_REFUSED)
+def test_a_user_may_not_name_or_list_other_containers(command: str, reason: str) -> None:
+    verdict = _user_check(command)
+    assert not verdict.allowed
+    assert reason in verdict.reason
+
+
+def test_an_id_prefix_of_several_own_containers_is_ambiguous() -> None:
+    both = gate.Containers(
+        own=frozenset({OWN_OLD_ID, "dd" + "9" * 62}), every={OWN_OLD_ID: "a", "dd" + "9" * 62: "b"}
+    )
+    verdict = gate.check("docker inspect dd", containers=lambda: both)
+    assert not verdict.allowed and "ambiguous" in verdict.reason
+
+
+def test_the_engine_is_asked_only_when_a_command_names_containers() -> None:
+    asked: list[int] = []
+
+    def engine() -> gate.Containers:
+        asked.append(1)
+        return ENGINE
+
+    assert gate.check("uptime; docker images; docker version", containers=engine).allowed
+    assert asked == []
+    assert gate.check("docker inspect pideploy-ns-3; docker logs pideploy-ns-3", containers=engine).allowed
+    assert asked == [1]
+
+
+def test_an_operators_scope_keeps_its_freedom() -> None:
+    for command in (
+        "docker ps -a",
+        "podman ps -a",
+        "docker inspect pideploy-ns-4",
+        "docker info",
+        "docker stats --no-stream",
+    ):
+        assert gate.check(command).allowed, command
+
+
+def test_resolve_follows_the_engines_order() -> None:
+    assert ENGINE.resolve(OWN_ID) == {OWN_ID}
+    assert ENGINE.resolve("pideploy-ns-3") == {OWN_ID}
+    assert ENGINE.resolve("/pideploy-ns-3") == {OWN_ID}
+    assert ENGINE.resolve("c0ffee1") == {OWN_ID, OPERATORS_ID}  # a name and a prefix: both count
+    assert ENGINE.resolve("c0ffee") == {OWN_ID, THEIRS_ID}
+    assert ENGINE.resolve("nothing") == frozenset()
 
 
 # ---------------------------------------------------------------------------

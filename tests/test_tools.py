@@ -360,6 +360,79 @@ def test_bash_runs_read_only_commands_and_refuses_the_rest(any_world: World) -> 
     assert tools.bash(w.rt, w.ctx(None), f"curl -s http://127.0.0.1:{port}/healthz")["stdout"] == "ok"
 
 
+def test_a_users_bash_reaches_only_its_own_containers_by_any_spelling(real_world: World) -> None:
+    w = real_world
+    secret = f"mallory-secret-{uuid.uuid4().hex}"
+    mine = w.create("diag")["instance_id"]
+    theirs = w.create("m-diag", user="mallory", env={"MALLORY_API_KEY": secret})["instance_id"]
+    own_name, their_name = (tools.container_name(w.rt.config, iid) for iid in (mine, theirs))
+    own_id, their_id = (w.row(iid)["container_id"] for iid in (mine, theirs))  # type: ignore[index]
+    prefix, number = their_name.rsplit("-", 1)
+    spellings = [
+        their_name,
+        f"'{prefix}-'{number}",  # quoted
+        f'"{prefix}-"{number}',
+        f"{prefix}-\\{number}",  # escaped
+        f"/{their_name}",
+        their_id,
+        their_id[:12],
+        their_id[:8],  # a short id prefix
+        f"{their_id[:4]}''{their_id[4:8]}",  # an id split by ''
+        f"'{their_id[:3]}'{their_id[3:9]}",
+    ]
+    alice = w.ctx()
+    for spelling in spellings:
+        for command in (
+            f"docker inspect -f '{{{{json .Config}}}}' {spelling}",
+            f"docker inspect {spelling}",
+            f"docker container inspect {spelling}",
+            f"docker logs --tail 5 {spelling}",
+            f"docker top {spelling}",
+            f"docker port {spelling}",
+            f"docker stats --no-stream {spelling}",
+            f"docker logs {own_name} {spelling}",
+            f"docker inspect -f '{{{{.Name}}}}' {own_name}; docker inspect {spelling}",
+        ):
+            with pytest.raises(ToolRefused, match="not one of this user's containers"):
+                tools.bash(w.rt, alice, command)
+    listings = (
+        "docker ps",
+        "docker ps -a",
+        "docker 'ps' -a",
+        "d'ocker' p\\s -a",
+        "docker container ls -a",
+        f"docker ps -a --filter name={their_name} --format '{{{{json .}}}}'",
+        "docker ps -l",
+        "docker ps -n 5",
+        "docker stats --no-stream",
+        f"docker stats --no-stream -a {own_name}",
+        "docker info",
+        "podman ps -a",
+        f"podman inspect {own_name}",
+        f"docker inspect --type volume {own_name}",
+        "docker inspect localhost/pideploy-gateway:latest",  # not a container of the user's
+    )
+    for command in listings:
+        with pytest.raises(ToolRefused):
+            tools.bash(w.rt, alice, command)
+    # The user's own container, by name, by id or a unique id prefix, still answers.
+    for spelling in (own_name, own_id, own_id[:12]):
+        out = tools.bash(w.rt, alice, f"docker inspect -f '{{{{.State.Status}}}} {{{{.Name}}}}' {spelling}")
+        assert (out["exit_code"], out["stdout"].strip()) == (0, f"running /{own_name}"), out
+    port = w.row(mine)["port"]  # type: ignore[index]
+    assert (
+        tools.bash(w.rt, alice, f"docker port {own_name} 8080/tcp")["stdout"].strip() == f"127.0.0.1:{port}"
+    )
+    assert tools.bash(w.rt, alice, f"docker logs --tail 5 {own_name}")["exit_code"] == 0
+    assert (
+        tools.bash(w.rt, alice, f"docker stats --no-stream --format '{{{{.Name}}}}' {own_name}")["exit_code"]
+        == 0
+    )
+    # A heartbeat keeps its view of every container.
+    listed = tools.bash(w.rt, w.ctx(None), "docker ps -a --format '{{.Names}}'")["stdout"].split()
+    assert own_name in listed and their_name in listed
+
+
 def test_a_port_whose_server_just_stopped_is_free_and_a_listened_one_is_not() -> None:
     # A stopped gateway leaves its served connections in TIME_WAIT on its port: that port is
     # free for the next server, so instance_start must not rebuild the container elsewhere.
