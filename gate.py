@@ -42,6 +42,9 @@ Policy decisions:
   environments) is refused; curl may not use --unix-socket (the engine socket
   would expose every container), -L (a redirect leaves loopback), `@file`
   header or write-out values, or the Docker Engine TCP ports 2375/2376.
+- nginx runs only with piDeploy's own -p/-c (NginxPin, from its test command)
+  or with none: a configuration can load_module any .so, and nginx -t runs as
+  root.
 
 Who runs the command adds rules (check()/run() arguments): a user's task gets
 connect_ports (its instances' ports: curl to no other, no nginx or pg_isready)
@@ -148,6 +151,41 @@ class Containers:
         return frozenset(found)
 
 
+@dataclass(frozen=True)
+class NginxPin:
+    """The only -p and -c nginx may be run with: those of piDeploy's own nginx test command
+    (its embedded nginx.conf, or the operator's PIDEPLOY_NGINX_TEST_CMD). nginx loads the
+    modules its configuration names, as root: a configuration a caller chooses runs code."""
+
+    prefix: str | None = None
+    conf: str | None = None
+
+    @classmethod
+    def from_command(cls, argv: Sequence[str]) -> NginxPin:
+        """The -p and -c values of a command that runs nginx (`sudo nginx -t -c F` too); none
+        when the command is not nginx (an operator's `docker exec proxy nginx -t`)."""
+        start = next((i for i, word in enumerate(argv) if os.path.basename(word) == "nginx"), None)
+        if start is None:
+            return cls()
+        values: dict[str, str] = {}
+        args = list(argv[start + 1 :])
+        for i, arg in enumerate(args):
+            for option in ("-p", "-c"):
+                if arg == option and i + 1 < len(args):
+                    values[option] = args[i + 1]
+                elif arg.startswith(option) and len(arg) > 2:
+                    values[option] = arg[2:]
+        return cls(values.get("-p"), values.get("-c"))
+
+    def describe(self) -> str:
+        parts = ["nginx -t"]
+        if self.prefix:
+            parts.append(f"-p {self.prefix}")
+        if self.conf:
+            parts.append(f"-c {self.conf}")
+        return " ".join(parts)
+
+
 # ---------------------------------------------------------------------------
 # check(): parse, walk the tree, check each simple command
 # ---------------------------------------------------------------------------
@@ -157,6 +195,7 @@ def check(
     command: str,
     read_roots: Sequence[Path] = (),
     *,
+    nginx: NginxPin = NginxPin(),
     connect_ports: Collection[int] | None = None,
     containers: Callable[[], Containers] | None = None,
 ) -> Verdict:
@@ -166,7 +205,7 @@ def check(
     connect_ports (its instances' ports) and containers (called once, when a docker command
     needs names resolved): see run()."""
     try:
-        _check_scope(_check(command, _roots(read_roots)), connect_ports, containers)
+        _check_scope(_check(command, _roots(read_roots)), nginx, connect_ports, containers)
     except _Refused as refused:
         return Verdict(False, refused.reason)
     return Verdict(True, "")
@@ -174,10 +213,12 @@ def check(
 
 def _check_scope(
     commands: list[list[str]],
+    nginx: NginxPin,
     connect_ports: Collection[int] | None,
     containers: Callable[[], Containers] | None,
 ) -> None:
     """The rules that depend on who runs the command, over the already checked commands."""
+    _check_nginx(commands, nginx)
     if connect_ports is not None:
         _check_ports(commands, connect_ports)
     if containers is not None:
@@ -801,7 +842,7 @@ def _ps(program: str, args: list[str]) -> list[str]:
 
 _NGINX = _opts(
     "-t -T -v -V -q -h",
-    {"-p": "path", "-c": "path"},
+    {"-p": "text", "-c": "text"},  # not read-root paths: only NginxPin's values (_check_nginx)
     refused={"-s": "sends signals to nginx", "-g": "sets directives", "-e": "writes a log file"},
 )
 
@@ -812,7 +853,31 @@ def _nginx(program: str, args: list[str]) -> list[str]:
         raise _Refused(f"nginx takes no arguments, got {parsed.positionals[0]!r}")
     if not parsed.names & {"-t", "-T", "-v", "-V"}:
         raise _Refused("nginx needs -t, -T, -v or -V (without them it would start a server)")
-    return parsed.option_paths(_NGINX)
+    return []
+
+
+def _check_nginx(commands: list[list[str]], pin: NginxPin) -> None:
+    """nginx runs against piDeploy's own configuration or the compiled-in default, never a file
+    a caller names: a configuration can `load_module` any .so, and nginx -t loads it as root
+    (an instance writes its own storage folder, which is a read root of the CLI)."""
+    for words in commands:
+        if words[0] != "nginx":
+            continue
+        for name, value in _parse("nginx", words[1:], _NGINX).options:
+            if name not in ("-p", "-c"):
+                continue
+            pinned = pin.prefix if name == "-p" else pin.conf
+            # The exact text: a path that merely resolves to the same file today (../, a link in a
+            # folder an instance writes) could resolve elsewhere by the time nginx opens it.
+            same = pinned is not None and (
+                value == pinned if name == "-c" else value.rstrip("/") == pinned.rstrip("/")
+            )
+            if not same:
+                what = "prefix" if name == "-p" else "configuration"
+                raise _Refused(
+                    f"nginx {name} {value}: nginx only runs with piDeploy's own {what} "
+                    f"({pin.describe()}), or with none"
+                )
 
 
 _SYSTEMCTL = _opts(
@@ -1245,6 +1310,7 @@ def run(
     env: Mapping[str, str] | None = None,
     connect_ports: Collection[int] | None = None,
     containers: Callable[[], Containers] | None = None,
+    nginx: NginxPin = NginxPin(),
 ) -> BashResult:
     """check() first (raise errors.ToolRefused(reason, command=command) if refused), then run the
     command with bash -c in a NEW PROCESS GROUP (start_new_session=True), stdin from /dev/null,
@@ -1258,13 +1324,19 @@ def run(
     (ToolRefused), nginx and pg_isready are refused, and the kernel refuses any other TCP connect
     (Landlock ABI 4+). None: any port.
     containers: a user's task's view of the engine (see Containers): docker may name only its own
-    containers and list none, podman is refused. None: any container."""
+    containers and list none, podman is refused. None: any container.
+    nginx: the -p/-c nginx may be given (piDeploy's own configuration); any other is refused."""
     roots = _roots(read_roots)
     try:
         commands = _check(command, roots)
-        _check_scope(commands, connect_ports, containers)
+        _check_scope(commands, nginx, connect_ports, containers)
     except _Refused as refused:
         raise ToolRefused(refused.reason, command=command) from None
+    nginx_only = commands[0][0] == "nginx"  # then it is the only command
+    if nginx_only:  # its own configuration's folder, wherever the proxy keeps it
+        pinned = [Path(nginx.prefix)] if nginx.prefix else []
+        pinned += [Path(nginx.conf).parent] if nginx.conf else []
+        roots = (*roots, *_roots(pinned))
     started = time.monotonic()
     if timeout <= 0:
         return BashResult(None, "", "", False, True, 0.0)
@@ -1273,7 +1345,7 @@ def run(
         [_BASH, "--noprofile", "--norc", "-f", "-c", command],  # -f: no globbing, a second line
         roots,
         env=_child_env(env),
-        nginx_files=commands[0][0] == "nginx",  # then it is the only command
+        nginx_files=nginx_only,
         connect_ports=None if connect_ports is None else frozenset(connect_ports),
     ) as proc:
         try:
@@ -1571,9 +1643,9 @@ def _wait_unreaped(pid: int, deadline: float) -> bool:
     return False
 
 
-def cli(command: str, read_roots: Sequence[Path] = ()) -> int:
+def cli(command: str, read_roots: Sequence[Path] = (), nginx: NginxPin = NginxPin()) -> int:
     """For `python pideploy.py gate 'COMMAND'`: prints `allowed` or `refused: REASON` to stdout;
     returns 0 when allowed, 1 when refused. The scope is an operator's."""
-    verdict = check(command, read_roots)
+    verdict = check(command, read_roots, nginx=nginx)
     print("allowed" if verdict.allowed else f"refused: {verdict.reason}", file=sys.stdout)
     return 0 if verdict.allowed else 1

@@ -53,7 +53,7 @@ from errors import (
     ToolRefused,
 )
 from observability import Span, Trace
-from proxy import Proxy
+from proxy import NginxProxy, Proxy
 
 logger = logging.getLogger(__name__)
 # A connection to an unforwarded loopback port is refused at once; waiting longer only
@@ -1013,6 +1013,7 @@ def bash(rt: Runtime, ctx: ToolContext, command: str) -> Result:
             env=env,
             connect_ports=ports,  # the kernel's second line, where it has Landlock ABI 4
             containers=containers,
+            nginx=nginx_pin(rt),
         )
     return {
         "exit_code": result.exit_code,
@@ -1021,6 +1022,13 @@ def bash(rt: Runtime, ctx: ToolContext, command: str) -> Result:
         "truncated": result.truncated,
         "timed_out": result.timed_out,
     }
+
+
+def nginx_pin(rt: Runtime) -> gate.NginxPin:
+    """The only -p/-c nginx may run with: those of the proxy's own test command."""
+    return (
+        gate.NginxPin.from_command(rt.proxy.test_cmd) if isinstance(rt.proxy, NginxProxy) else gate.NginxPin()
+    )
 
 
 def read_roots(rt: Runtime, ctx: ToolContext) -> list[Path]:

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 import gate
+import pideploy
 from errors import SandboxFailed, ToolRefused
 from tests.conftest import require_stack
 
@@ -84,7 +85,6 @@ ALLOWED = [
     "ps aux --sort=-%cpu",
     "ps -eo pid,ppid,cmd",
     "nginx -t",
-    "nginx -T -p {root} -c {root}/app.log",
     "nginx -V",
     "systemctl status nginx --no-pager -n 20",
     "systemctl is-active postgresql",
@@ -267,7 +267,13 @@ REFUSED = [
     # system tools
     ("nginx", "would start a server"),
     ("nginx -s reload", "sends signals"),
-    ("nginx -t -c /tmp/evil.conf", "outside the read roots"),
+    # nginx loads the modules its configuration names: only piDeploy's own (see NginxPin)
+    ("nginx -t -c /tmp/evil.conf", "only runs with piDeploy's own configuration"),
+    ("nginx -T -p {root} -c {root}/app.log", "only runs with piDeploy's own prefix"),
+    ("nginx -t -c {root}/app.log", "only runs with piDeploy's own configuration"),
+    ("nginx -t -c{root}/app.log", "only runs with piDeploy's own configuration"),
+    ("nginx -tc {root}/app.log", "only runs with piDeploy's own configuration"),
+    ("nginx -t -p /", "only runs with piDeploy's own prefix"),
     ("nginx -t -g 'daemon off;'", "sets directives"),
     ("nginx -t; cat {root}/app.log", "nginx must run on its own"),
     ("nginx -V 2>&1 | head -1", "nginx must run on its own"),
@@ -515,6 +521,59 @@ def test_resolve_follows_the_engines_order() -> None:
 
 
 # ---------------------------------------------------------------------------
+# nginx: only piDeploy's own configuration
+# ---------------------------------------------------------------------------
+
+
+def test_nginx_runs_only_with_the_pinned_configuration(root: Path) -> None:
+    own = gate.NginxPin(f"{root}/nginx/", f"{root}/nginx/nginx.conf")
+    allowed = (
+        f"nginx -t -p {root}/nginx/ -c {root}/nginx/nginx.conf",
+        f"nginx -t -q -p {root}/nginx -c {root}/nginx/nginx.conf",
+        f"nginx -T -c {root}/nginx/nginx.conf",
+        "nginx -t",  # the compiled-in default: root's, not the caller's
+        "nginx -V",
+    )
+    for command in allowed:
+        assert gate.check(command, [root], nginx=own).allowed, command
+    refused = (
+        f"nginx -t -c {root}/app.log",
+        f"nginx -t -c {root}/nginx/../nginx/nginx.conf",  # the same file today; the text is what counts
+        f"nginx -t -c {root}/nginx//nginx.conf",
+        f"nginx -t -p {root}/ -c {root}/nginx/nginx.conf",
+        f"nginx -t -c {root}/nginx/nginx.conf -c {root}/app.log",
+        f"nginx -t -g 'load_module {root}/evil.so;' -c {root}/nginx/nginx.conf",
+    )
+    for command in refused:
+        verdict = gate.check(command, [root], nginx=own)
+        assert not verdict.allowed, command
+    # A heartbeat's scope and an operator's alike: with no pin, no -c at all.
+    assert "piDeploy's own configuration" in gate.check(f"nginx -t -c {root}/nginx/nginx.conf", [root]).reason
+
+
+def test_the_pin_is_read_from_the_proxys_test_command() -> None:
+    embedded = [
+        "nginx",
+        "-t",
+        "-q",
+        "-p",
+        "/var/lib/pideploy/nginx/",
+        "-e",
+        "/x.log",
+        "-c",
+        "/var/lib/pideploy/nginx/nginx.conf",
+    ]
+    assert gate.NginxPin.from_command(embedded) == gate.NginxPin(
+        "/var/lib/pideploy/nginx/", "/var/lib/pideploy/nginx/nginx.conf"
+    )
+    assert gate.NginxPin.from_command(
+        ["sudo", "/usr/sbin/nginx", "-t", "-c/etc/nginx/nginx.conf"]
+    ) == gate.NginxPin(None, "/etc/nginx/nginx.conf")
+    assert gate.NginxPin.from_command(["nginx", "-t"]) == gate.NginxPin()
+    assert gate.NginxPin.from_command(["openresty", "-t", "-c", "/x"]) == gate.NginxPin()
+
+
+# ---------------------------------------------------------------------------
 # run(): real subprocesses
 # ---------------------------------------------------------------------------
 
@@ -626,6 +685,38 @@ def test_cli_uses_read_roots(root: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert gate.cli(f"cat {root}/app.log", [root]) == 0
     assert gate.cli(f"cat {root}/app.log") == 1
     assert "outside the read roots" in capsys.readouterr().out
+
+
+def test_the_gate_command_pins_nginx_to_piDeploys_own_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # From the command line the read roots are piDeploy's home, where every instance writes its
+    # own storage folder: a configuration planted there loads any module, as root.
+    home = tmp_path / "home"
+    planted = home / "instances" / "3" / "evil.conf"
+    planted.parent.mkdir(parents=True)
+    planted.write_text(f"load_module {planted.parent}/evil.so;\nevents {{}}\n")
+    monkeypatch.setenv("PIDEPLOY_HOME", str(home))
+    assert pideploy.main(["gate", f"nginx -t -c {planted}"]) == 1
+    assert "refused: nginx -c" in capsys.readouterr().out
+    assert pideploy.main(["gate", f"nginx -t -p {home}/instances/3/ -c {planted}"]) == 1
+    assert "refused: nginx -p" in capsys.readouterr().out
+    own = f"nginx -t -p {home.resolve()}/nginx/ -c {home.resolve()}/nginx/nginx.conf"
+    assert pideploy.main(["gate", own]) == 0
+    assert pideploy.main(["gate", "docker ps -a"]) == 0  # an operator's verdicts, as before
+    assert pideploy.main(["gate", f"cat {planted}"]) == 0
+    assert pideploy.main(["gate", "rm -rf /"]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        "allowed",
+        "allowed",
+        "allowed",
+        "refused: 'rm' is not allowed: modifies files",
+    ]
+    # External mode: the operator's own test command is what may run.
+    monkeypatch.setenv("PIDEPLOY_NGINX_MAP", str(tmp_path / "routes.map"))
+    monkeypatch.setenv("PIDEPLOY_NGINX_TEST_CMD", "sudo nginx -t -c /etc/nginx/nginx.conf")
+    assert pideploy.main(["gate", "nginx -t -c /etc/nginx/nginx.conf"]) == 0
+    assert pideploy.main(["gate", own]) == 1
 
 
 # ---------------------------------------------------------------------------
@@ -755,15 +846,18 @@ def test_nginx_t_of_a_running_nginx_passes_in_the_sandbox(tmp_path: Path) -> Non
         )
         + "    access_log off;\n}\n"
     )
-    result = gate.run(f"nginx -t -p {prefix}/ -c {prefix}/nginx.conf", read_roots=[prefix])
+    # piDeploy's own configuration, pinned: its folder is readable (and its pid and log files
+    # writable in place) for this run, whatever the read roots.
+    own = gate.NginxPin(f"{prefix}/", f"{prefix}/nginx.conf")
+    result = gate.run(f"nginx -t -p {prefix}/ -c {prefix}/nginx.conf", nginx=own)
     assert result.exit_code == 0, result.stderr
     assert "test is successful" in result.stderr
-    # A config an instance wrote into its own folder names a pid file anywhere: as root and
+    # Had a configuration there been swapped for one naming a pid file anywhere: as root and
     # unsandboxed, nginx -t would create it.
     planted = Path(f"/etc/pideploy-planted-{uuid.uuid4().hex}.pid")
     (prefix / "nginx.conf").write_text(f"pid {planted};\nevents {{}}\n")
     try:
-        refused = gate.run(f"nginx -t -p {prefix}/ -c {prefix}/nginx.conf", read_roots=[prefix])
+        refused = gate.run(f"nginx -t -p {prefix}/ -c {prefix}/nginx.conf", nginx=own)
         assert refused.exit_code == 1 and "Permission denied" in refused.stderr
         assert not planted.exists()
     finally:

@@ -433,6 +433,30 @@ def test_a_users_bash_reaches_only_its_own_containers_by_any_spelling(real_world
     assert own_name in listed and their_name in listed
 
 
+def test_nginx_runs_only_against_piDeploys_own_configuration(real_world: World) -> None:
+    w = real_world
+    assert isinstance(w.rt.proxy, NginxProxy) and w.rt.proxy.prefix is not None
+    prefix = w.rt.proxy.prefix
+    heartbeat = w.ctx(None)
+    tested = tools.bash(w.rt, heartbeat, f"nginx -t -p {prefix}/ -c {prefix}/nginx.conf")
+    assert tested["exit_code"] == 0 and "test is successful" in tested["stderr"], tested
+    # A configuration an instance writes into its own storage loads any module, as root.
+    iid = w.create("web")["instance_id"]
+    storage = Path(w.row(iid)["storage_path"])  # type: ignore[index]
+    (storage / "evil.conf").write_text(f"load_module {storage}/evil.so;\nevents {{}}\n")
+    for command in (
+        f"nginx -t -c {storage}/evil.conf",
+        f"nginx -t -p {storage}/ -c {prefix}/nginx.conf",
+        f"nginx -T -c {prefix}/../nginx/nginx.conf",
+        f"nginx -t -c {w.rt.config.home}/nginx/nginx.conf",  # not where this world's nginx lives
+        f"nginx -t -g 'load_module {storage}/evil.so;'",
+    ):
+        with pytest.raises(ToolRefused):
+            tools.bash(w.rt, heartbeat, command)
+    with pytest.raises(ToolRefused, match="not a user's task"):
+        tools.bash(w.rt, w.ctx(), f"nginx -t -p {prefix}/ -c {prefix}/nginx.conf")
+
+
 def test_a_port_whose_server_just_stopped_is_free_and_a_listened_one_is_not() -> None:
     # A stopped gateway leaves its served connections in TIME_WAIT on its port: that port is
     # free for the next server, so instance_start must not rebuild the container elsewhere.
