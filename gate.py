@@ -42,6 +42,8 @@ Policy decisions:
   environments) is refused; curl may not use --unix-socket (the engine socket
   would expose every container), -L (a redirect leaves loopback), `@file`
   header or write-out values, or the Docker Engine TCP ports 2375/2376.
+- docker --format templates are read action by action (_check_template): they
+  may print fields but never a container's Env, nor re-encode what they print.
 - nginx runs only with piDeploy's own -p/-c (NginxPin, from its test command)
   or with none: a configuration can load_module any .so, and nginx -t runs as
   root.
@@ -1077,7 +1079,84 @@ def _docker(program: str, args: list[str]) -> list[str]:
         raise _Refused(f"{call.shown} takes one container and at most one PORT[/PROTO]")
     if call.subcommand in ("inspect", "logs") and not positionals:
         raise _Refused(f"{call.shown} needs a {'name' if call.group == 'image' else 'container'}")
+    for name, value in call.parsed.options:
+        if name == "--format" or (name == "-f" and call.subcommand in ("inspect", "version", "info")):
+            _check_template(call.shown, value)
     return []
+
+
+# --- Go templates (docker --format) -------------------------------------------
+#
+# A template runs over the whole inspected object, so it can print any field, and Go's
+# template functions can re-encode what it prints (printf "%x", slice, index, len, eq as an
+# oracle): text redaction cannot find a secret once it is spelled another way. So a template
+# is read here, action by action: fields, json, join, print(ln) and range/if/with/else/end
+# only, no pipes, parentheses or variables; no field named Env (the environment: secrets);
+# and a whole object (`.`, `$`, `.Config`...) printed or ranged over only through json, whose
+# output keeps its "Env" key, which the tool's redaction finds.
+
+_TEMPLATE_FUNCTIONS = frozenset({"json", "join", "print", "println"})
+_TEMPLATE_CONTROL = frozenset({"range", "if", "with", "else", "end"})
+_TEMPLATE_LITERALS = frozenset({"true", "false"})
+_TEMPLATE_TOKEN = re.compile(
+    r"""\s+"""
+    r"""|(?P<end>-?}})"""
+    r"""|(?P<string>"(?:[^"\\\n]|\\.)*"|`[^`]*`)"""
+    r"""|(?P<number>-?\d+(?:\.\d+)?)"""
+    r"""|(?P<field>(?:\$[A-Za-z0-9_]*)?(?:\.[A-Za-z_][A-Za-z0-9_]*)+|\$[A-Za-z0-9_]*|\.)"""
+    r"""|(?P<word>[A-Za-z_][A-Za-z0-9_]*)"""
+)
+_SECRET_FIELD = re.compile(r"(?i)env|createcommand")  # createcommand: podman's, with its -e flags
+_WHOLE_OBJECT = re.compile(r"(?i)\$[a-z0-9_]*|\.|.*config")  # bare . or $, or a *Config struct
+
+
+def _check_template(shown: str, template: str) -> None:
+    i = 0
+    while (start := template.find("{{", i)) >= 0:
+        i = _check_action(shown, template, start + 2)
+
+
+def _check_action(shown: str, template: str, i: int) -> int:
+    """Read one {{...}} action from i (after the braces); where the text goes on after it."""
+    if template.startswith("- ", i):
+        i += 2  # {{- trims the text before
+    if template.startswith("/*", i):
+        raise _Refused(f"{shown} --format: template comments are not allowed")
+    tokens: list[tuple[str, str]] = []
+    while True:
+        match = _TEMPLATE_TOKEN.match(template, i)
+        if match is None:
+            what = template[i : i + 1] or "the end of the template"
+            raise _Refused(
+                f"{shown} --format: {what!r} is not allowed in a template (only fields, json, join, "
+                "print, println, range, if, with, else, end; no pipes, parentheses or variables)"
+            )
+        i = match.end()
+        if match.lastgroup == "end":
+            break
+        if match.lastgroup is not None:
+            tokens.append((match.lastgroup, match.group()))
+    words = [text for kind, text in tokens if kind == "word"]
+    for word in words:
+        if word not in _TEMPLATE_FUNCTIONS | _TEMPLATE_CONTROL | _TEMPLATE_LITERALS:
+            raise _Refused(f"{shown} --format: template function {word!r} is not allowed")
+    fields = [text for kind, text in tokens if kind == "field"]
+    for field_ in fields:
+        for part in field_.split("."):
+            if _SECRET_FIELD.fullmatch(part):
+                raise _Refused(
+                    f"{shown} --format: the field {part} is a container's environment (secrets); "
+                    "it is never shown"
+                )
+    head = words[0] if words and tokens[0][0] == "word" else ""
+    if head not in ("json", "if", "with", "else", "end"):  # it prints or ranges over its fields
+        for field_ in fields:
+            if _WHOLE_OBJECT.fullmatch(field_.rsplit(".", 1)[-1] if field_ != "." else "."):
+                raise _Refused(
+                    f"{shown} --format: {{{{{' '.join(t for _, t in tokens)}}}}} prints a whole "
+                    "object as it is (its environment too); use {{json ...}}"
+                )
+    return i
 
 
 def _check_containers(commands: list[list[str]], containers: Callable[[], Containers]) -> None:
