@@ -1024,6 +1024,15 @@ def bash(rt: Runtime, ctx: ToolContext, command: str) -> Result:
     }
 
 
+def secret_values(rt: Runtime) -> set[str]:
+    """What no tool output or trace may show, besides what looks like a secret: every
+    environment value piDeploy gives a container (every user's: a heartbeat reads them all),
+    the models' API keys and the API token. DatabaseError when the database cannot say."""
+    values = {str(r["value"]) for r in rt.db.all("secret_env_values")}
+    values |= {model.api_key for model in rt.config.models if model.api_key}
+    return values | ({rt.config.api_token} if rt.config.api_token else set())
+
+
 def nginx_pin(rt: Runtime) -> gate.NginxPin:
     """The only -p/-c nginx may run with: those of the proxy's own test command."""
     return (
