@@ -52,8 +52,9 @@ Who runs the command adds rules (check()/run() arguments): a user's task gets
 connect_ports (its instances' ports: curl to no other, no nginx or pg_isready)
 and containers (Containers, from the engine's list: each docker word naming a
 container must resolve, as the engine would resolve it, to exactly one of the
-user's own; no listing; no podman, which reads its own store). A heartbeat or
-an operator keeps the rest.
+user's own; no listing; no podman, which reads its own store; none of the
+host-wide views that enumerate containers too: ps, df, ss, systemctl,
+journalctl). A heartbeat or an operator keeps the rest.
 
 The sandbox, a second line that does not depend on the parser: the command is
 started from a short-lived thread that first restricts itself with Landlock
@@ -1166,6 +1167,8 @@ def _check_containers(commands: list[list[str]], containers: Callable[[], Contai
     resolved: Containers | None = None
     for words in commands:
         program, args = words[0], words[1:]
+        if program in _HOST_WIDE:
+            raise _Refused(f"{program} {_HOST_WIDE[program]}: for operators; {_YOUR_CONTAINER}")
         if program == "podman":
             # The podman program reads its own container store, not the engine piDeploy resolves
             # names through (and not its own sandbox either): nothing here could vouch for a name.
@@ -1183,6 +1186,15 @@ def _check_containers(commands: list[list[str]], containers: Callable[[], Contai
 
 
 _LISTING = "listing every container is for operators; name your own container, or use instance_status"
+_YOUR_CONTAINER = "use docker top/stats/port/logs with your container's name, or instance_status"
+# Host-wide views that enumerate every user's containers, outside docker's own words.
+_HOST_WIDE = {
+    "ps": "shows every container's processes (and the engine's, with container ids and names)",
+    "df": "shows every container's mounts (named by container id)",
+    "ss": "shows every instance's ports and connections",
+    "systemctl": "shows every service's processes (the engine's, with container ids)",
+    "journalctl": "reads the whole machine's journal (the engine's events, containers' logs)",
+}
 
 
 def _container_refs(call: _DockerCall) -> list[str]:

@@ -1195,7 +1195,9 @@ TOOLS: dict[str, Tool] = {
             "bash",
             "Read-only diagnostics through a gate: docker ps/inspect/logs, curl to loopback, ss, df, "
             "cat of piDeploy's own files, nginx -t (on its own). Anything that could change the machine "
-            "is refused, and commands run in a sandbox that reads only those files and writes nothing.",
+            "is refused, and commands run in a sandbox that reads only those files and writes nothing. "
+            "In a user's task: docker inspect/logs/top/port/stats of that user's own containers, by "
+            "name, and curl to its instances' ports; no listings. Secrets show as [redacted].",
             _schema({"command": {"type": "string", "minLength": 1, "maxLength": 2000}}, ["command"]),
             bash,
             mutates=False,

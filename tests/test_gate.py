@@ -449,6 +449,7 @@ USER_ALLOWED = [
     "docker image inspect localhost/pideploy-gateway:latest",
     "docker version",
     "curl -s http://127.0.0.1:20003/healthz",
+    "free -m; uptime; date -u; hostname; id",
 ]
 
 USER_REFUSED = [
@@ -500,6 +501,16 @@ USER_REFUSED = [
     ("docker stats --no-stream -a pideploy-ns-3", "listing every container"),
     ("docker info", "counts every container"),
     ("docker info --format '{{json .}}'", "counts every container"),
+    # host-wide views list every container too: by id (df's shm mounts, conmon's arguments), by
+    # port, in the engine's journal
+    ("ps aux", "ps shows every container's processes"),
+    ("ps -eo pid,args --cols 500", "ps shows every container's processes"),
+    ("df -h", "df shows every container's mounts"),
+    ("df -a /proc/loadavg", "df shows every container's mounts"),
+    ("ss -tlnp", "ss shows every instance's ports"),
+    ("systemctl status docker --no-pager", "systemctl shows every service's processes"),
+    ("journalctl CONTAINER_NAME=pideploy-ns-33", "journalctl reads the whole machine's journal"),
+    ("free -m; ps aux | grep conmon", "ps shows every container's processes"),
     # podman reads its own store, not the engine the names were resolved through
     ("podman inspect pideploy-ns-3", "podman is for operators"),
     ("podman ps", "podman is for operators"),
@@ -554,6 +565,9 @@ def test_an_operators_scope_keeps_its_freedom() -> None:
         "docker inspect pideploy-ns-4",
         "docker info",
         "docker stats --no-stream",
+        "ps aux",
+        "df -h",
+        "ss -tlnp",
     ):
         assert gate.check(command).allowed, command
 

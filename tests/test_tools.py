@@ -411,6 +411,10 @@ def test_a_users_bash_reaches_only_its_own_containers_by_any_spelling(real_world
         f"podman inspect {own_name}",
         f"docker inspect --type volume {own_name}",
         "docker inspect localhost/pideploy-gateway:latest",  # not a container of the user's
+        # host-wide views name every container too: df by its shm mount, ps by conmon's arguments
+        "df -a",
+        "ps -eo args --cols 1000",
+        "ss -tlnp",
     )
     for command in listings:
         with pytest.raises(ToolRefused):
