@@ -6,6 +6,7 @@ names a substring of its reason, so a refusal for the wrong reason fails.
 
 from __future__ import annotations
 
+import argparse
 import http.server
 import os
 import shutil
@@ -21,8 +22,9 @@ import pytest
 
 import gate
 import pideploy
+from config import Config
 from errors import SandboxFailed, ToolRefused
-from tests.conftest import require_stack
+from tests.conftest import make_config, require_stack
 
 
 @pytest.fixture
@@ -748,25 +750,30 @@ def test_cli_uses_read_roots(root: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "outside the read roots" in capsys.readouterr().out
 
 
+def _gate_command(config: Config, command: str) -> int:
+    """`pideploy.py gate COMMAND` (its handler: main() would also set up logging for good)."""
+    return pideploy.cmd_gate(argparse.Namespace(bash_command=command), config)
+
+
 def test_the_gate_command_pins_nginx_to_piDeploys_own_configuration(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # From the command line the read roots are piDeploy's home, where every instance writes its
     # own storage folder: a configuration planted there loads any module, as root.
-    home = tmp_path / "home"
+    config = make_config(tmp_path)
+    home = config.home.resolve()
     planted = home / "instances" / "3" / "evil.conf"
     planted.parent.mkdir(parents=True)
     planted.write_text(f"load_module {planted.parent}/evil.so;\nevents {{}}\n")
-    monkeypatch.setenv("PIDEPLOY_HOME", str(home))
-    assert pideploy.main(["gate", f"nginx -t -c {planted}"]) == 1
+    assert _gate_command(config, f"nginx -t -c {planted}") == 1
     assert "refused: nginx -c" in capsys.readouterr().out
-    assert pideploy.main(["gate", f"nginx -t -p {home}/instances/3/ -c {planted}"]) == 1
+    assert _gate_command(config, f"nginx -t -p {home}/instances/3/ -c {planted}") == 1
     assert "refused: nginx -p" in capsys.readouterr().out
-    own = f"nginx -t -p {home.resolve()}/nginx/ -c {home.resolve()}/nginx/nginx.conf"
-    assert pideploy.main(["gate", own]) == 0
-    assert pideploy.main(["gate", "docker ps -a"]) == 0  # an operator's verdicts, as before
-    assert pideploy.main(["gate", f"cat {planted}"]) == 0
-    assert pideploy.main(["gate", "rm -rf /"]) == 1
+    own = f"nginx -t -p {home}/nginx/ -c {home}/nginx/nginx.conf"
+    assert _gate_command(config, own) == 0
+    assert _gate_command(config, "docker ps -a") == 0  # an operator's verdicts, as before
+    assert _gate_command(config, f"cat {planted}") == 0
+    assert _gate_command(config, "rm -rf /") == 1
     assert capsys.readouterr().out.splitlines() == [
         "allowed",
         "allowed",
@@ -774,10 +781,13 @@ def test_the_gate_command_pins_nginx_to_piDeploys_own_configuration(
         "refused: 'rm' is not allowed: modifies files",
     ]
     # External mode: the operator's own test command is what may run.
-    monkeypatch.setenv("PIDEPLOY_NGINX_MAP", str(tmp_path / "routes.map"))
-    monkeypatch.setenv("PIDEPLOY_NGINX_TEST_CMD", "sudo nginx -t -c /etc/nginx/nginx.conf")
-    assert pideploy.main(["gate", "nginx -t -c /etc/nginx/nginx.conf"]) == 0
-    assert pideploy.main(["gate", own]) == 1
+    external = make_config(
+        tmp_path,
+        nginx_map=tmp_path / "routes.map",
+        nginx_test_cmd="sudo nginx -t -c /etc/nginx/nginx.conf",
+    )
+    assert _gate_command(external, "nginx -t -c /etc/nginx/nginx.conf") == 0
+    assert _gate_command(external, own) == 1
 
 
 # ---------------------------------------------------------------------------
