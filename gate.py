@@ -44,6 +44,9 @@ Policy decisions:
   header or write-out values, or the Docker Engine TCP ports 2375/2376.
 - docker --format templates are read action by action (_check_template): they
   may print fields but never a container's Env, nor re-encode what they print.
+  docker's output is piped on only into filters that keep lines whole (grep,
+  head/tail -n, sort, uniq, wc): the tool redacts secrets from the final
+  output, and cut, head -c, grep -o, tr or jq could first cut one in pieces.
 - nginx runs only with piDeploy's own -p/-c (NginxPin, from its test command)
   or with none: a configuration can load_module any .so, and nginx -t runs as
   root.
@@ -264,6 +267,8 @@ def _check(command: str, roots: tuple[Path, ...]) -> list[list[str]]:
         raise _Refused("nginx must run on its own, not in a pipeline or sequence")
     for words in walker.commands:
         _check_simple(words, roots)
+    for pipeline in walker.pipelines:
+        _check_pipeline([walker.commands[i] for i in pipeline])
     return walker.commands
 
 
@@ -284,6 +289,7 @@ class _Walker:
         self.source = source
         self.covered = bytearray(len(source))
         self.commands: list[list[str]] = []
+        self.pipelines: list[range] = []  # indexes into commands, of the commands piped together
 
     def cover(self, node: Any) -> None:
         start, end = node.pos
@@ -294,6 +300,7 @@ class _Walker:
         if kind == "command":
             self.command(node)
         elif kind == "pipeline":
+            first = len(self.commands)
             for part in node.parts:
                 if part.kind == "pipe":
                     self.cover(part)
@@ -301,6 +308,7 @@ class _Walker:
                     raise _Refused(f"reserved word {part.word!r} is not allowed")
                 else:
                     self.walk(part)
+            self.pipelines.append(range(first, len(self.commands)))
         elif kind == "list":
             for part in node.parts:
                 if part.kind == "operator":
@@ -1158,6 +1166,41 @@ def _check_action(shown: str, template: str, i: int) -> int:
                     "object as it is (its environment too); use {{json ...}}"
                 )
     return i
+
+
+# What a docker command prints (a container's environment, its logs, its processes' arguments) is
+# redacted only once the whole command has run: a program it is piped into could first cut a
+# secret into pieces or re-encode it (cut -c, head -c, grep -o, tr, jq's @base64) so that
+# redaction no longer finds it. So its output goes on only through filters that keep lines whole.
+_LINE_FILTERS: dict[str, frozenset[str]] = {  # program -> its options that would cut lines
+    "grep": frozenset({"-o", "--only-matching"}),
+    "egrep": frozenset({"-o", "--only-matching"}),
+    "fgrep": frozenset({"-o", "--only-matching"}),
+    "head": frozenset({"-c", "--bytes"}),
+    "tail": frozenset({"-c", "--bytes"}),
+    "sort": frozenset(),
+    "uniq": frozenset(),
+    "wc": frozenset(),
+}
+_LINE_FILTER_SPECS = {"grep": _GREP, "egrep": _GREP, "fgrep": _GREP, "head": _HEAD, "tail": _TAIL}
+
+
+def _check_pipeline(commands: list[list[str]]) -> None:
+    docker = next((i for i, words in enumerate(commands) if words[0] in ("docker", "podman")), None)
+    if docker is None:
+        return
+    for words in commands[docker + 1 :]:
+        program = words[0]
+        spec = _LINE_FILTER_SPECS.get(program)
+        cutting = _LINE_FILTERS.get(program)
+        if cutting is not None and spec is not None:
+            cutting = cutting & _parse(program, words[1:], spec).names
+        if cutting is None or cutting:
+            how = f"{program} {min(cutting)}" if cutting else program
+            raise _Refused(
+                f"{commands[docker][0]}'s output may go on only through grep, head/tail -n, sort, uniq "
+                f"or wc, which keep lines whole, not {how} (a secret in it must stay whole to be redacted)"
+            )
 
 
 def _check_containers(commands: list[list[str]], containers: Callable[[], Containers]) -> None:

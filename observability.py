@@ -188,7 +188,10 @@ class Redactor:
         for value in self.values:
             if len(value) >= MIN_SECRET_CHARS:
                 searched.add(value)
-                searched.add(json.dumps(value)[1:-1])  # as it shows inside JSON output
+                quoted = json.dumps(value)[1:-1]  # as it shows inside JSON output
+                searched.add(quoted)
+                # ... and inside Go's (docker's), which also escapes <, > and &
+                searched.add(quoted.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
         ordered = sorted(searched, key=len, reverse=True)  # a value containing another goes whole
         self._known = re.compile("|".join(map(re.escape, ordered))) if ordered else None
 

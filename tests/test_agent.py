@@ -893,6 +893,12 @@ def test_a_heartbeat_model_never_reads_a_users_secrets(real_world: World, replay
             call("bash", command=f"docker logs --tail 20 {name} 2>&1"),
             call("instance_logs", instance_id=theirs),
             call("bash", command=f"cat /nonexistent/{secret}"),  # refused; the reason names the path
+            # Cut in pieces before the output is redacted, a secret would no longer be found.
+            call(
+                "bash",
+                command=f"docker inspect {name} | jq -r '.[0].Config.Env[]' | cut -d = -f 2 | cut -c 2-",
+            ),
+            call("bash", command=f"docker logs {name} 2>&1 | cut -c 2-"),
             report(),
         )
     )
@@ -900,16 +906,17 @@ def test_a_heartbeat_model_never_reads_a_users_secrets(real_world: World, replay
     outcome = run(w, task, [model(replay, MODEL_A)])
     assert outcome.status == "succeeded", outcome.error
     results = _tool_results(replay)
-    assert len(results) == 4
+    assert len(results) == 6
     for result in results:
-        assert secret not in result and plain not in result
-    inspected, logged, logs_tool, refused = (json.loads(r) for r in results)
+        assert secret[1:] not in result and plain[1:] not in result
+    inspected, logged, logs_tool, refused, *sliced = (json.loads(r) for r in results)
     assert inspected["ok"] and json.loads(inspected["stdout"])[0]["Name"] == f"/{name}"  # it did run
     assert f'"MALLORY_API_KEY={observability.REDACTED}"' in inspected["stdout"]
     # The log line is itself an environment value (GATEWAY_LOG_MESSAGE): it goes whole.
     assert logged["stdout"].startswith(f"{observability.REDACTED}\n") and "listening on" in logged["stdout"]
     assert logs_tool["untrusted_logs"].startswith(f"{observability.REDACTED}\n")
     assert refused["error_class"] == "tool_refused"
+    assert [r["error_class"] for r in sliced] == ["tool_refused", "tool_refused"]
     written = Path(outcome.trace_file).read_text()  # the model's own call that named it, too
     assert secret not in written and plain not in written
 

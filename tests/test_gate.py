@@ -82,6 +82,12 @@ ALLOWED = [
     "docker ps --format 'table {{.Names}}\t{{.Label \"pideploy.user\"}}'",
     "docker ps --format '{{json .}}'",
     "docker ps -f name=x --format '{{.ID}}'",
+    # docker's output through filters that keep lines whole
+    "docker logs x 2>&1 | grep -i error | tail -n 5 | sort | uniq -c | wc -l",
+    "docker logs x --tail 20 | head -5",
+    "docker inspect x | grep -c Running",
+    "cat {root}/app.log | cut -c 1-3 | tr a-z A-Z",  # not docker's
+    "docker logs x; echo done | tr a-z A-Z",  # a sequence, not a pipe
     # curl to loopback
     "curl -sS http://127.0.0.1:8780/health",
     "curl -sSf -m 5 --connect-timeout 2 -H 'Accept: application/json' http://localhost:8780/api",
@@ -250,6 +256,16 @@ REFUSED = [
     ("docker", "needs a subcommand"),
     ("docker ps --format {{.Names}}", "brace expansion"),
     ("docker port x y", "at most one PORT"),
+    # ... but nothing that could cut a secret in docker's output before redaction sees it
+    ("docker logs x | cut -c 1-5", "not cut"),
+    ("docker inspect x | jq -r '.[0].Config.Env[0]'", "not jq"),
+    ("docker logs x 2>&1 | head -c 20", "not head -c"),
+    ("docker logs x | tail --bytes 5", "not tail --bytes"),
+    ("docker logs x | grep -o 'sk-....'", "not grep -o"),
+    ("docker logs x | grep --only-matching 'sk-....'", "not grep --only-matching"),
+    ("docker logs x |& grep err | tr a-z A-Z", "not tr"),
+    ("uptime; docker logs x | sort | uniq -c | cut -c 1-3", "not cut"),
+    ("podman logs x | echo", "not echo"),
     ("docker port x 80 81", "at most one PORT"),
     ("docker inspect", "needs a container"),
     ("docker logs --tail 5", "needs a container"),

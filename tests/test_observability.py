@@ -557,6 +557,7 @@ INSPECT = json.dumps(
         # known values, raw and as they show inside JSON output
         ("log: started with value-from-the-db here", ["value-from-the-db"], ["log: started with"]),
         ('{"msg": "quote\\"d-value"}', ['quote\\"d-value'], ['{"msg": ']),
+        ('{"Labels": {"x": "a\\u0026b\\u003cc-tail"}}', ["a\\u0026b"], ['{"Labels": {"x": ']),
         # KEY=value, KEY: value, "key": "value" with a secret-like name, whatever the value
         ("GATEWAY_TOKEN=abc1 LEVEL=info", ["abc1"], ["GATEWAY_TOKEN=", "LEVEL=info"]),
         ('export API_KEY="two words" DB_PASSWORD=pw', ["two words", "=pw"], ["API_KEY="]),
@@ -578,7 +579,7 @@ INSPECT = json.dumps(
     ],
 )
 def test_the_redactor_hides_secrets(text: str, hidden: list[str], kept: list[str]) -> None:
-    redacted = observability.Redactor(["value-from-the-db", 'quote"d-value']).text(text)
+    redacted = observability.Redactor(["value-from-the-db", 'quote"d-value', "a&b<c-tail"]).text(text)
     for secret in hidden:
         assert secret not in redacted, redacted
     for part in kept:
