@@ -12,6 +12,7 @@ The trace is written and the alerts evaluated in a `finally`, whatever happened.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -49,7 +50,7 @@ from errors import (
     ToolArgumentError,
     TooManyTurns,
 )
-from observability import Trace, evaluate_alerts
+from observability import Redactor, Trace, evaluate_alerts
 
 logger = logging.getLogger(__name__)
 
@@ -661,7 +662,7 @@ def run_task(
         crashed(trace, error)
         raise RunCrashed(error, trace.error_class or "tool_execution_error", str(trace.path)) from error
     finally:
-        trace.write()
+        write_trace(rt, trace)
         evaluate_alerts(trace, rt.config)
     return outcome
 
@@ -748,8 +749,34 @@ def execute(
                 "error": f"{type(error).__name__}: {error}",
             }
     if call.name == "report_result" and content["ok"]:
-        raise Finished(content)
-    return {"role": "tool", "tool_call_id": call.id, "content": json.dumps(content, default=str)}
+        raise Finished(content)  # the model's own words: it only ever read redacted results
+    try:
+        redact = redaction(rt, trace)
+    except PiDeployError as error:
+        # Without the values to hide, the output is withheld rather than shown as it is.
+        redact = trace.redactor
+        content = {
+            "ok": False,
+            "error_class": error.error_class,
+            "error": f"{call.name} ran, but its output is withheld: the values to redact "
+            f"could not be read ({error.message})",
+        }
+    return {"role": "tool", "tool_call_id": call.id, "content": json.dumps(redact(content), default=str)}
+
+
+def write_trace(rt: tools.Runtime, trace: Trace) -> None:
+    """Write the run's trace with every secret value hidden: the task's own config (its
+    message), what any tool printed, even if no tool ran or the database is gone by now."""
+    with contextlib.suppress(PiDeployError):  # then the values the run already had, and patterns
+        redaction(rt, trace)
+    trace.write()
+
+
+def redaction(rt: tools.Runtime, trace: Trace) -> Redactor:
+    """The run's redactor, with the secret values the database knows now (a run's values only
+    grow: one seen in a run stays hidden in its trace). Raises PiDeployError if it cannot say."""
+    trace.redactor = trace.redactor.including(tools.secret_values(rt))
+    return trace.redactor
 
 
 def finish(
@@ -815,7 +842,7 @@ def verify_outcome(task: TaskSpec, rt: tools.Runtime) -> str:
 
 
 def new_trace(task: TaskSpec, config: Config, chain: Chain) -> Trace:
-    return Trace(
+    trace = Trace(
         kind="heartbeat" if task.type == "heartbeat" else "task",
         task_id=task.id,
         task_type=task.type,
@@ -825,3 +852,6 @@ def new_trace(task: TaskSpec, config: Config, chain: Chain) -> Trace:
         model_chain=chain.names,
         trace_dir=config.traces,
     )
+    # The chain's API keys (a test's chain may hold models the configuration does not).
+    trace.redactor = trace.redactor.including(link.config.api_key for link in chain.links if link.config)
+    return trace

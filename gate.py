@@ -42,6 +42,22 @@ Policy decisions:
   environments) is refused; curl may not use --unix-socket (the engine socket
   would expose every container), -L (a redirect leaves loopback), `@file`
   header or write-out values, or the Docker Engine TCP ports 2375/2376.
+- docker --format templates are read action by action (_check_template): they
+  may print fields but never a container's Env, nor re-encode what they print.
+  docker's output is piped on only into filters that keep lines whole (grep,
+  head/tail -n, sort, uniq, wc): the tool redacts secrets from the final
+  output, and cut, head -c, grep -o, tr or jq could first cut one in pieces.
+- nginx runs only with piDeploy's own -p/-c (NginxPin, from its test command)
+  or with none: a configuration can load_module any .so, and nginx -t runs as
+  root.
+
+Who runs the command adds rules (check()/run() arguments): a user's task gets
+connect_ports (its instances' ports: curl to no other, no nginx or pg_isready)
+and containers (Containers, from the engine's list: each docker word naming a
+container must resolve, as the engine would resolve it, to exactly one of the
+user's own; no listing; no podman, which reads its own store; none of the
+host-wide views that enumerate containers too: ps, df, ss, systemctl,
+journalctl). A heartbeat or an operator keeps the rest.
 
 The sandbox, a second line that does not depend on the parser: the command is
 started from a short-lived thread that first restricts itself with Landlock
@@ -71,7 +87,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,11 +124,76 @@ class BashResult:
 
 
 class _Refused(Exception):
-    """Internal: unwinds the checker to check(), which turns it into a Verdict."""
+    """Internal: unwinds the checker to check(), which turns it into a Verdict. `containers`
+    and `ports`: what the refused command named that is someone else's (the tool records the
+    refusal on those instances)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, containers: Iterable[str] = (), ports: Iterable[int] = ()) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.containers = sorted(containers)
+        self.ports = sorted(ports)
+
+
+_HEX = re.compile(r"[0-9a-f]+")
+
+
+@dataclass(frozen=True)
+class Containers:
+    """Every container the engine has, and which of them a user's task may name.
+
+    The caller lists the engine (the gate imports no engine); the gate resolves each word of
+    a docker command the way the engine would and checks the resolved ids."""
+
+    own: frozenset[str]  # full ids of the task's user's containers
+    every: Mapping[str, str]  # full id -> name, of every container the engine has
+
+    def resolve(self, ref: str) -> frozenset[str]:
+        """Every container the engine could take `ref` for. Docker and Podman try an exact id,
+        then an exact name (Docker also with a leading /), then a unique id prefix: any of
+        them may be what runs, so all count, and the word must be one of these spellings
+        exactly (the engine also forgives a trailing / or blank, which is not let through)."""
+        if ref in self.every:
+            return frozenset({ref})
+        found = {cid for cid, name in self.every.items() if ref in (name, "/" + name)}
+        if _HEX.fullmatch(ref):
+            found |= {cid for cid in self.every if cid.startswith(ref)}
+        return frozenset(found)
+
+
+@dataclass(frozen=True)
+class NginxPin:
+    """The only -p and -c nginx may be run with: those of piDeploy's own nginx test command
+    (its embedded nginx.conf, or the operator's PIDEPLOY_NGINX_TEST_CMD). nginx loads the
+    modules its configuration names, as root: a configuration a caller chooses runs code."""
+
+    prefix: str | None = None
+    conf: str | None = None
+
+    @classmethod
+    def from_command(cls, argv: Sequence[str]) -> NginxPin:
+        """The -p and -c values of a command that runs nginx (`sudo nginx -t -c F` too); none
+        when the command is not nginx (an operator's `docker exec proxy nginx -t`)."""
+        start = next((i for i, word in enumerate(argv) if os.path.basename(word) == "nginx"), None)
+        if start is None:
+            return cls()
+        values: dict[str, str] = {}
+        args = list(argv[start + 1 :])
+        for i, arg in enumerate(args):
+            for option in ("-p", "-c"):
+                if arg == option and i + 1 < len(args):
+                    values[option] = args[i + 1]
+                elif arg.startswith(option) and len(arg) > 2:
+                    values[option] = arg[2:]
+        return cls(values.get("-p"), values.get("-c"))
+
+    def describe(self) -> str:
+        parts = ["nginx -t"]
+        if self.prefix:
+            parts.append(f"-p {self.prefix}")
+        if self.conf:
+            parts.append(f"-c {self.conf}")
+        return " ".join(parts)
 
 
 # ---------------------------------------------------------------------------
@@ -120,13 +201,38 @@ class _Refused(Exception):
 # ---------------------------------------------------------------------------
 
 
-def check(command: str, read_roots: Sequence[Path] = ()) -> Verdict:
-    """Allowed, or refused with a reason. Never raises."""
+def check(
+    command: str,
+    read_roots: Sequence[Path] = (),
+    *,
+    nginx: NginxPin = NginxPin(),
+    connect_ports: Collection[int] | None = None,
+    containers: Callable[[], Containers] | None = None,
+) -> Verdict:
+    """Allowed, or refused with a reason. Never raises (but for what `containers` raises).
+
+    The defaults are an operator's or a heartbeat's scope. A user's task passes
+    connect_ports (its instances' ports) and containers (called once, when a docker command
+    needs names resolved): see run()."""
     try:
-        _check(command, _roots(read_roots))
+        _check_scope(_check(command, _roots(read_roots)), nginx, connect_ports, containers)
     except _Refused as refused:
         return Verdict(False, refused.reason)
     return Verdict(True, "")
+
+
+def _check_scope(
+    commands: list[list[str]],
+    nginx: NginxPin,
+    connect_ports: Collection[int] | None,
+    containers: Callable[[], Containers] | None,
+) -> None:
+    """The rules that depend on who runs the command, over the already checked commands."""
+    _check_nginx(commands, nginx)
+    if connect_ports is not None:
+        _check_ports(commands, connect_ports)
+    if containers is not None:
+        _check_containers(commands, containers)
 
 
 def _roots(read_roots: Sequence[Path]) -> tuple[Path, ...]:
@@ -165,6 +271,8 @@ def _check(command: str, roots: tuple[Path, ...]) -> list[list[str]]:
         raise _Refused("nginx must run on its own, not in a pipeline or sequence")
     for words in walker.commands:
         _check_simple(words, roots)
+    for pipeline in walker.pipelines:
+        _check_pipeline([walker.commands[i] for i in pipeline])
     return walker.commands
 
 
@@ -185,6 +293,7 @@ class _Walker:
         self.source = source
         self.covered = bytearray(len(source))
         self.commands: list[list[str]] = []
+        self.pipelines: list[range] = []  # indexes into commands, of the commands piped together
 
     def cover(self, node: Any) -> None:
         start, end = node.pos
@@ -195,6 +304,7 @@ class _Walker:
         if kind == "command":
             self.command(node)
         elif kind == "pipeline":
+            first = len(self.commands)
             for part in node.parts:
                 if part.kind == "pipe":
                     self.cover(part)
@@ -202,6 +312,7 @@ class _Walker:
                     raise _Refused(f"reserved word {part.word!r} is not allowed")
                 else:
                     self.walk(part)
+            self.pipelines.append(range(first, len(self.commands)))
         elif kind == "list":
             for part in node.parts:
                 if part.kind == "operator":
@@ -746,7 +857,7 @@ def _ps(program: str, args: list[str]) -> list[str]:
 
 _NGINX = _opts(
     "-t -T -v -V -q -h",
-    {"-p": "path", "-c": "path"},
+    {"-p": "text", "-c": "text"},  # not read-root paths: only NginxPin's values (_check_nginx)
     refused={"-s": "sends signals to nginx", "-g": "sets directives", "-e": "writes a log file"},
 )
 
@@ -757,7 +868,31 @@ def _nginx(program: str, args: list[str]) -> list[str]:
         raise _Refused(f"nginx takes no arguments, got {parsed.positionals[0]!r}")
     if not parsed.names & {"-t", "-T", "-v", "-V"}:
         raise _Refused("nginx needs -t, -T, -v or -V (without them it would start a server)")
-    return parsed.option_paths(_NGINX)
+    return []
+
+
+def _check_nginx(commands: list[list[str]], pin: NginxPin) -> None:
+    """nginx runs against piDeploy's own configuration or the compiled-in default, never a file
+    a caller names: a configuration can `load_module` any .so, and nginx -t loads it as root
+    (an instance writes its own storage folder, which is a read root of the CLI)."""
+    for words in commands:
+        if words[0] != "nginx":
+            continue
+        for name, value in _parse("nginx", words[1:], _NGINX).options:
+            if name not in ("-p", "-c"):
+                continue
+            pinned = pin.prefix if name == "-p" else pin.conf
+            # The exact text: a path that merely resolves to the same file today (../, a link in a
+            # folder an instance writes) could resolve elsewhere by the time nginx opens it.
+            same = pinned is not None and (
+                value == pinned if name == "-c" else value.rstrip("/") == pinned.rstrip("/")
+            )
+            if not same:
+                what = "prefix" if name == "-p" else "configuration"
+                raise _Refused(
+                    f"nginx {name} {value}: nginx only runs with piDeploy's own {what} "
+                    f"({pin.describe()}), or with none"
+                )
 
 
 _SYSTEMCTL = _opts(
@@ -911,30 +1046,222 @@ _DOCKER_WRITES = _words(
 )
 
 
-def _docker(program: str, args: list[str]) -> list[str]:
+@dataclass(frozen=True)
+class _DockerCall:
+    shown: str  # as the model wrote it, for reasons: "docker container ls"
+    subcommand: str  # the canonical one: ps, inspect, logs, images, version, info, port, top, stats
+    group: str  # "", "container" or "image"
+    parsed: _Parsed
+
+
+def _docker_call(program: str, args: list[str]) -> _DockerCall:
     if not args:
         raise _Refused(f"{program} needs a subcommand")
     if args[0].startswith("-"):
         name = args[0].partition("=")[0]
         why = _DOCKER_GLOBAL.get(name, "global flags are not allowed")
         raise _Refused(f"{program} {name} is not allowed: {why}")
-    subcommand, rest = args[0], args[1:]
-    shown = subcommand
+    subcommand, rest, group = args[0], args[1:], ""
+    shown = f"{program} {subcommand}"
     if subcommand in _DOCKER_GROUPS:
-        group = _DOCKER_GROUPS[subcommand]
         inner = rest[0] if rest else ""
-        if inner not in group:
-            raise _Refused(f"{program} {subcommand} {inner} is not allowed; only {' '.join(group)}".rstrip())
-        shown, subcommand, rest = f"{subcommand} {inner}", group[inner], rest[1:]
+        if inner not in _DOCKER_GROUPS[subcommand]:
+            allowed = " ".join(_DOCKER_GROUPS[subcommand])
+            raise _Refused(f"{program} {subcommand} {inner} is not allowed; only {allowed}".rstrip())
+        group, shown = subcommand, f"{shown} {inner}"
+        subcommand, rest = _DOCKER_GROUPS[group][inner], rest[1:]
     if subcommand not in _DOCKER_SUBCOMMANDS:
         kind = "not read-only" if subcommand in _DOCKER_WRITES else "not allowed"
-        raise _Refused(f"{program} {shown} is {kind}; only {' '.join(_DOCKER_SUBCOMMANDS)}")
-    parsed = _parse(f"{program} {shown}", rest, _DOCKER_SUBCOMMANDS[subcommand])
-    if subcommand == "stats" and "--no-stream" not in parsed.names:
+        raise _Refused(f"{shown} is {kind}; only {' '.join(_DOCKER_SUBCOMMANDS)}")
+    return _DockerCall(shown, subcommand, group, _parse(shown, rest, _DOCKER_SUBCOMMANDS[subcommand]))
+
+
+_PORT_SPEC = re.compile(r"\d{1,5}(/(tcp|udp|sctp))?")
+
+
+def _docker(program: str, args: list[str]) -> list[str]:
+    call = _docker_call(program, args)
+    names, positionals = call.parsed.names, call.parsed.positionals
+    if call.subcommand == "stats" and "--no-stream" not in names:
         raise _Refused(f"{program} stats needs --no-stream (it would stream forever)")
-    if subcommand == "top" and len(parsed.positionals) != 1:
+    if call.subcommand == "top" and len(positionals) != 1:
         raise _Refused(f"{program} top takes exactly one container and no ps options")
+    if call.subcommand == "port" and (
+        not 1 <= len(positionals) <= 2 or not all(map(_PORT_SPEC.fullmatch, positionals[1:]))
+    ):
+        raise _Refused(f"{call.shown} takes one container and at most one PORT[/PROTO]")
+    if call.subcommand in ("inspect", "logs") and not positionals:
+        raise _Refused(f"{call.shown} needs a {'name' if call.group == 'image' else 'container'}")
+    for name, value in call.parsed.options:
+        if name == "--format" or (name == "-f" and call.subcommand in ("inspect", "version", "info")):
+            _check_template(call.shown, value)
     return []
+
+
+# --- Go templates (docker --format) -------------------------------------------
+#
+# A template runs over the whole inspected object, so it can print any field, and Go's
+# template functions can re-encode what it prints (printf "%x", slice, index, len, eq as an
+# oracle): text redaction cannot find a secret once it is spelled another way. So a template
+# is read here, action by action: fields, json, join, print(ln) and range/if/with/else/end
+# only, no pipes, parentheses or variables; no field named Env (the environment: secrets);
+# and a whole object (`.`, `$`, `.Config`...) printed or ranged over only through json, whose
+# output keeps its "Env" key, which the tool's redaction finds.
+
+_TEMPLATE_FUNCTIONS = frozenset({"json", "join", "print", "println"})
+_TEMPLATE_CONTROL = frozenset({"range", "if", "with", "else", "end"})
+_TEMPLATE_LITERALS = frozenset({"true", "false"})
+_TEMPLATE_TOKEN = re.compile(
+    r"""\s+"""
+    r"""|(?P<end>-?}})"""
+    r"""|(?P<string>"(?:[^"\\\n]|\\.)*"|`[^`]*`)"""
+    r"""|(?P<number>-?\d+(?:\.\d+)?)"""
+    r"""|(?P<field>(?:\$[A-Za-z0-9_]*)?(?:\.[A-Za-z_][A-Za-z0-9_]*)+|\$[A-Za-z0-9_]*|\.)"""
+    r"""|(?P<word>[A-Za-z_][A-Za-z0-9_]*)"""
+)
+_SECRET_FIELD = re.compile(r"(?i)env|createcommand")  # createcommand: podman's, with its -e flags
+_WHOLE_OBJECT = re.compile(r"(?i)\$[a-z0-9_]*|\.|.*config")  # bare . or $, or a *Config struct
+
+
+def _check_template(shown: str, template: str) -> None:
+    i = 0
+    while (start := template.find("{{", i)) >= 0:
+        i = _check_action(shown, template, start + 2)
+
+
+def _check_action(shown: str, template: str, i: int) -> int:
+    """Read one {{...}} action from i (after the braces); where the text goes on after it."""
+    if template.startswith("- ", i):
+        i += 2  # {{- trims the text before
+    if template.startswith("/*", i):
+        raise _Refused(f"{shown} --format: template comments are not allowed")
+    tokens: list[tuple[str, str]] = []
+    while True:
+        match = _TEMPLATE_TOKEN.match(template, i)
+        if match is None:
+            what = template[i : i + 1] or "the end of the template"
+            raise _Refused(
+                f"{shown} --format: {what!r} is not allowed in a template (only fields, json, join, "
+                "print, println, range, if, with, else, end; no pipes, parentheses or variables)"
+            )
+        i = match.end()
+        if match.lastgroup == "end":
+            break
+        if match.lastgroup is not None:
+            tokens.append((match.lastgroup, match.group()))
+    words = [text for kind, text in tokens if kind == "word"]
+    for word in words:
+        if word not in _TEMPLATE_FUNCTIONS | _TEMPLATE_CONTROL | _TEMPLATE_LITERALS:
+            raise _Refused(f"{shown} --format: template function {word!r} is not allowed")
+    fields = [text for kind, text in tokens if kind == "field"]
+    for field_ in fields:
+        for part in field_.split("."):
+            if _SECRET_FIELD.fullmatch(part):
+                raise _Refused(
+                    f"{shown} --format: the field {part} is a container's environment (secrets); "
+                    "it is never shown"
+                )
+    head = words[0] if words and tokens[0][0] == "word" else ""
+    if head not in ("json", "if", "with", "else", "end"):  # it prints or ranges over its fields
+        for field_ in fields:
+            if _WHOLE_OBJECT.fullmatch(field_.rsplit(".", 1)[-1] if field_ != "." else "."):
+                raise _Refused(
+                    f"{shown} --format: {{{{{' '.join(t for _, t in tokens)}}}}} prints a whole "
+                    "object as it is (its environment too); use {{json ...}}"
+                )
+    return i
+
+
+# What a docker command prints (a container's environment, its logs, its processes' arguments) is
+# redacted only once the whole command has run: a program it is piped into could first cut a
+# secret into pieces or re-encode it (cut -c, head -c, grep -o, tr, jq's @base64) so that
+# redaction no longer finds it. So its output goes on only through filters that keep lines whole.
+_LINE_FILTERS: dict[str, frozenset[str]] = {  # program -> its options that would cut lines
+    "grep": frozenset({"-o", "--only-matching"}),
+    "egrep": frozenset({"-o", "--only-matching"}),
+    "fgrep": frozenset({"-o", "--only-matching"}),
+    "head": frozenset({"-c", "--bytes"}),
+    "tail": frozenset({"-c", "--bytes"}),
+    "sort": frozenset(),
+    "uniq": frozenset(),
+    "wc": frozenset(),
+}
+_LINE_FILTER_SPECS = {"grep": _GREP, "egrep": _GREP, "fgrep": _GREP, "head": _HEAD, "tail": _TAIL}
+
+
+def _check_pipeline(commands: list[list[str]]) -> None:
+    docker = next((i for i, words in enumerate(commands) if words[0] in ("docker", "podman")), None)
+    if docker is None:
+        return
+    for words in commands[docker + 1 :]:
+        program = words[0]
+        spec = _LINE_FILTER_SPECS.get(program)
+        cutting = _LINE_FILTERS.get(program)
+        if cutting is not None and spec is not None:
+            cutting = cutting & _parse(program, words[1:], spec).names
+        if cutting is None or cutting:
+            how = f"{program} {min(cutting)}" if cutting else program
+            raise _Refused(
+                f"{commands[docker][0]}'s output may go on only through grep, head/tail -n, sort, uniq "
+                f"or wc, which keep lines whole, not {how} (a secret in it must stay whole to be redacted)"
+            )
+
+
+def _check_containers(commands: list[list[str]], containers: Callable[[], Containers]) -> None:
+    """A user's task names only its own containers, as the engine resolves the words it gives
+    (an id, an id prefix, a name), and lists nothing: every listing shows other users'
+    containers, their names, labels and commands."""
+    resolved: Containers | None = None
+    for words in commands:
+        program, args = words[0], words[1:]
+        if program in _HOST_WIDE:
+            raise _Refused(f"{program} {_HOST_WIDE[program]}: for operators; {_YOUR_CONTAINER}")
+        if program == "podman":
+            # The podman program reads its own container store, not the engine piDeploy resolves
+            # names through (and not its own sandbox either): nothing here could vouch for a name.
+            raise _Refused("podman is for operators; use docker, which talks to piDeploy's engine")
+        if program != "docker":
+            continue
+        call = _docker_call(program, args)
+        for ref in _container_refs(call):
+            resolved = resolved or containers()
+            found = resolved.resolve(ref)
+            if not found or not found <= resolved.own:
+                raise _Refused(f"{ref} is not one of this user's containers", containers=found - resolved.own)
+            if len(found) > 1:
+                raise _Refused(f"{ref} is ambiguous (an id prefix of several containers); use the name")
+
+
+_LISTING = "listing every container is for operators; name your own container, or use instance_status"
+_YOUR_CONTAINER = "use docker top/stats/port/logs with your container's name, or instance_status"
+# Host-wide views that enumerate every user's containers, outside docker's own words.
+_HOST_WIDE = {
+    "ps": "shows every container's processes (and the engine's, with container ids and names)",
+    "df": "shows every container's mounts (named by container id)",
+    "ss": "shows every instance's ports and connections",
+    "systemctl": "shows every service's processes (the engine's, with container ids)",
+    "journalctl": "reads the whole machine's journal (the engine's events, containers' logs)",
+}
+
+
+def _container_refs(call: _DockerCall) -> list[str]:
+    """The words of a docker call that name containers; _Refused for a listing."""
+    parsed, shown = call.parsed, call.shown
+    if call.subcommand in ("images", "version") or (call.group == "image" and call.subcommand == "inspect"):
+        return []
+    if call.subcommand == "ps":
+        raise _Refused(f"{shown}: {_LISTING}")
+    if call.subcommand == "info":
+        raise _Refused(f"{shown} counts every container and describes the engine: for operators")
+    if call.subcommand == "stats" and (not parsed.positionals or parsed.names & {"-a", "--all"}):
+        raise _Refused(f"{shown} without your containers' names: {_LISTING}")
+    if call.subcommand == "inspect":
+        kinds = {value for name, value in parsed.options if name == "--type"}
+        if kinds - {"container"}:
+            raise _Refused(f"{shown} --type {min(kinds - {'container'})}: only your own containers")
+    if call.subcommand == "port":
+        return parsed.positionals[:1]
+    return parsed.positionals
 
 
 # --- curl --------------------------------------------------------------------
@@ -1057,7 +1384,7 @@ def _check_ports(commands: list[list[str]], allowed: Collection[int]) -> None:
         for port in map(_curl_port, _curl_urls(_parse(program, args, _CURL))):
             if port not in allowed:
                 mine = ", ".join(str(p) for p in sorted(allowed)) or "none"
-                raise _Refused(f"port {port} is not one of this task's instance ports ({mine})")
+                raise _Refused(f"port {port} is not one of this task's instance ports ({mine})", ports=[port])
 
 
 _CHECKERS: dict[str, _Checker] = {
@@ -1120,6 +1447,8 @@ def run(
     output_cap: int = 16_000,
     env: Mapping[str, str] | None = None,
     connect_ports: Collection[int] | None = None,
+    containers: Callable[[], Containers] | None = None,
+    nginx: NginxPin = NginxPin(),
 ) -> BashResult:
     """check() first (raise errors.ToolRefused(reason, command=command) if refused), then run the
     command with bash -c in a NEW PROCESS GROUP (start_new_session=True), stdin from /dev/null,
@@ -1131,14 +1460,22 @@ def run(
     A timeout <= 0 (no time left) returns timed_out=True without starting anything.
     connect_ports: the only TCP ports the command may connect to: every curl URL must name one
     (ToolRefused), nginx and pg_isready are refused, and the kernel refuses any other TCP connect
-    (Landlock ABI 4+). None: any port."""
+    (Landlock ABI 4+). None: any port.
+    containers: a user's task's view of the engine (see Containers): docker may name only its own
+    containers and list none, podman is refused. None: any container.
+    nginx: the -p/-c nginx may be given (piDeploy's own configuration); any other is refused."""
     roots = _roots(read_roots)
     try:
         commands = _check(command, roots)
-        if connect_ports is not None:
-            _check_ports(commands, connect_ports)
+        _check_scope(commands, nginx, connect_ports, containers)
     except _Refused as refused:
-        raise ToolRefused(refused.reason, command=command) from None
+        named = {"container_ids": refused.containers, "ports": refused.ports}
+        raise ToolRefused(refused.reason, command=command, **{k: v for k, v in named.items() if v}) from None
+    nginx_only = commands[0][0] == "nginx"  # then it is the only command
+    if nginx_only:  # its own configuration's folder, wherever the proxy keeps it
+        pinned = [Path(nginx.prefix)] if nginx.prefix else []
+        pinned += [Path(nginx.conf).parent] if nginx.conf else []
+        roots = (*roots, *_roots(pinned))
     started = time.monotonic()
     if timeout <= 0:
         return BashResult(None, "", "", False, True, 0.0)
@@ -1147,7 +1484,7 @@ def run(
         [_BASH, "--noprofile", "--norc", "-f", "-c", command],  # -f: no globbing, a second line
         roots,
         env=_child_env(env),
-        nginx_files=commands[0][0] == "nginx",  # then it is the only command
+        nginx_files=nginx_only,
         connect_ports=None if connect_ports is None else frozenset(connect_ports),
     ) as proc:
         try:
@@ -1445,9 +1782,9 @@ def _wait_unreaped(pid: int, deadline: float) -> bool:
     return False
 
 
-def cli(command: str, read_roots: Sequence[Path] = ()) -> int:
+def cli(command: str, read_roots: Sequence[Path] = (), nginx: NginxPin = NginxPin()) -> int:
     """For `python pideploy.py gate 'COMMAND'`: prints `allowed` or `refused: REASON` to stdout;
-    returns 0 when allowed, 1 when refused."""
-    verdict = check(command, read_roots)
+    returns 0 when allowed, 1 when refused. The scope is an operator's."""
+    verdict = check(command, read_roots, nginx=nginx)
     print("allowed" if verdict.allowed else f"refused: {verdict.reason}", file=sys.stdout)
     return 0 if verdict.allowed else 1

@@ -57,7 +57,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,117 @@ def classify(error: BaseException) -> str:
     if type(error) is docker.errors.DockerException:
         return "infra_unavailable"  # what the SDK raises when it cannot reach the engine at all
     return "tool_execution_error"
+
+
+# ---------------------------------------------------------------------------
+# Redaction: what neither a model nor a trace may see
+# ---------------------------------------------------------------------------
+
+REDACTED = "[redacted]"
+# A known value shorter than this is not hunted for in free text (it would blank out every
+# "1" or "true" of a command's output); in KEY=value and "Env" arrays it is redacted all the same.
+MIN_SECRET_CHARS = 6
+
+_NAME = r"[A-Za-z0-9_.-]"
+_CONFIDENTIAL_NAMES = (
+    r"secret|token(?!s)|passw(?:or)?d|passphrase|api[_-]?key|access[_-]?key|private[_-]?key"
+    r"|credential|auth(?![a-z])"
+)
+_VALUE = r"""(?P<value>\[redacted\]|"(?:[^"\\\n]|\\.)*"?|'[^'\n]*'?|[^\s"',;&}\]]+)"""
+_SECRET_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern), replacement)
+    for pattern, replacement in (
+        # Authorization headers, whatever their scheme: the rest of the line
+        (r"""(?i)(authori[sz]ation["']?\s*[:=]\s*)[^\r\n"]+""", rf"\g<1>{REDACTED}"),
+        (r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]+", rf"\g<1>{REDACTED}"),
+        # KEY=value, KEY: value, "key": "value" where the key names a secret
+        (
+            rf"(?i)(?<!{_NAME})(?P<key>{_NAME}*?(?:{_CONFIDENTIAL_NAMES}){_NAME}*)(?P<sep>[\"']?\s*[:=]\s*){_VALUE}",
+            "",  # see _secret_pair
+        ),
+        # user:password@ in URLs (a DATABASE_URL, a proxy)
+        (r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*:)[^@\s/]+(@)", rf"\g<1>{REDACTED}\g<2>"),
+        # well-known token shapes
+        (r"\bsk-[A-Za-z0-9_-]{16,}", REDACTED),
+        (r"\b(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})", REDACTED),
+        (r"\bxox[abposr]-[A-Za-z0-9-]{10,}", REDACTED),
+        (r"\bAKIA[0-9A-Z]{16}\b", REDACTED),
+        (r"\bAIza[0-9A-Za-z_-]{30,}", REDACTED),
+        (r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}", REDACTED),
+        (r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z ]*PRIVATE KEY-----|\Z)", REDACTED),
+    )
+)
+# A container's environment in inspect output: "Env": ["K=V", ...], pretty or not, possibly cut
+# short by the output cap. Every value goes, whatever its name.
+_ENV_ARRAY = re.compile(r"""(?i)(["']?env["']?\s*:\s*)\[""")
+_ENV_ITEM = re.compile(r"""\s*(?:"((?:[^"\\]|\\.)*)("|\Z)|null)\s*,?""")
+
+
+def _secret_pair(match: re.Match[str]) -> str:
+    value = match["value"]
+    quote = value[0] if value[:1] in ("'", '"') else ""
+    return f"{match['key']}{match['sep']}{quote}{REDACTED}{quote}"
+
+
+def _redact_env_arrays(text: str) -> str:
+    out: list[str] = []
+    i = 0
+    while (found := _ENV_ARRAY.search(text, i)) is not None:
+        out.append(text[i : found.end()])
+        i = found.end()
+        while (item := _ENV_ITEM.match(text, i)) is not None and item.end() > i:
+            if item.group(1) is None:  # null
+                out.append(item.group())
+            else:
+                name = item.group(1).partition("=")[0]
+                out.append(item.group().replace(item.group(1), f"{name}={REDACTED}", 1))
+            i = item.end()
+    out.append(text[i:])
+    return "".join(out)
+
+
+class Redactor:
+    """Replaces secrets in any value (strings inside dicts and lists, keys kept) with [redacted]:
+    the values it is given (every instance's environment, API keys) and anything that looks like
+    a secret (KEY=value with a secret-like name, "Env" arrays, bearer tokens, known key shapes).
+
+    The one function every tool result goes through before a model sees it (agent.execute), and
+    every trace through before it is written (Trace.to_dict)."""
+
+    def __init__(self, values: Iterable[str] = ()) -> None:
+        self.values = frozenset(v for v in values if isinstance(v, str) and v)
+        searched = set()
+        for value in self.values:
+            if len(value) >= MIN_SECRET_CHARS:
+                searched.add(value)
+                quoted = json.dumps(value)[1:-1]  # as it shows inside JSON output
+                searched.add(quoted)
+                # ... and inside Go's (docker's), which also escapes <, > and &
+                searched.add(quoted.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
+        ordered = sorted(searched, key=len, reverse=True)  # a value containing another goes whole
+        self._known = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+
+    def including(self, values: Iterable[str]) -> Redactor:
+        """A redactor for these values too (a run's only ever grow: what was secret stays so)."""
+        more = frozenset(values) - self.values
+        return self if not more else Redactor(self.values | more)
+
+    def text(self, text: str) -> str:
+        if self._known is not None:
+            text = self._known.sub(REDACTED, text)
+        text = _redact_env_arrays(text)
+        for pattern, replacement in _SECRET_PATTERNS:
+            text = pattern.sub(replacement or _secret_pair, text)
+        return text
+
+    def __call__(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            return {key: self(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self(item) for item in value]
+        return value
 
 
 # ---------------------------------------------------------------------------
@@ -210,6 +321,7 @@ class Trace:
         self.result: dict[str, Any] | None = None
         self.extra: dict[str, Any] = {}
         self.transcript: list[dict[str, Any]] = []
+        self.redactor = Redactor()  # the run sets one that knows its secret values
         self.root = Span(f"{kind} {task_type}", {"pideploy.kind": kind}, start=clock(), clock=clock)
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -313,9 +425,15 @@ class Trace:
         }
 
     def to_dict(self) -> dict[str, Any]:
+        """The trace as written: plain JSON values (cycles cut, odd objects as text), every
+        message, span attribute and error redacted."""
         with self._lock:
             transcript = list(self.transcript)
             spans = self.root.to_dict()
+        document: dict[str, Any] = self.redactor(_plain(self._document(transcript, spans)))
+        return document
+
+    def _document(self, transcript: list[dict[str, Any]], spans: dict[str, Any]) -> dict[str, Any]:
         return {
             "version": TRACE_FORMAT_VERSION,
             "id": self.id,
@@ -341,7 +459,7 @@ class Trace:
     def write(self) -> Path:
         """Write (or rewrite) the trace file atomically. Never raises: a failure is logged."""
         try:
-            text = json.dumps(_plain(self.to_dict()), indent=1, default=str)
+            text = json.dumps(self.to_dict(), indent=1, default=str)
             _write_atomic(self._path, text.encode())
         except Exception:  # called from a `finally`: the run's own outcome must survive a bad trace
             logger.exception(

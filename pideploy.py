@@ -230,7 +230,10 @@ def cmd_doctor(args: argparse.Namespace, config: Config) -> int:
 
 @command("gate")
 def cmd_gate(args: argparse.Namespace, config: Config) -> int:
-    return gate.cli(args.bash_command, [config.home, config.traces, *gate.DEFAULT_READ_ROOTS])
+    # An operator's scope: piDeploy's files, and nginx only with piDeploy's own configuration
+    # (its home holds every instance's storage folder, which the instance itself writes).
+    nginx = gate.NginxPin.from_command(proxy_from_config(config).test_cmd)  # nothing is started
+    return gate.cli(args.bash_command, [config.home, config.traces, *gate.DEFAULT_READ_ROOTS], nginx)
 
 
 # ---------------------------------------------------------------------------

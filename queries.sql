@@ -33,6 +33,17 @@ SELECT * FROM instance ORDER BY id;
 -- name: instance_list_running
 SELECT * FROM instance WHERE status = 'running' ORDER BY id;
 
+-- name: secret_env_values
+-- Every environment value piDeploy gives a container, or will (an unfinished task's config):
+-- what no tool output or trace may show (tools.secret_values).
+SELECT env.value FROM instance, jsonb_each_text(
+    CASE WHEN jsonb_typeof(config -> 'env') = 'object' THEN config -> 'env' ELSE '{}' END) AS env
+UNION
+SELECT env.value FROM task, jsonb_each_text(
+    CASE WHEN jsonb_typeof(params -> 'config' -> 'env') = 'object' THEN params -> 'config' -> 'env'
+         ELSE '{}' END) AS env
+WHERE task.status IN ('queued', 'running');
+
 -- name: instance_insert
 INSERT INTO instance (user_id, name, status, image, config)
 VALUES (%(user_id)s, %(name)s, 'creating', %(image)s, %(config)s)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -52,7 +53,7 @@ from errors import (
     ToolRefused,
 )
 from observability import Span, Trace
-from proxy import Proxy
+from proxy import NginxProxy, Proxy
 
 logger = logging.getLogger(__name__)
 # A connection to an unforwarded loopback port is refused at once; waiting longer only
@@ -1112,9 +1113,10 @@ def mark_error(rt: Runtime, ctx: ToolContext, instance_id: int, reason: str) -> 
 
 def bash(rt: Runtime, ctx: ToolContext, command: str) -> Result:
     ports: set[int] | None = None  # a heartbeat may connect anywhere on loopback
+    containers: Callable[[], gate.Containers] | None = None  # ... and name any container
     if not ctx.system:
-        _refuse_foreign_containers(rt, ctx, command)
         ports = _own_ports(rt, ctx)  # the gate refuses curl to any other port, nginx, pg_isready
+        containers = functools.partial(_own_containers, rt, ctx)  # listed only if docker names one
     roots = read_roots(rt, ctx)
     # DOCKER_CONFIG: the CLI's own config holds registry credentials, which the gate's sandbox
     # does not let it read; pointing it at no folder keeps the CLI from warning about that.
@@ -1122,13 +1124,21 @@ def bash(rt: Runtime, ctx: ToolContext, command: str) -> Result:
     if rt.config.docker_host or os.environ.get("DOCKER_HOST"):
         env["DOCKER_HOST"] = rt.config.docker_host or os.environ["DOCKER_HOST"]
     with _step(ctx, "bash.run"):
-        result = gate.run(
-            command,
-            read_roots=roots,
-            timeout=ctx.remaining(rt.config.tool_timeout),
-            env=env,
-            connect_ports=ports,  # the kernel's second line, where it has Landlock ABI 4
-        )
+        try:
+            result = gate.run(
+                command,
+                read_roots=roots,
+                timeout=ctx.remaining(rt.config.tool_timeout),
+                env=env,
+                connect_ports=ports,  # the kernel's second line, where it has Landlock ABI 4
+                containers=containers,
+                nginx=nginx_pin(rt),
+            )
+        except ToolRefused as refused:
+            # The gate names what it refused (another user's container or port): each such
+            # instance gets its ownership_refused event, as the tools' own scope check gives.
+            record_refused(rt, ctx, "bash", "bash", _instances_named(rt, refused))
+            raise
     return {
         "exit_code": result.exit_code,
         "stdout": result.stdout,
@@ -1136,6 +1146,22 @@ def bash(rt: Runtime, ctx: ToolContext, command: str) -> Result:
         "truncated": result.truncated,
         "timed_out": result.timed_out,
     }
+
+
+def secret_values(rt: Runtime) -> set[str]:
+    """What no tool output or trace may show, besides what looks like a secret: every
+    environment value piDeploy gives a container (every user's: a heartbeat reads them all),
+    the models' API keys and the API token. DatabaseError when the database cannot say."""
+    values = {str(r["value"]) for r in rt.db.all("secret_env_values")}
+    values |= {model.api_key for model in rt.config.models if model.api_key}
+    return values | ({rt.config.api_token} if rt.config.api_token else set())
+
+
+def nginx_pin(rt: Runtime) -> gate.NginxPin:
+    """The only -p/-c nginx may run with: those of the proxy's own test command."""
+    return (
+        gate.NginxPin.from_command(rt.proxy.test_cmd) if isinstance(rt.proxy, NginxProxy) else gate.NginxPin()
+    )
 
 
 def read_roots(rt: Runtime, ctx: ToolContext) -> list[Path]:
@@ -1154,30 +1180,36 @@ def _own_ports(rt: Runtime, ctx: ToolContext) -> set[int]:
     return own | ({int(engine.group(1))} if engine else set())
 
 
-_CONTAINER_REF = re.compile(r"pideploy-[A-Za-z0-9_-]+?-(\d+)\b|\b[0-9a-f]{12,64}\b")
+def _instances_named(rt: Runtime, refused: ToolRefused) -> set[int]:
+    """The instances of this deployment a refused bash command named: by the containers the
+    gate resolved its words to (their labels), or by the ports it asked for."""
+    ids: set[int] = set()
+    containers = set(refused.data.get("container_ids") or ())
+    if containers:
+        for container in rt.engine.list({LABEL_NAMESPACE: rt.config.namespace}):
+            label = container.labels.get(LABEL_INSTANCE, "")
+            if container.id in containers and label.isdigit():
+                ids.add(int(label))
+    ports = set(refused.data.get("ports") or ())
+    if ports:
+        ids |= {int(r["id"]) for r in rt.db.all("instance_list_all") if r["port"] in ports}
+    return ids
 
 
-def _refuse_foreign_containers(rt: Runtime, ctx: ToolContext, command: str) -> None:
-    """In a user's task, bash may only name that user's own containers."""
-    own = rt.db.all("instance_list_for_user", user_id=ctx.user_id)
-    own_ids = {r["id"] for r in own}
-    own_containers = [r["container_id"] for r in own if r["container_id"]]
-    for match in _CONTAINER_REF.finditer(command):
-        ref = match.group(0)
-        if match.group(1) is not None:
-            if int(match.group(1)) in own_ids:
-                continue
-            # Only this deployment's own naming (pideploy-<namespace>-<id>) names one of its instances.
-            named = [int(match.group(1))] if ref == container_name(rt.config, int(match.group(1))) else []
-        elif any(c.startswith(ref) for c in own_containers):
-            continue
-        else:
-            every = rt.db.all("instance_list_all")
-            named = [r["id"] for r in every if (r["container_id"] or "").startswith(ref)]
-        record_refused(rt, ctx, "bash", "bash", named)
-        raise ToolRefused(f"{ref} is not one of this user's containers", instance_ids=named)
-    if re.search(r"\bdocker\s+(ps|stats|top)\b|\bpodman\b", command):
-        raise ToolRefused("listing every container is for operators; use instance_status for your instance")
+def _own_containers(rt: Runtime, ctx: ToolContext) -> gate.Containers:
+    """Every container of the engine (what any word of a docker command could name) and which
+    are this user's: labelled with this deployment's namespace, one of the user's instances in
+    the database, and the user. One engine call, made only when a command names containers."""
+    instances = {str(r["id"]) for r in rt.db.all("instance_list_for_user", user_id=ctx.user_id)}
+    every = rt.engine.list({})
+    own = {
+        c.id
+        for c in every
+        if c.labels.get(LABEL_NAMESPACE) == rt.config.namespace
+        and c.labels.get(LABEL_INSTANCE) in instances
+        and c.labels.get(LABEL_USER) == ctx.user_id
+    }
+    return gate.Containers(own=frozenset(own), every={c.id: c.name for c in every})
 
 
 def report_result(
@@ -1308,7 +1340,9 @@ TOOLS: dict[str, Tool] = {
             "bash",
             "Read-only diagnostics through a gate: docker ps/inspect/logs, curl to loopback, ss, df, "
             "cat of piDeploy's own files, nginx -t (on its own). Anything that could change the machine "
-            "is refused, and commands run in a sandbox that reads only those files and writes nothing.",
+            "is refused, and commands run in a sandbox that reads only those files and writes nothing. "
+            "In a user's task: docker inspect/logs/top/port/stats of that user's own containers, by "
+            "name, and curl to its instances' ports; no listings. Secrets show as [redacted].",
             _schema({"command": {"type": "string", "minLength": 1, "maxLength": 2000}}, ["command"]),
             bash,
             mutates=False,

@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import pytest
 
 import agent
 import db
+import observability
 import tools
 from config import ModelConfig
 from errors import DatabaseError, RunCrashed
@@ -864,3 +866,107 @@ def test_models_without_a_key_are_left_out_and_the_trace_says_so(
     assert outcome.status == "succeeded" and outcome.playbook
     assert replay.requests == []  # nothing was tried, so nothing waited on retries
     assert trace_of(outcome)["extra"]["chain_failures"] == [f"{MODEL_A}: no API key (TEST_KEY unset)"]
+
+
+# ---------------------------------------------------------------------------
+# Secrets: never in a tool result a model reads, nor anywhere in a trace
+# ---------------------------------------------------------------------------
+
+
+def _tool_results(replay: ReplayServer) -> list[str]:
+    requests, _ = replay.recorded()
+    return [m["content"] for m in requests[-1]["messages"] if m["role"] == "tool"]
+
+
+def test_a_heartbeat_model_never_reads_a_users_secrets(real_world: World, replay: ReplayServer) -> None:
+    # A heartbeat may inspect every container: all their environments are redacted from what it
+    # reads, whatever the tool (bash, instance_logs) and wherever the value shows (inspect's Env,
+    # the container's own logs, an error message naming it).
+    w = real_world
+    secret, plain = f"sk-live-{uuid.uuid4().hex}", f"just-a-value-{uuid.uuid4().hex[:8]}"
+    env = {"MALLORY_API_KEY": secret, "GATEWAY_LOG_MESSAGE": f"booted with {secret}", "PLAIN": plain}
+    theirs = int(tools.instance_create(w.rt, w.ctx("mallory"), "m-web", {"env": env})["instance_id"])
+    name = tools.container_name(w.rt.config, theirs)
+    replay.set_script(
+        script(
+            call("bash", command=f"docker inspect {name}"),
+            call("bash", command=f"docker logs --tail 20 {name} 2>&1"),
+            call("instance_logs", instance_id=theirs),
+            call("bash", command=f"cat /nonexistent/{secret}"),  # refused; the reason names the path
+            # Cut in pieces before the output is redacted, a secret would no longer be found.
+            call(
+                "bash",
+                command=f"docker inspect {name} | jq -r '.[0].Config.Env[]' | cut -d = -f 2 | cut -c 2-",
+            ),
+            call("bash", command=f"docker logs {name} 2>&1 | cut -c 2-"),
+            report(),
+        )
+    )
+    task = agent.TaskSpec("heartbeat", None, {"plan": []}, allowed_instances=frozenset({theirs}))
+    outcome = run(w, task, [model(replay, MODEL_A)])
+    assert outcome.status == "succeeded", outcome.error
+    results = _tool_results(replay)
+    assert len(results) == 6
+    for result in results:
+        assert secret[1:] not in result and plain[1:] not in result
+    inspected, logged, logs_tool, refused, *sliced = (json.loads(r) for r in results)
+    assert inspected["ok"] and json.loads(inspected["stdout"])[0]["Name"] == f"/{name}"  # it did run
+    assert f'"MALLORY_API_KEY={observability.REDACTED}"' in inspected["stdout"]
+    # The log line is itself an environment value (GATEWAY_LOG_MESSAGE): it goes whole.
+    assert logged["stdout"].startswith(f"{observability.REDACTED}\n") and "listening on" in logged["stdout"]
+    assert logs_tool["untrusted_logs"].startswith(f"{observability.REDACTED}\n")
+    assert refused["error_class"] == "tool_refused"
+    assert [r["error_class"] for r in sliced] == ["tool_refused", "tool_refused"]
+    written = Path(outcome.trace_file).read_text()  # the model's own call that named it, too
+    assert secret not in written and plain not in written
+
+
+def test_a_users_task_and_its_trace_never_show_the_environment(
+    real_world: World, replay: ReplayServer
+) -> None:
+    # The user's own container: by name it is theirs to inspect, but its environment (a
+    # secret of theirs) still reaches neither the model nor the trace; nor does a value given in
+    # the task itself (an update's new config), nor an API key of the chain.
+    w = real_world
+    secret, updated = f"own-secret-{uuid.uuid4().hex}", f"new-secret-{uuid.uuid4().hex}"
+    iid = int(tools.instance_create(w.rt, w.ctx(), "web", {"env": {"OWN_TOKEN": secret}})["instance_id"])
+    name = tools.container_name(w.rt.config, iid)
+    params = {"config": {"env": {"OWN_TOKEN": updated}}}
+    replay.set_script(
+        script(
+            call("bash", command=f"docker inspect {name}"),
+            call("instance_update", instance_id=iid, config=params["config"]),
+            call("bash", command=f"docker inspect {name}"),
+            report(instance_id=iid),
+        )
+    )
+    keyed = dataclasses.replace(model(replay, MODEL_A), api_key=f"chain-key-{uuid.uuid4().hex}")
+    outcome = run(w, agent.TaskSpec("instance_update", "alice", params, instance_id=iid), [keyed])
+    assert outcome.status == "succeeded", outcome.error
+    for result in _tool_results(replay):
+        assert secret not in result and updated not in result
+    before, _, after = (json.loads(r) for r in _tool_results(replay))
+    assert f'"OWN_TOKEN={observability.REDACTED}"' in before["stdout"]
+    assert f'"OWN_TOKEN={observability.REDACTED}"' in after["stdout"]
+    written = Path(outcome.trace_file).read_text()
+    assert secret not in written and updated not in written and keyed.api_key not in written
+
+
+def test_tool_output_is_withheld_when_the_values_to_hide_cannot_be_read(
+    memory_world: World, replay: ReplayServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = memory_world
+    replay.set_script(script(call("bash", command="uptime"), report(success=False)))
+
+    def unreadable(rt: tools.Runtime) -> set[str]:
+        raise DatabaseError("the database is gone")
+
+    monkeypatch.setattr(tools, "secret_values", unreadable)
+    outcome = run(
+        w,
+        agent.TaskSpec("heartbeat", None, {"plan": []}, allowed_instances=frozenset()),
+        [model(replay, MODEL_A)],
+    )
+    (result,) = (json.loads(r) for r in _tool_results(replay))
+    assert result["ok"] is False and "withheld" in result["error"] and "stdout" not in result
+    assert outcome.trace_file and Path(outcome.trace_file).exists()

@@ -6,6 +6,7 @@ names a substring of its reason, so a refusal for the wrong reason fails.
 
 from __future__ import annotations
 
+import argparse
 import http.server
 import os
 import shutil
@@ -20,8 +21,10 @@ from typing import Any
 import pytest
 
 import gate
+import pideploy
+from config import Config
 from errors import SandboxFailed, ToolRefused
-from tests.conftest import require_stack
+from tests.conftest import make_config, require_stack
 
 
 @pytest.fixture
@@ -65,6 +68,26 @@ ALLOWED = [
     "docker container logs --tail 5 x",
     "podman image ls",
     "docker image inspect localhost/pideploy-gateway:latest",
+    "docker port x 8080/tcp",
+    # Go templates: fields, json, join, print(ln), range/if/with/else/end
+    "docker inspect -f '{{json .State}}' x",
+    "docker inspect -f '{{json .}}' x",
+    "docker inspect --format='{{json .Config}}' x",
+    "docker inspect --format json x",
+    "docker inspect -f '{{range .Mounts}}{{.Source}} {{end}}' x",
+    "docker inspect -f '{{if .State.Running}}up{{else}}down{{end}}' x",
+    "docker inspect -f '{{- .Name -}} {{join .Config.Cmd \" \"}}' x",
+    "docker inspect -f '{{with .Config}}{{.Hostname}} {{json .Labels}}{{end}}' x",
+    "docker inspect -f '{{println .Name .State.ExitCode}}' x",
+    "docker ps --format 'table {{.Names}}\t{{.Label \"pideploy.user\"}}'",
+    "docker ps --format '{{json .}}'",
+    "docker ps -f name=x --format '{{.ID}}'",
+    # docker's output through filters that keep lines whole
+    "docker logs x 2>&1 | grep -i error | tail -n 5 | sort | uniq -c | wc -l",
+    "docker logs x --tail 20 | head -5",
+    "docker inspect x | grep -c Running",
+    "cat {root}/app.log | cut -c 1-3 | tr a-z A-Z",  # not docker's
+    "docker logs x; echo done | tr a-z A-Z",  # a sequence, not a pipe
     # curl to loopback
     "curl -sS http://127.0.0.1:8780/health",
     "curl -sSf -m 5 --connect-timeout 2 -H 'Accept: application/json' http://localhost:8780/api",
@@ -83,7 +106,6 @@ ALLOWED = [
     "ps aux --sort=-%cpu",
     "ps -eo pid,ppid,cmd",
     "nginx -t",
-    "nginx -T -p {root} -c {root}/app.log",
     "nginx -V",
     "systemctl status nginx --no-pager -n 20",
     "systemctl is-active postgresql",
@@ -233,6 +255,53 @@ REFUSED = [
     ("docker --log-level debug ps", "global flags"),
     ("docker", "needs a subcommand"),
     ("docker ps --format {{.Names}}", "brace expansion"),
+    ("docker port x y", "at most one PORT"),
+    # ... but nothing that could cut a secret in docker's output before redaction sees it
+    ("docker logs x | cut -c 1-5", "not cut"),
+    ("docker inspect x | jq -r '.[0].Config.Env[0]'", "not jq"),
+    ("docker logs x 2>&1 | head -c 20", "not head -c"),
+    ("docker logs x | tail --bytes 5", "not tail --bytes"),
+    ("docker logs x | grep -o 'sk-....'", "not grep -o"),
+    ("docker logs x | grep --only-matching 'sk-....'", "not grep --only-matching"),
+    ("docker logs x |& grep err | tr a-z A-Z", "not tr"),
+    ("uptime; docker logs x | sort | uniq -c | cut -c 1-3", "not cut"),
+    ("podman logs x | echo", "not echo"),
+    ("docker port x 80 81", "at most one PORT"),
+    ("docker inspect", "needs a container"),
+    ("docker logs --tail 5", "needs a container"),
+    # Go templates that print the environment, or print it in another spelling
+    ("docker inspect -f '{{.Config.Env}}' x", "the field Env"),
+    ("docker inspect -f '{{json .Config.Env}}' x", "the field Env"),
+    ("docker inspect -f '{{range .Config.Env}}{{println .}}{{end}}' x", "the field Env"),
+    ("docker inspect -f '{{with .Config}}{{json .Env}}{{end}}' x", "the field Env"),
+    ("docker inspect -f '{{.Config.env}}' x", "the field env"),
+    ("docker inspect -f '{{$.Config.Env}}' x", "the field Env"),
+    ("docker inspect -f '{{.Config.CreateCommand}}' x", "the field CreateCommand"),
+    ("docker image inspect -f '{{.ContainerConfig.Env}}' i", "the field Env"),
+    ("docker inspect -f '{{.Config}}' x", "prints a whole object"),
+    ("docker inspect -f '{{.HostConfig}}' x", "prints a whole object"),
+    ("docker inspect -f '{{.}}' x", "prints a whole object"),
+    ("docker inspect -f '{{with .Config}}{{.}}{{end}}' x", "prints a whole object"),
+    ("docker inspect -f '{{range .Config}}{{json .}}{{end}}' x", "prints a whole object"),
+    ("docker inspect -f '{{with .Config}}{{range .}}{{json .}}{{end}}{{end}}' x", "prints a whole object"),
+    ("docker inspect -f '{{print $}}' x", "prints a whole object"),
+    ("docker inspect -f '{{join .Config \",\"}}' x", "prints a whole object"),
+    ("docker inspect -f '{{printf \"%x\" .Config}}' x", "function 'printf'"),
+    ("docker inspect -f '{{index .Config \"Env\"}}' x", "function 'index'"),
+    ("docker inspect -f '{{slice .Name 1 2}}' x", "function 'slice'"),
+    ("docker inspect -f '{{len .Name}}' x", "function 'len'"),
+    ("docker inspect -f '{{if eq .Name \"/a\"}}y{{end}}' x", "function 'eq'"),
+    ("docker inspect -f '{{upper .Name}}' x", "function 'upper'"),
+    ("docker inspect -f '{{define \"t\"}}{{.}}{{end}}' x", "function 'define'"),
+    ("docker inspect -f '{{template \"t\" .}}' x", "function 'template'"),
+    ("docker inspect -f '{{.Config | json}}' x", "'|' is not allowed"),
+    ("docker inspect -f '{{json (.Config)}}' x", "'(' is not allowed"),
+    ("docker inspect -f '{{with $c := .Config}}{{$c}}{{end}}' x", "':' is not allowed"),
+    ("docker inspect -f '{{/* a */}}' x", "comments"),
+    ("docker inspect -f '{{.Name' x", "the end of the template"),
+    ("docker ps --format '{{.Names}} {{printf \"%q\" .Command}}'", "function 'printf'"),
+    ("docker stats --no-stream --format '{{.Container}} {{html .Name}}'", "function 'html'"),
+    ("docker version -f '{{js .Client}}'", "function 'js'"),
     # curl
     ("curl http://example.com/", "not loopback"),
     ("curl http://127.0.0.1@evil.com/", "not loopback"),
@@ -262,7 +331,13 @@ REFUSED = [
     # system tools
     ("nginx", "would start a server"),
     ("nginx -s reload", "sends signals"),
-    ("nginx -t -c /tmp/evil.conf", "outside the read roots"),
+    # nginx loads the modules its configuration names: only piDeploy's own (see NginxPin)
+    ("nginx -t -c /tmp/evil.conf", "only runs with piDeploy's own configuration"),
+    ("nginx -T -p {root} -c {root}/app.log", "only runs with piDeploy's own prefix"),
+    ("nginx -t -c {root}/app.log", "only runs with piDeploy's own configuration"),
+    ("nginx -t -c{root}/app.log", "only runs with piDeploy's own configuration"),
+    ("nginx -tc {root}/app.log", "only runs with piDeploy's own configuration"),
+    ("nginx -t -p /", "only runs with piDeploy's own prefix"),
     ("nginx -t -g 'daemon off;'", "sets directives"),
     ("nginx -t; cat {root}/app.log", "nginx must run on its own"),
     ("nginx -V 2>&1 | head -1", "nginx must run on its own"),
@@ -351,6 +426,230 @@ def test_a_root_given_through_a_symlink_still_matches(tmp_path: Path, root: Path
     alias.symlink_to(root)
     assert gate.check(f"cat {root}/app.log", [alias]).allowed
     assert gate.check(f"cat {alias}/app.log", [root]).allowed
+
+
+# ---------------------------------------------------------------------------
+# a user's scope: docker names only the user's own containers, as the engine resolves them
+# ---------------------------------------------------------------------------
+
+OWN_ID = "c0ffee11" + "1" * 56  # the user's container: pideploy-ns-3
+OWN_OLD_ID = "dd" + "2" * 62  # the user's other container, kept by an update
+THEIRS_ID = "c0ffee22" + "3" * 56  # another user's: pideploy-ns-33 (a prefix of it is shared)
+OTHER_ID = "dd" + "4" * 62  # another user's: pideploy-ns-4
+OPERATORS_ID = "ab" + "5" * 62  # not piDeploy's, named like an id prefix of the user's own
+ENGINE = gate.Containers(
+    own=frozenset({OWN_ID, OWN_OLD_ID}),
+    every={
+        OWN_ID: "pideploy-ns-3",
+        OWN_OLD_ID: "pideploy-ns-3-old",
+        THEIRS_ID: "pideploy-ns-33",
+        OTHER_ID: "pideploy-ns-4",
+        OPERATORS_ID: "c0ffee1",
+    },
+)
+
+USER_ALLOWED = [
+    "docker inspect pideploy-ns-3",
+    "docker inspect -f '{{.State.Status}}' pideploy-ns-3 pideploy-ns-3-old",
+    "docker inspect /pideploy-ns-3",  # Docker's own spelling of a name
+    f"docker inspect {OWN_ID}",
+    "docker inspect c0ffee11",  # a prefix only the user's own container has
+    "docker inspect c0ffee111",
+    "docker inspect --type container pideploy-ns-3",
+    "docker container inspect pideploy-ns-3",
+    "docker logs --tail 20 pideploy-ns-3 2>&1 | grep -i error",
+    "docker container logs pideploy-ns-3",
+    "docker top pideploy-ns-3",
+    "docker port pideploy-ns-3 8080/tcp",
+    "docker stats --no-stream pideploy-ns-3",
+    "docker images",
+    "docker image ls",
+    "docker image inspect localhost/pideploy-gateway:latest",
+    "docker version",
+    "curl -s http://127.0.0.1:20003/healthz",
+    "free -m; uptime; date -u; hostname; id",
+]
+
+USER_REFUSED = [
+    # another user's container, by any spelling of its name
+    ("docker inspect pideploy-ns-33", "pideploy-ns-33 is not one of this user's containers"),
+    ("docker inspect 'pideploy-ns-'33", "pideploy-ns-33 is not one of"),
+    ("docker inspect pideploy-ns-\\33", "pideploy-ns-33 is not one of"),
+    ('docker inspect "pideploy-ns-"33', "pideploy-ns-33 is not one of"),
+    ("docker inspect pideploy-ns-3''3", "pideploy-ns-33 is not one of"),
+    ("docker inspect -f '{{json .Config}}' pideploy-ns-4", "pideploy-ns-4 is not one of"),
+    ("docker logs pideploy-ns-4", "not one of"),
+    ("docker container logs --tail 5 pideploy-ns-4", "not one of"),
+    ("docker logs pideploy-ns-3 pideploy-ns-4", "pideploy-ns-4 is not one of"),  # podman takes several
+    ("docker top pideploy-ns-4", "not one of"),
+    ("docker port pideploy-ns-4", "not one of"),
+    ("docker stats --no-stream pideploy-ns-3 pideploy-ns-4", "pideploy-ns-4 is not one of"),
+    ("uptime; docker inspect pideploy-ns-4", "not one of"),
+    # ... by its id, an id prefix, an id split by quotes
+    (f"docker inspect {THEIRS_ID}", "not one of"),
+    ("docker inspect c0ffee22", "not one of"),
+    ("docker inspect c0ff''ee22", "c0ffee22 is not one of"),
+    ("docker inspect 'c0ffee'22", "c0ffee22 is not one of"),
+    ("docker inspect c0ffee", "not one of"),  # the user's and another's: the engine may pick either
+    ("docker inspect c", "not one of"),
+    ("docker inspect c0ffee1", "not one of"),  # a prefix of the user's own, but another's exact name
+    ("docker inspect dd", "not one of"),
+    # ... by what the engine forgives but is not a name
+    ("docker inspect pideploy-ns-3/", "not one of"),
+    ("docker inspect 'pideploy-ns-3 '", "not one of"),
+    ("docker inspect pideploy-ns-3/../json", "not one of"),
+    ("docker inspect C0FFEE11", "not one of"),
+    ("docker inspect pideploy-ns", "not one of"),
+    ("docker logs -- pideploy-ns-4", "not one of"),
+    # anything that is not a container of the user's: an image, a volume, a network
+    ("docker inspect localhost/pideploy-gateway:latest", "not one of"),
+    ("docker inspect --type volume pideploy-ns-3", "--type volume: only your own containers"),
+    ("docker inspect --type=image pideploy-ns-3", "--type image"),
+    ("docker inspect --type network --type container pideploy-ns-3", "--type network"),
+    # listings, by any spelling
+    ("docker ps", "listing every container is for operators"),
+    ("docker ps -a", "listing every container"),
+    ("docker 'ps' -a", "listing every container"),
+    ('"docker" p\\s -a', "listing every container"),
+    ("docker ps -q --filter label=pideploy.user=alice", "listing every container"),
+    ("docker ps -l --format '{{.Names}}'", "listing every container"),
+    ("docker ps -n 3", "listing every container"),
+    ("docker container ls -a", "listing every container"),
+    ("docker stats --no-stream", "listing every container"),
+    ("docker stats --no-stream -a pideploy-ns-3", "listing every container"),
+    ("docker info", "counts every container"),
+    ("docker info --format '{{json .}}'", "counts every container"),
+    # host-wide views list every container too: by id (df's shm mounts, conmon's arguments), by
+    # port, in the engine's journal
+    ("ps aux", "ps shows every container's processes"),
+    ("ps -eo pid,args --cols 500", "ps shows every container's processes"),
+    ("df -h", "df shows every container's mounts"),
+    ("df -a /proc/loadavg", "df shows every container's mounts"),
+    ("ss -tlnp", "ss shows every instance's ports"),
+    ("systemctl status docker --no-pager", "systemctl shows every service's processes"),
+    ("journalctl CONTAINER_NAME=pideploy-ns-33", "journalctl reads the whole machine's journal"),
+    ("free -m; ps aux | grep conmon", "ps shows every container's processes"),
+    # podman reads its own store, not the engine the names were resolved through
+    ("podman inspect pideploy-ns-3", "podman is for operators"),
+    ("podman ps", "podman is for operators"),
+    # what the gate refuses in every scope still comes first
+    ("docker rm -f pideploy-ns-3", "not read-only"),
+    ("docker inspect -f '{{.Config.Env}}' pideploy-ns-3", "the field Env"),
+]
+
+
+def _user_check(command: str) -> gate.Verdict:
+    return gate.check(command, connect_ports={20003}, containers=lambda: ENGINE)
+
+
+@pytest.mark.parametrize("command", USER_ALLOWED)
+def test_a_user_may_name_its_own_containers(command: str) -> None:
+    verdict = _user_check(command)
+    assert verdict == gate.Verdict(True, ""), verdict.reason
+
+
+@pytest.mark.parametrize(("command", "reason"), USER_REFUSED)
+def test_a_user_may_not_name_or_list_other_containers(command: str, reason: str) -> None:
+    verdict = _user_check(command)
+    assert not verdict.allowed
+    assert reason in verdict.reason
+
+
+def test_an_id_prefix_of_several_own_containers_is_ambiguous() -> None:
+    both = gate.Containers(
+        own=frozenset({OWN_OLD_ID, "dd" + "9" * 62}), every={OWN_OLD_ID: "a", "dd" + "9" * 62: "b"}
+    )
+    verdict = gate.check("docker inspect dd", containers=lambda: both)
+    assert not verdict.allowed and "ambiguous" in verdict.reason
+
+
+def test_the_engine_is_asked_only_when_a_command_names_containers() -> None:
+    asked: list[int] = []
+
+    def engine() -> gate.Containers:
+        asked.append(1)
+        return ENGINE
+
+    assert gate.check("uptime; docker images; docker version", containers=engine).allowed
+    assert asked == []
+    assert gate.check("docker inspect pideploy-ns-3; docker logs pideploy-ns-3", containers=engine).allowed
+    assert asked == [1]
+
+
+def test_an_operators_scope_keeps_its_freedom() -> None:
+    for command in (
+        "docker ps -a",
+        "podman ps -a",
+        "docker inspect pideploy-ns-4",
+        "docker info",
+        "docker stats --no-stream",
+        "ps aux",
+        "df -h",
+        "ss -tlnp",
+    ):
+        assert gate.check(command).allowed, command
+
+
+def test_resolve_follows_the_engines_order() -> None:
+    assert ENGINE.resolve(OWN_ID) == {OWN_ID}
+    assert ENGINE.resolve("pideploy-ns-3") == {OWN_ID}
+    assert ENGINE.resolve("/pideploy-ns-3") == {OWN_ID}
+    assert ENGINE.resolve("c0ffee1") == {OWN_ID, OPERATORS_ID}  # a name and a prefix: both count
+    assert ENGINE.resolve("c0ffee") == {OWN_ID, THEIRS_ID}
+    assert ENGINE.resolve("nothing") == frozenset()
+
+
+# ---------------------------------------------------------------------------
+# nginx: only piDeploy's own configuration
+# ---------------------------------------------------------------------------
+
+
+def test_nginx_runs_only_with_the_pinned_configuration(root: Path) -> None:
+    own = gate.NginxPin(f"{root}/nginx/", f"{root}/nginx/nginx.conf")
+    allowed = (
+        f"nginx -t -p {root}/nginx/ -c {root}/nginx/nginx.conf",
+        f"nginx -t -q -p {root}/nginx -c {root}/nginx/nginx.conf",
+        f"nginx -T -c {root}/nginx/nginx.conf",
+        "nginx -t",  # the compiled-in default: root's, not the caller's
+        "nginx -V",
+    )
+    for command in allowed:
+        assert gate.check(command, [root], nginx=own).allowed, command
+    refused = (
+        f"nginx -t -c {root}/app.log",
+        f"nginx -t -c {root}/nginx/../nginx/nginx.conf",  # the same file today; the text is what counts
+        f"nginx -t -c {root}/nginx//nginx.conf",
+        f"nginx -t -p {root}/ -c {root}/nginx/nginx.conf",
+        f"nginx -t -c {root}/nginx/nginx.conf -c {root}/app.log",
+        f"nginx -t -g 'load_module {root}/evil.so;' -c {root}/nginx/nginx.conf",
+    )
+    for command in refused:
+        verdict = gate.check(command, [root], nginx=own)
+        assert not verdict.allowed, command
+    # A heartbeat's scope and an operator's alike: with no pin, no -c at all.
+    assert "piDeploy's own configuration" in gate.check(f"nginx -t -c {root}/nginx/nginx.conf", [root]).reason
+
+
+def test_the_pin_is_read_from_the_proxys_test_command() -> None:
+    embedded = [
+        "nginx",
+        "-t",
+        "-q",
+        "-p",
+        "/var/lib/pideploy/nginx/",
+        "-e",
+        "/x.log",
+        "-c",
+        "/var/lib/pideploy/nginx/nginx.conf",
+    ]
+    assert gate.NginxPin.from_command(embedded) == gate.NginxPin(
+        "/var/lib/pideploy/nginx/", "/var/lib/pideploy/nginx/nginx.conf"
+    )
+    assert gate.NginxPin.from_command(
+        ["sudo", "/usr/sbin/nginx", "-t", "-c/etc/nginx/nginx.conf"]
+    ) == gate.NginxPin(None, "/etc/nginx/nginx.conf")
+    assert gate.NginxPin.from_command(["nginx", "-t"]) == gate.NginxPin()
+    assert gate.NginxPin.from_command(["openresty", "-t", "-c", "/x"]) == gate.NginxPin()
 
 
 # ---------------------------------------------------------------------------
@@ -465,6 +764,46 @@ def test_cli_uses_read_roots(root: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert gate.cli(f"cat {root}/app.log", [root]) == 0
     assert gate.cli(f"cat {root}/app.log") == 1
     assert "outside the read roots" in capsys.readouterr().out
+
+
+def _gate_command(config: Config, command: str) -> int:
+    """`pideploy.py gate COMMAND` (its handler: main() would also set up logging for good)."""
+    return pideploy.cmd_gate(argparse.Namespace(bash_command=command), config)
+
+
+def test_the_gate_command_pins_nginx_to_piDeploys_own_configuration(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # From the command line the read roots are piDeploy's home, where every instance writes its
+    # own storage folder: a configuration planted there loads any module, as root.
+    config = make_config(tmp_path)
+    home = config.home.resolve()
+    planted = home / "instances" / "3" / "evil.conf"
+    planted.parent.mkdir(parents=True)
+    planted.write_text(f"load_module {planted.parent}/evil.so;\nevents {{}}\n")
+    assert _gate_command(config, f"nginx -t -c {planted}") == 1
+    assert "refused: nginx -c" in capsys.readouterr().out
+    assert _gate_command(config, f"nginx -t -p {home}/instances/3/ -c {planted}") == 1
+    assert "refused: nginx -p" in capsys.readouterr().out
+    own = f"nginx -t -p {home}/nginx/ -c {home}/nginx/nginx.conf"
+    assert _gate_command(config, own) == 0
+    assert _gate_command(config, "docker ps -a") == 0  # an operator's verdicts, as before
+    assert _gate_command(config, f"cat {planted}") == 0
+    assert _gate_command(config, "rm -rf /") == 1
+    assert capsys.readouterr().out.splitlines() == [
+        "allowed",
+        "allowed",
+        "allowed",
+        "refused: 'rm' is not allowed: modifies files",
+    ]
+    # External mode: the operator's own test command is what may run.
+    external = make_config(
+        tmp_path,
+        nginx_map=tmp_path / "routes.map",
+        nginx_test_cmd="sudo nginx -t -c /etc/nginx/nginx.conf",
+    )
+    assert _gate_command(external, "nginx -t -c /etc/nginx/nginx.conf") == 0
+    assert _gate_command(external, own) == 1
 
 
 # ---------------------------------------------------------------------------
@@ -594,15 +933,18 @@ def test_nginx_t_of_a_running_nginx_passes_in_the_sandbox(tmp_path: Path) -> Non
         )
         + "    access_log off;\n}\n"
     )
-    result = gate.run(f"nginx -t -p {prefix}/ -c {prefix}/nginx.conf", read_roots=[prefix])
+    # piDeploy's own configuration, pinned: its folder is readable (and its pid and log files
+    # writable in place) for this run, whatever the read roots.
+    own = gate.NginxPin(f"{prefix}/", f"{prefix}/nginx.conf")
+    result = gate.run(f"nginx -t -p {prefix}/ -c {prefix}/nginx.conf", nginx=own)
     assert result.exit_code == 0, result.stderr
     assert "test is successful" in result.stderr
-    # A config an instance wrote into its own folder names a pid file anywhere: as root and
+    # Had a configuration there been swapped for one naming a pid file anywhere: as root and
     # unsandboxed, nginx -t would create it.
     planted = Path(f"/etc/pideploy-planted-{uuid.uuid4().hex}.pid")
     (prefix / "nginx.conf").write_text(f"pid {planted};\nevents {{}}\n")
     try:
-        refused = gate.run(f"nginx -t -p {prefix}/ -c {prefix}/nginx.conf", read_roots=[prefix])
+        refused = gate.run(f"nginx -t -p {prefix}/ -c {prefix}/nginx.conf", nginx=own)
         assert refused.exit_code == 1 and "Permission denied" in refused.stderr
         assert not planted.exists()
     finally:

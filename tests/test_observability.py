@@ -534,3 +534,87 @@ def test_prune_traces_deletes_old_trace_files_only(tmp_path: Path) -> None:
     assert not old.exists() and not old_round.exists() and not half_written.exists()
     assert young.exists() and all(f.exists() for f in foreign)
     assert observability.prune_traces(tmp_path / "missing", before=2_000_000) == 0
+
+
+# ---------------------------------------------------------------------------
+# Redaction
+# ---------------------------------------------------------------------------
+
+INSPECT = json.dumps(
+    [
+        {
+            "Id": "ab12",
+            "Config": {"Env": ["PATH=/bin", "GATEWAY_PLAIN=not-a-secret-name", 'Q=a"b'], "Cmd": ["sh"]},
+        }
+    ],
+    indent=4,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "hidden", "kept"),
+    [
+        # known values, raw and as they show inside JSON output
+        ("log: started with value-from-the-db here", ["value-from-the-db"], ["log: started with"]),
+        ('{"msg": "quote\\"d-value"}', ['quote\\"d-value'], ['{"msg": ']),
+        ('{"Labels": {"x": "a\\u0026b\\u003cc-tail"}}', ["a\\u0026b"], ['{"Labels": {"x": ']),
+        # KEY=value, KEY: value, "key": "value" with a secret-like name, whatever the value
+        ("GATEWAY_TOKEN=abc1 LEVEL=info", ["abc1"], ["GATEWAY_TOKEN=", "LEVEL=info"]),
+        ('export API_KEY="two words" DB_PASSWORD=pw', ["two words", "=pw"], ["API_KEY="]),
+        (
+            '{"api_key": "k1", "client_secret": "s1", "input_tokens": 1371}',
+            ['"k1"', '"s1"'],
+            ['"input_tokens": 1371'],
+        ),
+        ("oauth_token: xyz12 author=bob auth=q9", ["xyz12", "auth=q9"], ["author=bob"]),
+        # every value of an "Env" array, pretty or not, even cut short by the output cap
+        (INSPECT, ["/bin", "not-a-secret-name", 'a\\"b'], ['"PATH=', '"GATEWAY_PLAIN=', '"Cmd"']),
+        ('"Env": ["A=1", "B=2', ["=1", "=2"], ['"A=', '"B=']),
+        # headers, URLs, token shapes
+        ("Authorization: Bearer eyJhbGciOi.abc", ["eyJhbGciOi"], ["Authorization: "]),
+        ("curl -H 'authorization: Basic dXNlcjpwYXNz'", ["dXNlcjpwYXNz"], ["curl -H"]),
+        ("postgresql://pideploy:pw123@db:5432/app", ["pw123"], ["postgresql://pideploy:", "@db:5432/app"]),
+        ("key sk-abcdefghijklmnopqrstuv and ghp_abcdefghijklmnopqrstuvwxyz", ["sk-abc", "ghp_abc"], ["key "]),
+        ("-----BEGIN RSA PRIVATE KEY-----\nMIIE\n-----END RSA PRIVATE KEY-----", ["MIIE"], []),
+    ],
+)
+def test_the_redactor_hides_secrets(text: str, hidden: list[str], kept: list[str]) -> None:
+    redacted = observability.Redactor(["value-from-the-db", 'quote"d-value', "a&b<c-tail"]).text(text)
+    for secret in hidden:
+        assert secret not in redacted, redacted
+    for part in kept:
+        assert part in redacted, redacted
+    assert observability.REDACTED in redacted
+
+
+def test_the_redactor_leaves_ordinary_output_alone() -> None:
+    redactor = observability.Redactor(["1", "true", "abc"])  # too short to hunt for in free text
+    text = "HTTP 200; token cap reached: spent 1 of 5; max_tokens=2048 true abc\ntest is successful"
+    assert redactor.text(text) == text
+    assert redactor({"ok": True, "exit_code": 1, "stdout": text, "n": [1, 2.5, None]}) == {
+        "ok": True,
+        "exit_code": 1,
+        "stdout": text,
+        "n": [1, 2.5, None],
+    }
+
+
+def test_a_redactors_values_only_grow() -> None:
+    first = observability.Redactor(["first-secret"])
+    both = first.including(["second-secret"])
+    assert both.text("first-secret second-secret") == "[redacted] [redacted]"
+    assert first.including(["first-secret"]) is first
+
+
+def test_a_written_trace_is_redacted_everywhere(tmp_path: Path) -> None:
+    trace = make_trace(tmp_path)
+    trace.redactor = observability.Redactor(["env-value-42"])
+    trace.add_message({"role": "user", "content": 'Task: {"env": {"K": "env-value-42"}}'})
+    with pytest.raises(errors.HealthCheckFailed), trace.span("health.wait", **{"url.full": "x?token=t0k"}):
+        raise errors.HealthCheckFailed("exited: env-value-42", logs="PASSWORD=pw")
+    trace.extra["crashed"] = "Authorization: Bearer abcdefgh"
+    trace.finish("failed", error=RuntimeError("env-value-42"))
+    text = trace.write().read_text()
+    for secret in ("env-value-42", "t0k", "abcdefgh"):
+        assert secret not in text
+    assert text.count(observability.REDACTED) >= 5

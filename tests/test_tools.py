@@ -259,6 +259,7 @@ def test_a_refused_call_naming_another_users_instance_is_recorded_on_it_whatever
         ("instance_stop", {"instance_id": str(bobs)}, ToolArgumentError),  # an id as a string
         ("bash", {"command": f"docker inspect {tools.container_name(w.rt.config, bobs)}"}, ToolRefused),
         ("bash", {"command": f"docker logs {container[:12]}"}, ToolRefused),
+        ("bash", {"command": f"curl -s http://127.0.0.1:{w.row(bobs)['port']}/healthz"}, ToolRefused),  # type: ignore[index]
         ("instance_stop", {"instance_id": bobs}, ToolRefused),  # the scope check, as before
     ]:
         with pytest.raises(error):
@@ -271,6 +272,7 @@ def test_a_refused_call_naming_another_users_instance_is_recorded_on_it_whatever
         ("toolset", "(unknown tool)"),  # a name the caller made up is not written into bob's history
         ("arguments", "instance_stop"),
         ("arguments", "instance_stop"),
+        ("bash", "bash"),
         ("bash", "bash"),
         ("bash", "bash"),
         (None, "instance_stop"),
@@ -542,6 +544,107 @@ def test_bash_runs_read_only_commands_and_refuses_the_rest(any_world: World) -> 
     theirs = w.row(mallory)["port"]  # type: ignore[index]
     assert tools.bash(w.rt, w.ctx("mallory"), f"curl -s http://127.0.0.1:{theirs}/healthz")["stdout"] == "ok"
     assert tools.bash(w.rt, w.ctx(None), f"curl -s http://127.0.0.1:{port}/healthz")["stdout"] == "ok"
+
+
+def test_a_users_bash_reaches_only_its_own_containers_by_any_spelling(real_world: World) -> None:
+    w = real_world
+    secret = f"mallory-secret-{uuid.uuid4().hex}"
+    mine = w.create("diag")["instance_id"]
+    theirs = w.create("m-diag", user="mallory", env={"MALLORY_API_KEY": secret})["instance_id"]
+    own_name, their_name = (tools.container_name(w.rt.config, iid) for iid in (mine, theirs))
+    own_id, their_id = (w.row(iid)["container_id"] for iid in (mine, theirs))  # type: ignore[index]
+    prefix, number = their_name.rsplit("-", 1)
+    spellings = [
+        their_name,
+        f"'{prefix}-'{number}",  # quoted
+        f'"{prefix}-"{number}',
+        f"{prefix}-\\{number}",  # escaped
+        f"/{their_name}",
+        their_id,
+        their_id[:12],
+        their_id[:8],  # a short id prefix
+        f"{their_id[:4]}''{their_id[4:8]}",  # an id split by ''
+        f"'{their_id[:3]}'{their_id[3:9]}",
+    ]
+    alice = w.ctx()
+    for spelling in spellings:
+        for command in (
+            f"docker inspect -f '{{{{json .Config}}}}' {spelling}",
+            f"docker inspect {spelling}",
+            f"docker container inspect {spelling}",
+            f"docker logs --tail 5 {spelling}",
+            f"docker top {spelling}",
+            f"docker port {spelling}",
+            f"docker stats --no-stream {spelling}",
+            f"docker logs {own_name} {spelling}",
+            f"docker inspect -f '{{{{.Name}}}}' {own_name}; docker inspect {spelling}",
+        ):
+            with pytest.raises(ToolRefused, match="not one of this user's containers"):
+                tools.bash(w.rt, alice, command)
+    listings = (
+        "docker ps",
+        "docker ps -a",
+        "docker 'ps' -a",
+        "d'ocker' p\\s -a",
+        "docker container ls -a",
+        f"docker ps -a --filter name={their_name} --format '{{{{json .}}}}'",
+        "docker ps -l",
+        "docker ps -n 5",
+        "docker stats --no-stream",
+        f"docker stats --no-stream -a {own_name}",
+        "docker info",
+        "podman ps -a",
+        f"podman inspect {own_name}",
+        f"docker inspect --type volume {own_name}",
+        "docker inspect localhost/pideploy-gateway:latest",  # not a container of the user's
+        # host-wide views name every container too: df by its shm mount, ps by conmon's arguments
+        "df -a",
+        "ps -eo args --cols 1000",
+        "ss -tlnp",
+    )
+    for command in listings:
+        with pytest.raises(ToolRefused):
+            tools.bash(w.rt, alice, command)
+    # The user's own container, by name, by id or a unique id prefix, still answers.
+    for spelling in (own_name, own_id, own_id[:12]):
+        out = tools.bash(w.rt, alice, f"docker inspect -f '{{{{.State.Status}}}} {{{{.Name}}}}' {spelling}")
+        assert (out["exit_code"], out["stdout"].strip()) == (0, f"running /{own_name}"), out
+    port = w.row(mine)["port"]  # type: ignore[index]
+    assert (
+        tools.bash(w.rt, alice, f"docker port {own_name} 8080/tcp")["stdout"].strip() == f"127.0.0.1:{port}"
+    )
+    assert tools.bash(w.rt, alice, f"docker logs --tail 5 {own_name}")["exit_code"] == 0
+    assert (
+        tools.bash(w.rt, alice, f"docker stats --no-stream --format '{{{{.Name}}}}' {own_name}")["exit_code"]
+        == 0
+    )
+    # A heartbeat keeps its view of every container.
+    listed = tools.bash(w.rt, w.ctx(None), "docker ps -a --format '{{.Names}}'")["stdout"].split()
+    assert own_name in listed and their_name in listed
+
+
+def test_nginx_runs_only_against_piDeploys_own_configuration(real_world: World) -> None:
+    w = real_world
+    assert isinstance(w.rt.proxy, NginxProxy) and w.rt.proxy.prefix is not None
+    prefix = w.rt.proxy.prefix
+    heartbeat = w.ctx(None)
+    tested = tools.bash(w.rt, heartbeat, f"nginx -t -p {prefix}/ -c {prefix}/nginx.conf")
+    assert tested["exit_code"] == 0 and "test is successful" in tested["stderr"], tested
+    # A configuration an instance writes into its own storage loads any module, as root.
+    iid = w.create("web")["instance_id"]
+    storage = Path(w.row(iid)["storage_path"])  # type: ignore[index]
+    (storage / "evil.conf").write_text(f"load_module {storage}/evil.so;\nevents {{}}\n")
+    for command in (
+        f"nginx -t -c {storage}/evil.conf",
+        f"nginx -t -p {storage}/ -c {prefix}/nginx.conf",
+        f"nginx -T -c {prefix}/../nginx/nginx.conf",
+        f"nginx -t -c {w.rt.config.home}/nginx/nginx.conf",  # not where this world's nginx lives
+        f"nginx -t -g 'load_module {storage}/evil.so;'",
+    ):
+        with pytest.raises(ToolRefused):
+            tools.bash(w.rt, heartbeat, command)
+    with pytest.raises(ToolRefused, match="not a user's task"):
+        tools.bash(w.rt, w.ctx(), f"nginx -t -p {prefix}/ -c {prefix}/nginx.conf")
 
 
 def test_a_port_whose_server_just_stopped_is_free_and_a_listened_one_is_not() -> None:
