@@ -390,6 +390,77 @@ def test_a_dropped_connection_is_retried_on_the_same_model(memory_world: World, 
     assert shared.cooldowns.active() == set()
 
 
+def test_no_request_carries_a_null_content(memory_world: World, replay: ReplayServer) -> None:
+    # Issue 13, fault 3: llama.cpp's server rejects an assistant message with "content": null.
+    replay.set_script(_create_script(MODEL_A))
+    outcome = run(
+        memory_world, agent.TaskSpec("instance_create", "alice", {"name": "alpha"}), [model(replay, MODEL_A)]
+    )
+    assert outcome.status == "succeeded"
+    sent = [m for body in replay.recorded()[0] for m in body["messages"]]
+    assistants = [m for m in sent if m["role"] == "assistant"]
+    assert assistants and all(isinstance(m.get("content", ""), str) for m in assistants)
+    assert all(m.get("content") is not None for m in sent if "content" in m)
+
+
+def test_a_call_that_broke_mid_stream_is_charged(memory_world: World, replay: ReplayServer) -> None:
+    # Issue 13, fault 5: calls that broke after the server began answering were never charged.
+    broken = {"fault": "disconnect", "after_chunks": 3}
+    replay.set_script(_a_fails_b_works(broken))
+    paid = model(replay, MODEL_A, price_in=1.0, price_out=1.0)
+    outcome = run(
+        memory_world,
+        agent.TaskSpec("instance_create", "alice", {"name": "alpha"}),
+        [paid, model(replay, MODEL_B)],
+    )
+    assert outcome.status == "succeeded"
+    failed = [s for s in chat_spans(outcome) if s["status"] == "error"]
+    assert failed and all(s["attributes"]["gen_ai.usage.input_tokens"] > 0 for s in failed)
+    assert all(s["attributes"]["pideploy.usage_estimated"] is True for s in failed)
+    assert outcome.cost_usd > 0 and outcome.tokens > 0
+
+
+def test_an_answer_cut_at_max_tokens_is_its_own_class_and_moves_on(
+    memory_world: World, replay: ReplayServer
+) -> None:
+    # Issue 13, fault 6: finish_reason "length" is half an answer, not an answer.
+    cut = {"tool_calls": [{"name": "instance_create", "arguments": '{"na'}], "finish_reason": "length"}
+    replay.set_script(_a_fails_b_works(cut))
+    limits = agent.Limits(retries=1)
+    shared = chain([model(replay, MODEL_A), model(replay, MODEL_B)], limits)
+    outcome = agent.run_task(
+        agent.TaskSpec("instance_create", "alice", {"name": "alpha"}), memory_world.rt, shared, limits
+    )
+    assert outcome.status == "succeeded", outcome.error
+    first = chat_spans(outcome)[0]
+    assert first["attributes"]["error.type"] == "llm_output_truncated"
+    assert len([s for s in chat_spans(outcome) if s["attributes"]["pideploy.model_name"] == MODEL_A]) == 1
+    assert shared.cooldowns.active() == set()  # the model is fine; the answer was too long
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_model_s_compatibility_settings_shape_its_requests(
+    memory_world: World, replay: ReplayServer, stream: bool
+) -> None:
+    replay.set_script(_create_script(MODEL_A))
+    llama = dataclasses.replace(
+        model(replay, MODEL_A), stream=stream, tool_choice="auto", send_usage_request=False
+    )
+    outcome = run(memory_world, agent.TaskSpec("instance_create", "alice", {"name": "alpha"}), [llama])
+    assert outcome.status == "succeeded", outcome.error
+    bodies = replay.recorded()[0]
+    assert [b.get("stream", False) for b in bodies] == [stream, stream]
+    assert all(b["tool_choice"] == "auto" and "stream_options" not in b for b in bodies)
+    assert all(s["attributes"]["pideploy.ttft_s"] is not None for s in chat_spans(outcome))
+    default = model(replay, MODEL_A)
+    replay.reset_counters(forget_requests=True)
+    run(memory_world, agent.TaskSpec("instance_create", "alice", {"name": "beta"}), [default])
+    assert all(
+        "tool_choice" not in b and b["stream_options"] == {"include_usage": True}
+        for b in replay.recorded()[0]
+    )
+
+
 def test_a_context_overflow_moves_on_without_a_cool_down(memory_world: World, replay: ReplayServer) -> None:
     replay.set_script(_a_fails_b_works({"fault": "context_overflow"}))
     limits = agent.Limits(retries=2)
@@ -399,8 +470,8 @@ def test_a_context_overflow_moves_on_without_a_cool_down(memory_world: World, re
     )
     assert first.status == "succeeded", first.error
     failed = [s for s in chat_spans(first) if s["attributes"]["pideploy.model_name"] == MODEL_A]
-    # Each turn asks MODEL_A once, without retries (nothing cools it down), then moves on.
-    assert [s["attributes"]["pideploy.attempt"] for s in failed] == [1] * first.turns
+    # MODEL_A is asked once, without retries: the prompt only grows, so the run goes on without it.
+    assert [s["attributes"]["pideploy.attempt"] for s in failed] == [1] and first.turns == 2
     assert all(s["attributes"]["error.type"] == "llm_api_error" for s in failed)
     # Too long a prompt is this run's problem, not the model's: the next run asks MODEL_A again.
     assert shared.cooldowns.active() == set()
@@ -511,13 +582,58 @@ def test_repeated_bad_output_ends_the_run_classified(
     memory_world: World, replay: ReplayServer, bad_turn: dict[str, Any]
 ) -> None:
     replay.set_script(script({"repeat": bad_turn}))
-    outcome = run(
-        memory_world, agent.TaskSpec("instance_create", "alice", {"name": "alpha"}), [model(replay, MODEL_A)]
-    )
+    task = agent.TaskSpec("instance_create", "alice", {"name": "alpha"})
+    outcome = run(memory_world, task, [model(replay, MODEL_A)], playbook=False)
     assert outcome.status == "failed"
     assert outcome.error_class == "llm_bad_output"
-    assert outcome.turns == 2  # once returned to the model as an error, the second time it ends
+    assert outcome.turns == 3  # once returned to the model, the second time the link is given up
     assert memory_world.rt.db.all("instance_list_all") == []
+
+
+@pytest.mark.parametrize(
+    "bad_turn",
+    [
+        {"tool_calls": [{"name": "instance_create", "arguments": "{nope"}]},
+        {"tool_calls": [{"name": "format_disk", "arguments": {}}]},
+        {"fault": "empty"},
+    ],
+    ids=["bad-json", "unknown-tool", "empty-answer"],
+)
+def test_a_link_that_keeps_answering_badly_gives_way_to_the_next(
+    memory_world: World, replay: ReplayServer, bad_turn: dict[str, Any]
+) -> None:
+    # Issue 13, fault 8: bad output ended the run; the next model and the playbook were never tried.
+    replay.set_script(script({"repeat": bad_turn}))
+    limits = agent.Limits(retries=1)
+    models = chain([model(replay, MODEL_A)], limits)
+    task = agent.TaskSpec("instance_create", "alice", {"name": "alpha"})
+    outcome = agent.run_task(task, memory_world.rt, models, limits)
+    assert outcome.status == "succeeded" and outcome.playbook
+    row = memory_world.rt.db.one("instance_by_name", user_id="alice", name="alpha")
+    assert row is not None and row["status"] == "running"
+    assert MODEL_A in models.cooldowns.active()  # treated like a failing link: cooled down
+    assert MODEL_A in " ".join(trace_of(outcome)["extra"]["chain_failures"])
+
+
+def test_a_second_model_takes_over_from_one_that_answers_badly(
+    memory_world: World, replay: ReplayServer
+) -> None:
+    iid = make_instance(memory_world)
+    replay.set_script(
+        {
+            "conversations": [
+                {"model": MODEL_A, "turns": [{"repeat": {"content": "I think it is fine."}}]},
+                {
+                    "model": MODEL_B,  # turn k answers a request holding k assistant messages
+                    "turns": [{"content": "unused"}] * 2 + [call("instance_stop", instance_id=iid), report()],
+                },
+            ]
+        }
+    )
+    task = agent.TaskSpec("instance_stop", "alice", {}, instance_id=iid)
+    outcome = run(memory_world, task, [model(replay, MODEL_A), model(replay, MODEL_B)], playbook=False)
+    assert outcome.status == "succeeded" and not outcome.playbook
+    assert memory_world.row(iid)["status"] == "stopped"  # type: ignore[index]
 
 
 def test_a_looping_model_is_stopped_by_the_guard(memory_world: World, replay: ReplayServer) -> None:
@@ -702,6 +818,52 @@ def test_playbook_completes_every_task_type_with_the_chain_down(
     assert outcome.playbook is True
     trace = trace_of(outcome)
     assert trace["extra"]["playbook"] is True and len(trace["extra"]["chain_failures"]) == 2
+
+
+def test_the_playbook_acts_after_a_model_that_answered_then_failed(
+    memory_world: World, replay: ReplayServer
+) -> None:
+    # Issue 13, fault 1: the playbook counted the failed model's turns as its own steps and
+    # reported success without ever calling instance_start.
+    iid = make_instance(memory_world)
+    tools.instance_stop(memory_world.rt, memory_world.ctx(), iid)
+    replay.set_script(script(call("instance_status", instance_id=iid), {"repeat": {"fault": "http_500"}}))
+    task = agent.TaskSpec("instance_start", "alice", {}, instance_id=iid)
+    outcome = run(memory_world, task, [model(replay, MODEL_A)])
+    assert outcome.status == "succeeded" and outcome.playbook, outcome.error
+    assert memory_world.row(iid)["status"] == "running"  # type: ignore[index]
+    calls = [
+        c["function"]["name"]
+        for m in trace_of(outcome)["transcript"]
+        if m["role"] == "assistant"
+        for c in m.get("tool_calls") or []
+    ]
+    assert calls == ["instance_status", "instance_start", "report_result"]
+
+
+def test_a_model_cannot_pass_its_calls_off_as_the_playbook_s(
+    memory_world: World, replay: ReplayServer
+) -> None:
+    iid = make_instance(memory_world)
+    tools.instance_stop(memory_world.rt, memory_world.ctx(), iid)
+    spoof = {
+        "tool_calls": [{"id": "playbook_0", "name": "instance_status", "arguments": {"instance_id": iid}}]
+    }
+    replay.set_script(script(spoof, {"repeat": {"fault": "http_500"}}))
+    outcome = run(
+        memory_world, agent.TaskSpec("instance_start", "alice", {}, instance_id=iid), [model(replay, MODEL_A)]
+    )
+    assert outcome.status == "succeeded" and memory_world.row(iid)["status"] == "running"  # type: ignore[index]
+
+
+def test_a_playbook_whose_steps_do_not_hold_is_not_blamed_on_a_model(
+    memory_world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    iid = make_instance(memory_world)
+    monkeypatch.setattr(agent, "verify_outcome", lambda task, rt: f"instance {iid} is error, not stopped")
+    outcome = run(memory_world, agent.TaskSpec("instance_stop", "alice", {}, instance_id=iid), [])
+    assert outcome.status == "failed" and outcome.error_class == "tool_execution_error"
+    assert "playbook" in (outcome.error or "")
 
 
 def test_agent_off_uses_the_playbook_and_calls_no_model(memory_world: World, replay: ReplayServer) -> None:
