@@ -179,12 +179,12 @@ class Completion:
     link: str = ""  # the chain link that answered (filled in by the chain)
 
     def message(self) -> dict[str, Any]:
-        # Never `"content": null`: llama.cpp's server rejects it (500) on the next request. An
-        # assistant message with tool calls leaves the key out when there is no text; every
-        # OpenAI-compatible server accepts that, and a string otherwise.
-        message: dict[str, Any] = {"role": "assistant"}
-        if self.content or not self.tool_calls:
-            message["content"] = self.content
+        # Always a string, "" when the model wrote no text: llama.cpp's server rejects
+        # `"content": null` (500, "Input should be a valid string"), and its
+        # chatml-function-calling template fails on an assistant message without the key
+        # (500, "'dict object' has no attribute 'content'"). OpenAI, vLLM and the others
+        # take "" beside tool calls.
+        message: dict[str, Any] = {"role": "assistant", "content": self.content or ""}
         if self.tool_calls:
             message["tool_calls"] = [
                 {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
@@ -199,6 +199,32 @@ class ChatModel(Protocol):
     def complete(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], max_tokens: int, timeout: float
     ) -> Completion: ...
+
+
+# JSON Schema keywords a "plain" tool spec leaves out. The tools validate every argument against
+# the full schema anyway; some servers turn the spec into a grammar, and llama.cpp's dies on the
+# one a `maxLength` of 4096 makes (every character one more nested optional).
+_LIMIT_KEYWORDS = frozenset(
+    ("maxLength", "minLength", "pattern", "propertyNames", "maxProperties", "minProperties",
+     "maxItems", "minItems", "minimum", "maximum")
+)  # fmt: skip
+
+
+def plain_schema(schema: Any) -> Any:
+    """`schema` without the limit keywords, at every depth (property names are kept)."""
+    if isinstance(schema, list):
+        return [plain_schema(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    plain: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _LIMIT_KEYWORDS:
+            continue
+        if key == "properties" and isinstance(value, dict):
+            plain[key] = {name: plain_schema(sub) for name, sub in value.items()}
+        else:
+            plain[key] = plain_schema(value)
+    return plain
 
 
 def approx_tokens(text: str) -> int:
@@ -241,20 +267,38 @@ class OpenAIChat:
     Streamed by default. What real servers do that OpenAI does not is handled here, so the
     loop only ever sees a whole answer or a classified error: a stream that ends without a
     finish_reason (llama.cpp cuts a stream when another request arrives) is a retryable
-    server error; an empty 200 stream (llama.cpp's answer to a prompt over its context, and to
-    a streamed tool_choice "auto") is asked again once without streaming, whose answer says
-    why; an answer cut at max_tokens is ModelOutputTruncated."""
+    server error; an empty 200 stream, or one whose body broke before its first event
+    (llama.cpp's answer to a prompt over its context, and to a streamed tool_choice "auto" when
+    its model picks a tool), is asked again once without streaming, whose answer says why or
+    is the answer; an answer cut at max_tokens is ModelOutputTruncated."""
 
     def __init__(self, model: ModelConfig) -> None:
         self.model = model
         self.name = model.name
-        self.client = openai.OpenAI(
-            base_url=model.base_url, api_key=model.api_key or "unset", max_retries=0, timeout=model.timeout
+        self.client = self._client()
+
+    def _client(self) -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=self.model.base_url,
+            api_key=self.model.api_key or "unset",
+            max_retries=0,
+            timeout=self.model.timeout,
         )
+
+    def _reconnect(self) -> None:
+        """A fresh connection pool: after a stream the server broke, the kept-alive connection
+        is dead, and the next request on it would be reset (seen with llama.cpp)."""
+        old, self.client = self.client, self._client()
+        old.close()
 
     def complete(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], max_tokens: int, timeout: float
     ) -> Completion:
+        if self.model.tool_schema == "plain":
+            tools = [
+                {**t, "function": {**t["function"], "parameters": plain_schema(t["function"]["parameters"])}}
+                for t in tools
+            ]
         # Sent as the openai client would send it; a key set to `omit` is left out of the body.
         request: dict[str, Any] = {
             "model": self.model.model,
@@ -269,6 +313,7 @@ class OpenAIChat:
             if self.model.stream:
                 completion = self._stream(request, prompt, started, timeout)
                 if completion is None:  # an empty 200 stream: ask the same without streaming
+                    self._reconnect()
                     completion = self._whole(request, prompt, started, started + timeout - time.monotonic())
             else:
                 completion = self._whole(request, prompt, started, timeout)
@@ -324,6 +369,8 @@ class OpenAIChat:
                             calls.add(position, piece)
                         finish = choice.finish_reason or finish
         except openai.APIError as error:  # the stream broke (or carried an error) after a 200
+            if not chunks and isinstance(error, openai.APIConnectionError):
+                return None  # a 200 whose body broke before any event: like an empty one
             translated = translate_openai_error(error, self.name)
             translated.consumed = consumed()
             raise translated from error

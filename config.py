@@ -43,6 +43,7 @@ class ModelConfig:
     stream: bool = True  # false: one plain JSON answer per call
     tool_choice: str = "none-sent"  # "auto" | "required": sent as is; "none-sent": not sent
     send_usage_request: bool = True  # stream_options.include_usage (some servers refuse it)
+    tool_schema: str = "full"  # "plain": tool specs without length, pattern and range limits
     api_key: str = field(default="", repr=False)
 
     def cost_usd(self, input_tokens: int, output_tokens: int) -> float:
@@ -250,7 +251,7 @@ def _auth_file_key(auth_path: Path, provider: str) -> str:
 
 
 _MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig) if f.name != "api_key"}
-_MODEL_CHOICES = {"tool_choice": ("auto", "required", "none-sent")}
+_MODEL_CHOICES = {"tool_choice": ("auto", "required", "none-sent"), "tool_schema": ("full", "plain")}
 
 
 def _model(raw: object, index: int, source: str, env: Mapping[str, str], auth: Path) -> ModelConfig:

@@ -399,8 +399,8 @@ def test_no_request_carries_a_null_content(memory_world: World, replay: ReplaySe
     assert outcome.status == "succeeded"
     sent = [m for body in replay.recorded()[0] for m in body["messages"]]
     assistants = [m for m in sent if m["role"] == "assistant"]
-    assert assistants and all(isinstance(m.get("content", ""), str) for m in assistants)
-    assert all(m.get("content") is not None for m in sent if "content" in m)
+    # A string always: llama.cpp refuses null, and its template fails on a missing key.
+    assert assistants and all(isinstance(m.get("content"), str) for m in assistants)
 
 
 def test_a_call_that_broke_mid_stream_is_charged(memory_world: World, replay: ReplayServer) -> None:
