@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -636,7 +637,7 @@ class Chain:
 
     def complete(
         self, task: TaskSpec, messages: list[dict[str, Any]], specs: list[dict[str, Any]], budget: Budget,
-        trace: Trace, deadline: float, unusable: dict[str, str] | None = None,
+        trace: Trace, deadline: float, unusable: dict[str, PiDeployError] | None = None,
     ) -> Completion:  # fmt: skip
         """The first link that answers. `unusable`: the links this run gave up on, with why
         (answered unusably, see LoopGuard; or a prompt or an answer too long for it, which only
@@ -645,7 +646,7 @@ class Chain:
         failures: list[str] = list(self.unconfigured)
         for link in self.links:
             if unusable and link.model.name in unusable:
-                failures.append(f"{link.model.name}: {unusable[link.model.name]}")
+                failures.append(f"{link.model.name}: {unusable[link.model.name].message}")
                 continue
             if link.model.name in cooling:
                 failures.append(f"{link.model.name}: cooling down")
@@ -657,14 +658,11 @@ class Chain:
                 if not isinstance(error, ModelContextOverflow | ModelOutputTruncated):
                     self.cool_down(link.model.name, error.message)
                 elif unusable is not None:  # the model is fine, but not for this run
-                    unusable[link.model.name] = error.message
+                    unusable[link.model.name] = error
         if not self.use_playbook:
-            if unusable and all(
-                unusable.get(link.model.name, "").startswith(BAD_ANSWERS) for link in self.links
-            ):
-                raise BadModelOutput(
-                    "every model answered unusably: " + "; ".join(failures), failures=failures
-                )
+            given_up = [e for e in (unusable or {}).values() if isinstance(e, RunEnded)]
+            if self.links and len(given_up) == len(self.links):  # each answered badly: say how
+                raise given_up[-1]
             raise ChainUnavailable(
                 "every model of the chain failed: " + "; ".join(failures), failures=failures
             )
@@ -817,16 +815,14 @@ class Outcome:
     playbook: bool = False
 
 
-BAD_ANSWERS = "answered unusably"
-
-
 class LoopGuard:
-    """The same tool with the same arguments `repeats` times in a row is a stuck agent.
+    """Keeps each link of the chain honest for one run.
 
-    Two unusable answers in a row from one link (bad JSON, an unknown tool, no tool call) make
-    that link unusable for the rest of the run, like a link that fails: it is cooled down
-    (`demote`) and the chain moves on to the next one, and finally to the playbook, which
-    always answers usably. Only with nothing left does bad output end the run."""
+    A link that asks for the same tool with the same arguments `repeats` times in a row, or
+    answers unusably twice in a row (bad JSON, an unknown tool, no tool call), is given up for
+    the rest of the run like a link that fails: it is cooled down (`demote`) and the chain moves
+    on to the next one, and finally to the playbook, which follows its plan and always ends.
+    With nothing left to move on to, the run ends (AgentStuck, BadModelOutput)."""
 
     def __init__(
         self, repeats: int = 3, bad_outputs: int = 2, demote: Callable[[str, str], None] = lambda *_: None
@@ -836,12 +832,12 @@ class LoopGuard:
         self.count = 0
         self.bad = 0
         self.link = ""  # the link whose answer is being worked
-        self.unusable: dict[str, str] = {}  # link -> why this run gave up on it
+        self.unusable: dict[str, PiDeployError] = {}  # link -> why this run gave up on it
 
     def usable(self, reply: Completion) -> bool:
         """Whether the answer has tool calls to run (an answer without is bad output)."""
         if reply.link != self.link:
-            self.link, self.bad = reply.link, 0
+            self.link, self.bad, self.count, self.last = reply.link, 0, 0, None
         if not reply.tool_calls:
             self.bad_output("an answer without a tool call")
         return bool(reply.tool_calls)
@@ -854,26 +850,37 @@ class LoopGuard:
         self.count = self.count + 1 if key == self.last else 1
         self.last = key
         if self.count >= self.repeats:
-            raise AgentStuck(
-                f"{call.name} called {self.count} times in a row with the same arguments", tool=call.name
-            )
+            what = f"{call.name} called {self.count} times in a row with the same arguments"
+            self.give_up(AgentStuck(what, tool=call.name))
 
     def bad_output(self, what: str) -> None:
         self.bad += 1
-        if self.bad < self.bad_limit:
-            return
-        if not self.link or self.link == Playbook.name:
-            raise BadModelOutput(f"the model kept answering unusably: {what}")
-        reason = f"{BAD_ANSWERS} {self.bad} times in a row: {what}"
-        logger.warning(
-            "model %s %s; moving on to the next link", self.link, reason, extra={"action": "model_unusable"}
-        )
-        self.unusable[self.link] = reason
-        self.demote(self.link, reason)
-        self.bad = 0
+        if self.bad >= self.bad_limit:
+            self.give_up(BadModelOutput(f"the model kept answering unusably: {what}"))
 
     def good_output(self) -> None:
         self.bad = 0
+
+    def out_of_turns(self, links: Sequence[str], why: TooManyTurns) -> None:
+        """Every model has had its turns (no cool-down: nothing is wrong with them)."""
+        for link in links:
+            if link != Playbook.name:
+                self.unusable.setdefault(link, why)
+
+    def give_up(self, why: RunEnded) -> None:
+        """This run is done with the current link; the run ends with `why` if it is the playbook."""
+        if not self.link or self.link == Playbook.name:
+            raise why
+        logger.warning(
+            "model %s: %s; moving on to the next link",
+            self.link,
+            why.message,
+            extra={"action": "model_unusable"},
+        )
+        self.unusable[self.link] = why
+        self.demote(self.link, why.message)
+        self.bad = self.count = 0
+        self.last = None
 
 
 def run_task(
@@ -900,9 +907,11 @@ def run_task(
     try:
         try:
             trace.extra["world_before"] = tools.snapshot(rt, ctx)  # for `eval record`
-            for turn in range(1, limits.max_turns + 1):
+            for turn in itertools.count(1):  # ended by report_result, a limit, or the playbook's plan
                 trace.turns = turn
                 check_limits(deadline, limits, cancelled)
+                if turn > limits.max_turns:  # the models had their turns: the playbook finishes
+                    guard.out_of_turns(chain.names, TooManyTurns(limits.max_turns))
                 reply = chain.complete(task, messages, specs, budget, trace, deadline, guard.unusable)
                 charge_tools(trace, reply.cost_usd)
                 say(messages, trace, reply.message())
@@ -912,7 +921,6 @@ def run_task(
                 for call in reply.tool_calls:
                     guard.see(call)
                     say(messages, trace, execute(rt, ctx, call, allowed, guard, trace))
-            raise TooManyTurns(limits.max_turns)
         except Finished as done:
             outcome = finish(task, rt, trace, budget, report=done.report, reporter=reply.link)
         except RunEnded as ended:

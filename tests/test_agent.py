@@ -640,10 +640,25 @@ def test_a_looping_model_is_stopped_by_the_guard(memory_world: World, replay: Re
     iid = make_instance(memory_world)
     replay.set_script(script({"repeat": call("instance_status", instance_id=iid)}))
     task = agent.TaskSpec("instance_stop", "alice", {}, instance_id=iid)
-    outcome = run(memory_world, task, [model(replay, MODEL_A)])
+    outcome = run(memory_world, task, [model(replay, MODEL_A)], playbook=False)
     assert outcome.status == "failed" and outcome.error_class == "agent_stuck"
-    assert outcome.turns == 3
+    assert outcome.turns == 4  # the third identical call gives the link up; nothing is left
     assert memory_world.row(iid)["status"] == "running"  # type: ignore[index]
+
+
+def test_a_looping_model_gives_way_to_the_playbook(memory_world: World, replay: ReplayServer) -> None:
+    # Seen against llama.cpp: its template drops tool results, so a model asks for the same
+    # call again and again; the loop guard ended the run and a stop was never made.
+    iid = make_instance(memory_world)
+    replay.set_script(script({"repeat": call("instance_status", instance_id=iid)}))
+    limits = agent.Limits(retries=1)
+    models = chain([model(replay, MODEL_A)], limits)
+    task = agent.TaskSpec("instance_stop", "alice", {}, instance_id=iid)
+    outcome = agent.run_task(task, memory_world.rt, models, limits)
+    assert outcome.status == "succeeded" and outcome.playbook, outcome.error
+    assert memory_world.row(iid)["status"] == "stopped"  # type: ignore[index]
+    assert MODEL_A in models.cooldowns.active()
+    assert "3 times in a row" in " ".join(trace_of(outcome)["extra"]["chain_failures"])
 
 
 def test_the_loop_guard_threshold_is_configurable(memory_world: World, replay: ReplayServer) -> None:
@@ -652,9 +667,11 @@ def test_the_loop_guard_threshold_is_configurable(memory_world: World, replay: R
     limits = agent.Limits.from_config(make_config_like(memory_world, loop_guard_repeats=2))
     assert limits.loop_guard_repeats == 2
     task = agent.TaskSpec("instance_stop", "alice", {}, instance_id=iid)
-    outcome = agent.run_task(task, memory_world.rt, chain([model(replay, MODEL_A)], limits), limits)
+    outcome = agent.run_task(
+        task, memory_world.rt, chain([model(replay, MODEL_A)], limits, playbook=False), limits
+    )
     assert outcome.status == "failed" and outcome.error_class == "agent_stuck"
-    assert outcome.turns == 2 and "2 times in a row" in (outcome.error or "")
+    assert outcome.turns == 3 and "2 times in a row" in (outcome.error or "")
 
 
 def test_max_turns_ends_the_run(memory_world: World, replay: ReplayServer) -> None:
@@ -662,8 +679,27 @@ def test_max_turns_ends_the_run(memory_world: World, replay: ReplayServer) -> No
     turns = [call("instance_status", instance_id=iid) if i % 2 else call("nginx_sync") for i in range(10)]
     replay.set_script(script(*turns))
     outcome = run(memory_world, agent.TaskSpec("instance_stop", "alice", {}, instance_id=iid), [model(replay, MODEL_A)],
-                  agent.Limits(max_turns=4))  # fmt: skip
-    assert outcome.status == "failed" and outcome.error_class == "agent_stuck" and outcome.turns == 4
+                  agent.Limits(max_turns=4), playbook=False)  # fmt: skip
+    assert outcome.status == "failed" and outcome.error_class == "agent_stuck" and outcome.turns == 5
+
+
+def test_after_the_models_turns_the_playbook_finishes(memory_world: World, replay: ReplayServer) -> None:
+    iid = make_instance(memory_world)
+    turns = [call("instance_status", instance_id=iid) if i % 2 else call("nginx_sync") for i in range(10)]
+    replay.set_script(script(*turns))
+    task = agent.TaskSpec("instance_stop", "alice", {}, instance_id=iid)
+    outcome = run(memory_world, task, [model(replay, MODEL_A)], agent.Limits(max_turns=4))
+    assert outcome.status == "succeeded" and outcome.playbook and outcome.turns == 6
+    assert memory_world.row(iid)["status"] == "stopped"  # type: ignore[index]
+
+
+def test_a_playbook_plan_longer_than_the_turn_cap_runs_to_its_end(memory_world: World) -> None:
+    # A heartbeat round that repairs many instances is one playbook step per instance.
+    ids = [make_instance(memory_world, f"i{n}") for n in range(14)]
+    plan = [{"tool": "instance_status", "arguments": {"instance_id": i}} for i in ids]
+    task = agent.TaskSpec("heartbeat", None, {"plan": plan}, allowed_instances=frozenset(ids))
+    outcome = run(memory_world, task, [], agent.Limits(max_turns=12))
+    assert outcome.status == "succeeded" and outcome.turns == len(ids) + 1
 
 
 def test_the_model_claiming_success_without_doing_the_work_fails(

@@ -470,7 +470,9 @@ def test_live_mode_fails_below_the_pass_threshold(tmp_path: Path) -> None:
     data = json.loads(report.read_text())
     assert data["summary"]["pass_k"] == 0.0 and data["summary"]["threshold"] == 0.8
     (run,) = data["cases"][0]["runs"]
-    assert run["scores"]["completed"] is False and any("agent_stuck" in p for p in run["problems"])
+    # The looping model is given up and the playbook creates the instance: in live mode that
+    # is the models failing, not a pass.
+    assert run["scores"]["completed"] is False and any("playbook answered" in p for p in run["problems"])
     assert "threshold 0.80: below" in done.stdout
 
 
