@@ -462,28 +462,40 @@ _LLAMACPP_MEMBERS = (
 )
 
 
+_LLAMACPP_PARTS = (
+    "list[union[ChatCompletionRequestMessageContentPartText,ChatCompletionRequestMessageContentPartImage]]"
+)
+
+
 def _llamacpp_message_errors(index: int, message: Any) -> list[dict[str, Any]]:
     """Pydantic's errors for one message, or [] when some member of the union accepts it."""
-    if not isinstance(message, dict):
-        return [
-            {"type": "model_type", "loc": ("body", "messages", index), "msg": "Input should be an object"}
-        ]
     found: list[dict[str, Any]] = []
     for member, role, fields in _LLAMACPP_MEMBERS:
         where: tuple[Any, ...] = ("body", "messages", index, member)
         errors: list[dict[str, Any]] = []
+        if not isinstance(message, dict):
+            found.append(
+                {
+                    "type": "dict_type",
+                    "loc": where,
+                    "msg": "Input should be a valid dictionary",
+                    "input": message,
+                }
+            )
+            continue
         if "role" not in message:
             errors.append(
                 {"type": "missing", "loc": (*where, "role"), "msg": "Field required", "input": message}
             )
         elif message["role"] != role:
+            literal = f"'{role}'"
             errors.append(
                 {
                     "type": "literal_error",
                     "loc": (*where, "role"),
-                    "msg": f"Input should be '{role}'",
+                    "msg": f"Input should be {literal}",
                     "input": message["role"],
-                    "ctx": {"expected": f"'{role}'"},
+                    "ctx": {"expected": literal},
                 }
             )
         for key, kind in fields:
@@ -496,7 +508,21 @@ def _llamacpp_message_errors(index: int, message: Any) -> list[dict[str, Any]]:
             value = message[key]
             if isinstance(value, str) or (value is None and kind.startswith("optional")):
                 continue
-            if isinstance(value, list) and kind == "optional_parts":
+            if kind == "optional_parts":  # str or a list of parts: pydantic names both branches
+                if isinstance(value, list):
+                    continue
+                text, parts = (*where, key, "str"), (*where, key, _LLAMACPP_PARTS)
+                errors.append(
+                    {
+                        "type": "string_type",
+                        "loc": text,
+                        "msg": "Input should be a valid string",
+                        "input": value,
+                    }
+                )
+                errors.append(
+                    {"type": "list_type", "loc": parts, "msg": "Input should be a valid list", "input": value}
+                )
                 continue
             errors.append(
                 {
@@ -522,7 +548,18 @@ def _refusal(dialect: str, request: dict[str, Any]) -> Answer | None:
     if dialect != "llamacpp":
         return None
     messages = request.get("messages") or []
-    errors = [e for i, m in enumerate(messages) for e in _llamacpp_message_errors(i, m)]
+    if isinstance(messages, list):
+        errors = [e for i, m in enumerate(messages) for e in _llamacpp_message_errors(i, m)]
+    else:
+        errors = [
+            {
+                "type": "list_type",
+                "loc": ("body", "messages"),
+                "msg": "Input should be a valid list",
+                "input": messages,
+            }
+        ]
+        messages = []
     if errors:  # FastAPI's RequestValidationError, turned into a 500 by llama-cpp-python's route handler
         text = f"{len(errors)} validation error{'s' if len(errors) != 1 else ''}:\n"
         text += "".join(f"  {error}\n" for error in errors)
@@ -565,10 +602,8 @@ def _as_llamacpp(answer: Answer, request: dict[str, Any]) -> Answer:
         if answer.finish_reason == "tool_calls":
             answer.finish_reason = "stop"
         return answer
-    if choice == "auto" and request.get("stream"):
-        return Answer(
-            empty_body=True, dialect="llamacpp"
-        )  # "Automatic streaming tool choice is not supported"
+    if choice == "auto" and request.get("stream"):  # "Automatic streaming tool choice is not supported"
+        return Answer(empty_body=True, dialect="llamacpp")
     answer.content = None  # a function's answer has no text, and ends "tool_calls" even when cut
     answer.finish_reason = "tool_calls"
     answer.named_tool = isinstance(choice, dict)

@@ -649,7 +649,11 @@ def test_openai_dialect_wire(server: ReplayServer) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["null_content", "tool_no_id", "bad_role", "nokey_plain", "required_plain", "named_missing"]
+    "name",
+    [
+        *("null_content", "tool_no_id", "bad_role", "nokey_plain", "required_plain", "named_missing"),
+        *("not_a_message", "messages_not_a_list", "user_content_number", "system_no_content"),
+    ],
 )
 def test_llamacpp_refuses_what_the_real_server_refuses_byte_for_byte(name: str) -> None:
     exchange = WIRE["exchanges"][name]
