@@ -177,6 +177,11 @@ CASE_SCHEMA: dict[str, Any] = {
                     "name": {"type": "string", "minLength": 1},
                     "input_usd_per_mtok": {"type": "number", "minimum": 0},
                     "output_usd_per_mtok": {"type": "number", "minimum": 0},
+                    # The model's compatibility settings (README, "The model chain").
+                    "stream": {"type": "boolean"},
+                    "tool_choice": {"enum": ["auto", "required", "none-sent"]},
+                    "send_usage_request": {"type": "boolean"},
+                    "tool_schema": {"enum": ["full", "plain"]},
                 },
             },
         },
@@ -926,6 +931,9 @@ def case_config(
     return dataclasses.replace(operator, **changed)
 
 
+_COMPAT = ("stream", "tool_choice", "send_usage_request", "tool_schema")
+
+
 def replay_models(case: dict[str, Any], url: str) -> list[ModelConfig]:
     return [
         ModelConfig(
@@ -937,6 +945,7 @@ def replay_models(case: dict[str, Any], url: str) -> list[ModelConfig]:
             output_usd_per_mtok=float(m.get("output_usd_per_mtok", 0.0)),
             timeout=15.0,
             api_key="replay",
+            **{key: m[key] for key in _COMPAT if key in m},
         )
         for m in case.get("models") or [DEFAULT_MODEL]
     ]
