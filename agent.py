@@ -320,6 +320,10 @@ class OpenAIChat:
                 completion = self._whole(request, prompt, started, timeout)
         except openai.APIError as error:
             raise translate_openai_error(error, self.name) from error
+        except ValueError as error:  # a 200 whose body is not the JSON of an answer (empty, cut)
+            raise ModelServerError(
+                f"{self.name}: an answer that is not JSON: {type(error).__name__}: {error}", model=self.name
+            ) from error
         if completion.finish_reason == "length":
             raise ModelOutputTruncated(
                 f"{self.name}: the answer was cut at max_tokens={max_tokens} (finish_reason length)",

@@ -23,7 +23,7 @@ import agent
 import db
 import tools
 from config import ModelConfig
-from errors import DatabaseError, RunCrashed
+from errors import DatabaseError, ModelContextOverflow, ModelOutputTruncated, ModelServerError, RunCrashed
 from evals.llm_server import ReplayServer
 from tests.conftest import World, make_config_like
 
@@ -1062,3 +1062,177 @@ def test_models_without_a_key_are_left_out_and_the_trace_says_so(
     assert outcome.status == "succeeded" and outcome.playbook
     assert replay.requests == []  # nothing was tried, so nothing waited on retries
     assert trace_of(outcome)["extra"]["chain_failures"] == [f"{MODEL_A}: no API key (TEST_KEY unset)"]
+
+
+# ---------------------------------------------------------------------------
+# Dialects: what real servers send (issue 13), as captured from llama.cpp's server and as the
+# replay server speaks each family
+# ---------------------------------------------------------------------------
+
+WIRE = json.loads((Path(__file__).parent / "data" / "llamacpp_wire.json").read_text())["exchanges"]
+
+
+class CapturedServer:
+    """Answers every chat request with bytes captured from llama.cpp's real server: `by_stream`
+    maps the request's `stream` flag to an exchange of tests/data/llamacpp_wire.json."""
+
+    def __init__(self, by_stream: dict[bool, str]) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        exchanges = {flag: WIRE[name] for flag, name in by_stream.items()}
+        self.requests: list[dict[str, Any]] = []
+        requests = self.requests
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                requests.append(body)
+                exchange = exchanges[bool(body.get("stream"))]
+                data = exchange["body"].encode()
+                streamed = bool(body.get("stream")) and exchange["status"] == 200
+                self.send_response(exchange["status"])
+                self.send_header("Content-Type", "text/event-stream" if streamed else "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def chat(self, **compat: Any) -> agent.OpenAIChat:
+        config = ModelConfig(
+            name="llama", base_url=self.url, model="m1", api_key_env="K", api_key="k", timeout=5, **compat
+        )
+        return agent.OpenAIChat(config)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def captured() -> Iterator[Any]:
+    servers: list[CapturedServer] = []
+
+    def start(by_stream: dict[bool, str]) -> CapturedServer:
+        servers.append(CapturedServer(by_stream))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+ASK = [{"role": "user", "content": "Stop instance 7."}]
+
+
+def test_a_tool_call_streamed_as_llama_cpp_does_is_assembled_whole(captured: Any) -> None:
+    # Issue 13, fault 4: llama.cpp repeats id and function.name in every delta; the name
+    # was concatenated into instance_stopinstance_stop...
+    answer = captured({True: "named_stream"}).chat(stream=True).complete(ASK, [], 256, 5)
+    (call,) = answer.tool_calls
+    assert call.name == "instance_stop" and isinstance(json.loads(call.arguments), dict)
+    assert call.id.startswith("call__0_instance_stop")
+    assert answer.usage_estimated and answer.input_tokens > 0  # it sent no usage: ours, marked
+
+
+def test_a_stream_llama_cpp_cut_is_a_retryable_error(captured: Any) -> None:
+    # Issue 13, fault 2: [DONE] with no finish_reason was taken as a complete answer.
+    with pytest.raises(ModelServerError) as caught:
+        captured({True: "interrupted"}).chat(stream=True).complete(ASK, [], 256, 5)
+    assert caught.value.retryable and "without a finish_reason" in caught.value.message
+    assert caught.value.consumed[0] > 0  # charged: the server had read the prompt
+
+
+def test_an_empty_200_stream_is_asked_again_whole(captured: Any) -> None:
+    # Streamed tool_choice "auto" when the model picks a tool: llama.cpp answers an empty 200.
+    server = captured({True: "auto_stream", False: "auto_plain"})
+    answer = server.chat(stream=True, tool_choice="auto").complete(ASK, [], 256, 5)
+    assert [c.name for c in answer.tool_calls] == ["report_result"]
+    assert not answer.usage_estimated and answer.input_tokens == 241  # the server's own count
+    assert [r.get("stream") for r in server.requests] == [True, False]
+
+
+def test_a_prompt_over_the_context_reaches_the_context_path_as_an_empty_stream(captured: Any) -> None:
+    server = captured({True: "over_stream", False: "over_plain"})
+    with pytest.raises(ModelContextOverflow):
+        server.chat(stream=True).complete(ASK, [], 256, 5)
+    with pytest.raises(ModelContextOverflow):
+        server.chat(stream=False).complete(ASK, [], 256, 5)
+
+
+def test_a_text_answer_cut_at_max_tokens_is_truncated(captured: Any) -> None:
+    with pytest.raises(ModelOutputTruncated):
+        captured({True: "plain_stream"}).chat(stream=True).complete(ASK, [], 12, 5)
+
+
+def test_an_empty_body_is_a_server_error_not_a_crash(captured: Any) -> None:
+    server = captured({False: "auto_stream"})  # a zero-length body where JSON was due
+    with pytest.raises(ModelServerError):
+        server.chat(stream=False).complete(ASK, [], 256, 5)
+
+
+@pytest.mark.parametrize("dialect", ["openai", "vllm", "sglang", "whole", "llamacpp"])
+def test_the_loop_works_in_every_dialect(memory_world: World, replay: ReplayServer, dialect: str) -> None:
+    replay.set_script({"conversations": [{**replay_conversation(MODEL_A), "dialect": dialect}]})
+    compat: dict[str, Any] = {"stream": False, "tool_choice": "auto"} if dialect == "llamacpp" else {}
+    chosen = dataclasses.replace(model(replay, MODEL_A), **compat)
+    outcome = run(
+        memory_world, agent.TaskSpec("instance_create", "alice", {"name": "alpha"}), [chosen], playbook=False
+    )
+    assert outcome.status == "succeeded", outcome.error
+    names = [
+        c["function"]["name"] for m in trace_of(outcome)["transcript"] for c in m.get("tool_calls") or []
+    ]
+    assert names == ["instance_create", "report_result"]
+    assert replay.recorded()[1] == []  # no request refused (llamacpp refuses what the real one does)
+
+
+def replay_conversation(model_name: str) -> dict[str, Any]:
+    return dict(_create_script(model_name)["conversations"][0])
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {
+            "fault": "interrupted",
+            **call("instance_create", name="alpha"),
+            "times": 1,
+            "then": call("instance_create", name="alpha"),
+        },
+        {"fault": "empty_200", "times": 1, "then": call("instance_create", name="alpha")},
+    ],
+    ids=["interrupted", "empty-200"],
+)
+def test_a_cut_or_empty_stream_is_retried_not_taken_as_the_answer(
+    memory_world: World, replay: ReplayServer, fault: dict[str, Any]
+) -> None:
+    replay.set_script(script(fault, report()))
+    outcome = run(
+        memory_world, agent.TaskSpec("instance_create", "alice", {"name": "alpha"}), [model(replay, MODEL_A)]
+    )
+    assert outcome.status == "succeeded" and not outcome.playbook, outcome.error
+    row = memory_world.rt.db.one("instance_by_name", user_id="alice", name="alpha")
+    assert row is not None and row["status"] == "running"
+
+
+def test_a_context_overflow_as_an_empty_stream_moves_on_without_a_cool_down(
+    memory_world: World, replay: ReplayServer
+) -> None:
+    replay.set_script(_a_fails_b_works({"fault": "context_overflow", "as": "empty_stream"}))
+    limits = agent.Limits(retries=2)
+    shared = chain([model(replay, MODEL_A), model(replay, MODEL_B)], limits)
+    outcome = agent.run_task(
+        agent.TaskSpec("instance_create", "alice", {"name": "one"}), memory_world.rt, shared, limits
+    )
+    assert outcome.status == "succeeded", outcome.error
+    failed = [s for s in chat_spans(outcome) if s["attributes"]["pideploy.model_name"] == MODEL_A]
+    assert len(failed) == 1 and shared.cooldowns.active() == set()
