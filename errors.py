@@ -14,6 +14,7 @@ ERROR_CLASSES = (
     "llm_rate_limited",
     "llm_timeout",
     "llm_bad_output",
+    "llm_output_truncated",
     "tool_execution_error",
     "tool_refused",
     "agent_stuck",
@@ -198,10 +199,20 @@ class ModelError(PiDeployError):
     error_class = "llm_api_error"
     retryable: ClassVar[bool] = False
 
-    def __init__(self, message: str, *, model: str = "", retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        model: str = "",
+        retry_after: float | None = None,
+        consumed: tuple[int, int] = (0, 0),
+    ) -> None:
         super().__init__(message, model=model)
         self.model = model
         self.retry_after = retry_after
+        # (input, output) tokens the server spent before the call failed (a cut stream, a
+        # timeout while it generated): charged against the caps like an answer's, estimated.
+        self.consumed = consumed
 
 
 class ModelRateLimited(ModelError):
@@ -221,7 +232,19 @@ class ModelServerError(ModelError):
 
 
 class ModelRejected(ModelError):
-    """Auth, model not found, context overflow: move to the next model."""
+    """Auth, model not found, a bad request: move to the next model."""
+
+
+class ModelContextOverflow(ModelRejected):
+    """The prompt is longer than the model's context (a 400, or llama.cpp's empty stream): the
+    next model may have a longer one; no cool-down, the model itself is fine."""
+
+
+class ModelOutputTruncated(ModelRejected):
+    """The answer was cut at max_tokens (finish_reason "length"): half a tool call is no answer.
+    The next link may be terser; no cool-down."""
+
+    error_class = "llm_output_truncated"
 
 
 class ChainUnavailable(RunEnded):

@@ -16,7 +16,10 @@ Span conventions (OpenTelemetry GenAI attribute names where they exist):
   `gen_ai.usage.output_tokens`, `gen_ai.response.finish_reasons` (a list),
   `server.address`, and `pideploy.cost_usd`, `pideploy.ttft_s`,
   `pideploy.attempt`, `pideploy.model_name` (the chain entry's name;
-  "playbook" for the deterministic last link); `error.type` on failure.
+  "playbook" for the deterministic last link), `pideploy.usage_estimated=True`
+  when the token figures are ours (the server sent no usage, or the call
+  broke after the server began: it is charged all the same); `error.type` on
+  failure.
 - a tool execution: name `execute_tool {tool}`; attributes
   `gen_ai.operation.name="execute_tool"`, `gen_ai.tool.name`,
   `gen_ai.tool.call.id`, `pideploy.cost_usd` (the cost of the model call that
@@ -410,6 +413,8 @@ class Trace:
             "input_tokens": int(input_tokens),
             "output_tokens": int(output_tokens),
             "total_tokens": int(input_tokens + output_tokens),
+            # Calls whose tokens are our estimate (the server sent no usage), not a measurement.
+            "tokens_estimated_calls": sum(1 for s in models if s.attributes.get("pideploy.usage_estimated")),
             "cost_usd": round(sum(_number(s.attributes.get("pideploy.cost_usd")) for s in models), 10),
             "ttft_s": [
                 float(s.attributes["pideploy.ttft_s"])

@@ -176,12 +176,31 @@ WHERE id = %(id)s AND locked_by = %(worker)s AND status = 'running'
 RETURNING cancel_requested;
 
 -- name: task_finish
-UPDATE task
-SET status = %(status)s, result = %(result)s, error_class = %(error_class)s, last_error = %(last_error)s,
-    trace_file = %(trace_file)s, turns = %(turns)s, cost_usd = %(cost_usd)s, duration_s = %(duration_s)s,
-    locked_by = NULL, lease_expires_at = NULL, finished_at = now(), updated_at = now()
-WHERE id = %(id)s AND locked_by = %(worker)s AND status = 'running'
-RETURNING *;
+-- An instance_create that ended without success while its instance is still `creating` never
+-- built anything (the tool undoes what it built and says `error` itself): the row says error
+-- too, with the task's reason, instead of waiting for the heartbeat's stuck timeout.
+WITH finished AS (
+    UPDATE task
+    SET status = %(status)s, result = %(result)s, error_class = %(error_class)s, last_error = %(last_error)s,
+        trace_file = %(trace_file)s, turns = %(turns)s, cost_usd = %(cost_usd)s, duration_s = %(duration_s)s,
+        locked_by = NULL, lease_expires_at = NULL, finished_at = now(), updated_at = now()
+    WHERE id = %(id)s AND locked_by = %(worker)s AND status = 'running'
+    RETURNING *
+), abandoned AS (
+    UPDATE instance
+    SET status = 'error', last_error = 'instance_create ' || finished.status || ': '
+            || coalesce(finished.last_error, 'no reason recorded'), updated_at = now()
+    FROM finished
+    WHERE finished.type = 'instance_create' AND finished.status <> 'succeeded'
+      AND instance.id = finished.instance_id AND instance.status = 'creating'
+    RETURNING instance.id, instance.user_id, finished.id AS task_id, instance.last_error
+), noted AS (
+    INSERT INTO event (instance_id, user_id, task_id, kind, detail)
+    SELECT id, user_id, task_id, 'create_failed',
+           jsonb_build_object('status', 'error', 'reason', last_error, 'actor', 'system')
+    FROM abandoned
+)
+SELECT * FROM finished;
 
 -- name: task_retry_later
 -- A failed attempt is treated like a dead worker's: the lease runs out after

@@ -177,6 +177,11 @@ CASE_SCHEMA: dict[str, Any] = {
                     "name": {"type": "string", "minLength": 1},
                     "input_usd_per_mtok": {"type": "number", "minimum": 0},
                     "output_usd_per_mtok": {"type": "number", "minimum": 0},
+                    # The model's compatibility settings (README, "The model chain").
+                    "stream": {"type": "boolean"},
+                    "tool_choice": {"enum": ["auto", "required", "none-sent"]},
+                    "send_usage_request": {"type": "boolean"},
+                    "tool_schema": {"enum": ["full", "plain"]},
                 },
             },
         },
@@ -419,10 +424,14 @@ class Site:
             with psycopg.connect(self.cluster.admin_conninfo, autocommit=True) as conn:
                 conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
-    def port_range(self) -> str:
-        low = PORT_BASE + (self.slots % PORT_SLOTS) * PORT_SLOT
+    def port_range(self, within: tuple[int, int] | None = None) -> str:
+        """Each case its own slice of ports: of the eval's own range, or of `within` (live
+        mode: the operator's PIDEPLOY_PORT_RANGE, so a live eval stays inside it)."""
+        low, high = within or (PORT_BASE, PORT_BASE + PORT_SLOT * PORT_SLOTS - 1)
+        slots = max(1, (high - low + 1) // PORT_SLOT)
+        start = low + (self.slots % slots) * PORT_SLOT
         self.slots += 1
-        return f"{low}-{low + PORT_SLOT - 1}"
+        return f"{start}-{min(high, start + PORT_SLOT - 1)}"
 
     def engine(self) -> Engine:
         return DockerEngine(self.docker_host or None, timeout=30) if self.real else MemoryEngine()
@@ -890,21 +899,39 @@ class RunRecord:
         }
 
 
-def case_config(site: Site, case: dict[str, Any], home: Path, conninfo: str, traces: Path) -> Config:
-    settings = {**BASE_SETTINGS, **case["world"].get("settings", {})}
+# What a case's run owns whatever the mode: its own data dir, namespace, nginx and database.
+_CASE_OWNED = ("home", "namespace", "nginx_listen", "nginx_bin", "nginx_map", "trace_dir", "database_url",
+               "docker_host", "port_range", "alerts_file", "lock_dir")  # fmt: skip
+
+
+def case_config(
+    site: Site, case: dict[str, Any], home: Path, conninfo: str, traces: Path, operator: Config | None = None
+) -> Config:
+    """The settings of one case's run. Replay: the eval's own (short health waits). Live
+    (`operator`, the operator's loaded settings): the operator's max_tokens, timeouts, caps and
+    port range, with only what the run must own and the case's own settings changed."""
+    case_settings = case["world"].get("settings", {})
+    settings = case_settings if operator is not None else {**BASE_SETTINGS, **case_settings}
     env = {
         "PIDEPLOY_HOME": str(home),
         "PIDEPLOY_NAMESPACE": f"ev{uuid.uuid4().hex[:8]}",
         "PIDEPLOY_NGINX_LISTEN": f"127.0.0.1:{_free_port()}",
         "PIDEPLOY_NGINX_BIN": site.nginx_bin,
-        "PIDEPLOY_PORT_RANGE": site.port_range(),
+        "PIDEPLOY_PORT_RANGE": site.port_range(operator.ports if operator is not None else None),
         "PIDEPLOY_TRACE_DIR": str(traces),
         "DATABASE_URL": conninfo,
         **{"PIDEPLOY_" + key.upper(): str(value) for key, value in settings.items()},
     }
     if site.docker_host:
         env["DOCKER_HOST"] = site.docker_host
-    return config_module.load(env=env, cwd=home, auth_path=home / "no-auth.json")
+    own = config_module.load(env=env, cwd=home, auth_path=home / "no-auth.json")
+    if operator is None:
+        return own
+    changed = {key: getattr(own, key) for key in (*_CASE_OWNED, *case_settings)}
+    return dataclasses.replace(operator, **changed)
+
+
+_COMPAT = ("stream", "tool_choice", "send_usage_request", "tool_schema")
 
 
 def replay_models(case: dict[str, Any], url: str) -> list[ModelConfig]:
@@ -918,16 +945,16 @@ def replay_models(case: dict[str, Any], url: str) -> list[ModelConfig]:
             output_usd_per_mtok=float(m.get("output_usd_per_mtok", 0.0)),
             timeout=15.0,
             api_key="replay",
+            **{key: m[key] for key in _COMPAT if key in m},
         )
         for m in case.get("models") or [DEFAULT_MODEL]
     ]
 
 
-def run_case(
-    case: dict[str, Any], site: Site, attempt: int = 1, live_models: tuple[ModelConfig, ...] | None = None
-) -> RunRecord:
-    """Build the case's world, run its steps, score them, tear it all down."""
-    live = live_models is not None
+def run_case(case: dict[str, Any], site: Site, attempt: int = 1, operator: Config | None = None) -> RunRecord:
+    """Build the case's world, run its steps, score them, tear it all down. `operator`: live
+    mode, with the operator's settings and model chain."""
+    live = operator is not None
     traces = site.trace_root / case["id"] / f"run-{attempt}"
     shutil.rmtree(traces, ignore_errors=True)
     home = Path(tempfile.mkdtemp(prefix="pdc-", dir="/tmp"))
@@ -937,7 +964,7 @@ def run_case(
         cleanup.callback(shutil.rmtree, home, True)
         try:
             conninfo = cleanup.enter_context(site.database())
-            config = case_config(site, case, home, conninfo, traces)
+            config = case_config(site, case, home, conninfo, traces, operator)
             database = db.Database(conninfo)
             cleanup.callback(database.close)
             database.apply_schema()
@@ -954,8 +981,8 @@ def run_case(
             cleanup.callback(world.close)
             world.build(case["world"])
             replay = None
-            if live:
-                models = list(live_models or ())
+            if operator is not None:
+                models = list(operator.models if operator.agent == "on" else ())
             else:
                 script = fill_world(case["recorded_turns"], world.values)
                 replay = cleanup.enter_context(ReplayServer(script))
@@ -1210,7 +1237,7 @@ def _live(
                 CaseSummary(case["id"], [], skipped="replay only (its fault is in the recorded model)")
             )
             continue
-        runs = [run_case(case, site, attempt, live_models=models) for attempt in range(1, args.k + 1)]
+        runs = [run_case(case, site, attempt, operator) for attempt in range(1, args.k + 1)]
         summaries.append(CaseSummary(case["id"], runs))
         print(f"  {case['id']}: pass^{args.k} {'yes' if summaries[-1].pass_k else 'no'}", flush=True)
     ran = [s for s in summaries if not s.skipped]

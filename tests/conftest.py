@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import random
 import shutil
 import socket
 import sys
@@ -226,7 +227,15 @@ class World:
 
 
 def make_world(engine: Engine, proxy: Proxy, database: db.Database, tmp_path: Path, **settings: Any) -> World:
-    base = {"namespace": f"t{uuid.uuid4().hex[:8]}", "health_timeout": 10, "stop_timeout": 3}
+    # A slice of the instances' port range of its own: worlds of other test processes (other
+    # checkouts on this machine) allocate from the same start otherwise, and race for the port.
+    low = random.randrange(20_000, 29_900, 100)
+    base = {
+        "namespace": f"t{uuid.uuid4().hex[:8]}",
+        "health_timeout": 10,
+        "stop_timeout": 3,
+        "port_range": f"{low}-{low + 99}",
+    }
     config: Config = make_config(tmp_path, **{**base, **settings})
     proxy.ensure_running()
     return World(tools.Runtime(config, database, engine, proxy), tmp_path / "traces")

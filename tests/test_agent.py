@@ -25,7 +25,7 @@ import db
 import observability
 import tools
 from config import ModelConfig
-from errors import DatabaseError, RunCrashed
+from errors import DatabaseError, ModelContextOverflow, ModelOutputTruncated, ModelServerError, RunCrashed
 from evals.llm_server import ReplayServer
 from tests.conftest import World, make_config_like
 
@@ -392,6 +392,77 @@ def test_a_dropped_connection_is_retried_on_the_same_model(memory_world: World, 
     assert shared.cooldowns.active() == set()
 
 
+def test_no_request_carries_a_null_content(memory_world: World, replay: ReplayServer) -> None:
+    # Issue 13, fault 3: llama.cpp's server rejects an assistant message with "content": null.
+    replay.set_script(_create_script(MODEL_A))
+    outcome = run(
+        memory_world, agent.TaskSpec("instance_create", "alice", {"name": "alpha"}), [model(replay, MODEL_A)]
+    )
+    assert outcome.status == "succeeded"
+    sent = [m for body in replay.recorded()[0] for m in body["messages"]]
+    assistants = [m for m in sent if m["role"] == "assistant"]
+    # A string always: llama.cpp refuses null, and its template fails on a missing key.
+    assert assistants and all(isinstance(m.get("content"), str) for m in assistants)
+
+
+def test_a_call_that_broke_mid_stream_is_charged(memory_world: World, replay: ReplayServer) -> None:
+    # Issue 13, fault 5: calls that broke after the server began answering were never charged.
+    broken = {"fault": "disconnect", "after_chunks": 3}
+    replay.set_script(_a_fails_b_works(broken))
+    paid = model(replay, MODEL_A, price_in=1.0, price_out=1.0)
+    outcome = run(
+        memory_world,
+        agent.TaskSpec("instance_create", "alice", {"name": "alpha"}),
+        [paid, model(replay, MODEL_B)],
+    )
+    assert outcome.status == "succeeded"
+    failed = [s for s in chat_spans(outcome) if s["status"] == "error"]
+    assert failed and all(s["attributes"]["gen_ai.usage.input_tokens"] > 0 for s in failed)
+    assert all(s["attributes"]["pideploy.usage_estimated"] is True for s in failed)
+    assert outcome.cost_usd > 0 and outcome.tokens > 0
+
+
+def test_an_answer_cut_at_max_tokens_is_its_own_class_and_moves_on(
+    memory_world: World, replay: ReplayServer
+) -> None:
+    # Issue 13, fault 6: finish_reason "length" is half an answer, not an answer.
+    cut = {"tool_calls": [{"name": "instance_create", "arguments": '{"na'}], "finish_reason": "length"}
+    replay.set_script(_a_fails_b_works(cut))
+    limits = agent.Limits(retries=1)
+    shared = chain([model(replay, MODEL_A), model(replay, MODEL_B)], limits)
+    outcome = agent.run_task(
+        agent.TaskSpec("instance_create", "alice", {"name": "alpha"}), memory_world.rt, shared, limits
+    )
+    assert outcome.status == "succeeded", outcome.error
+    first = chat_spans(outcome)[0]
+    assert first["attributes"]["error.type"] == "llm_output_truncated"
+    assert len([s for s in chat_spans(outcome) if s["attributes"]["pideploy.model_name"] == MODEL_A]) == 1
+    assert shared.cooldowns.active() == set()  # the model is fine; the answer was too long
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_model_s_compatibility_settings_shape_its_requests(
+    memory_world: World, replay: ReplayServer, stream: bool
+) -> None:
+    replay.set_script(_create_script(MODEL_A))
+    llama = dataclasses.replace(
+        model(replay, MODEL_A), stream=stream, tool_choice="auto", send_usage_request=False
+    )
+    outcome = run(memory_world, agent.TaskSpec("instance_create", "alice", {"name": "alpha"}), [llama])
+    assert outcome.status == "succeeded", outcome.error
+    bodies = replay.recorded()[0]
+    assert [b.get("stream", False) for b in bodies] == [stream, stream]
+    assert all(b["tool_choice"] == "auto" and "stream_options" not in b for b in bodies)
+    assert all(s["attributes"]["pideploy.ttft_s"] is not None for s in chat_spans(outcome))
+    default = model(replay, MODEL_A)
+    replay.reset_counters(forget_requests=True)
+    run(memory_world, agent.TaskSpec("instance_create", "alice", {"name": "beta"}), [default])
+    assert all(
+        "tool_choice" not in b and b["stream_options"] == {"include_usage": True}
+        for b in replay.recorded()[0]
+    )
+
+
 def test_a_context_overflow_moves_on_without_a_cool_down(memory_world: World, replay: ReplayServer) -> None:
     replay.set_script(_a_fails_b_works({"fault": "context_overflow"}))
     limits = agent.Limits(retries=2)
@@ -401,8 +472,8 @@ def test_a_context_overflow_moves_on_without_a_cool_down(memory_world: World, re
     )
     assert first.status == "succeeded", first.error
     failed = [s for s in chat_spans(first) if s["attributes"]["pideploy.model_name"] == MODEL_A]
-    # Each turn asks MODEL_A once, without retries (nothing cools it down), then moves on.
-    assert [s["attributes"]["pideploy.attempt"] for s in failed] == [1] * first.turns
+    # MODEL_A is asked once, without retries: the prompt only grows, so the run goes on without it.
+    assert [s["attributes"]["pideploy.attempt"] for s in failed] == [1] and first.turns == 2
     assert all(s["attributes"]["error.type"] == "llm_api_error" for s in failed)
     # Too long a prompt is this run's problem, not the model's: the next run asks MODEL_A again.
     assert shared.cooldowns.active() == set()
@@ -513,23 +584,83 @@ def test_repeated_bad_output_ends_the_run_classified(
     memory_world: World, replay: ReplayServer, bad_turn: dict[str, Any]
 ) -> None:
     replay.set_script(script({"repeat": bad_turn}))
-    outcome = run(
-        memory_world, agent.TaskSpec("instance_create", "alice", {"name": "alpha"}), [model(replay, MODEL_A)]
-    )
+    task = agent.TaskSpec("instance_create", "alice", {"name": "alpha"})
+    outcome = run(memory_world, task, [model(replay, MODEL_A)], playbook=False)
     assert outcome.status == "failed"
     assert outcome.error_class == "llm_bad_output"
-    assert outcome.turns == 2  # once returned to the model as an error, the second time it ends
+    assert outcome.turns == 3  # once returned to the model, the second time the link is given up
     assert memory_world.rt.db.all("instance_list_all") == []
+
+
+@pytest.mark.parametrize(
+    "bad_turn",
+    [
+        {"tool_calls": [{"name": "instance_create", "arguments": "{nope"}]},
+        {"tool_calls": [{"name": "format_disk", "arguments": {}}]},
+        {"fault": "empty"},
+    ],
+    ids=["bad-json", "unknown-tool", "empty-answer"],
+)
+def test_a_link_that_keeps_answering_badly_gives_way_to_the_next(
+    memory_world: World, replay: ReplayServer, bad_turn: dict[str, Any]
+) -> None:
+    # Issue 13, fault 8: bad output ended the run; the next model and the playbook were never tried.
+    replay.set_script(script({"repeat": bad_turn}))
+    limits = agent.Limits(retries=1)
+    models = chain([model(replay, MODEL_A)], limits)
+    task = agent.TaskSpec("instance_create", "alice", {"name": "alpha"})
+    outcome = agent.run_task(task, memory_world.rt, models, limits)
+    assert outcome.status == "succeeded" and outcome.playbook
+    row = memory_world.rt.db.one("instance_by_name", user_id="alice", name="alpha")
+    assert row is not None and row["status"] == "running"
+    assert MODEL_A in models.cooldowns.active()  # treated like a failing link: cooled down
+    assert MODEL_A in " ".join(trace_of(outcome)["extra"]["chain_failures"])
+
+
+def test_a_second_model_takes_over_from_one_that_answers_badly(
+    memory_world: World, replay: ReplayServer
+) -> None:
+    iid = make_instance(memory_world)
+    replay.set_script(
+        {
+            "conversations": [
+                {"model": MODEL_A, "turns": [{"repeat": {"content": "I think it is fine."}}]},
+                {
+                    "model": MODEL_B,  # turn k answers a request holding k assistant messages
+                    "turns": [{"content": "unused"}] * 2 + [call("instance_stop", instance_id=iid), report()],
+                },
+            ]
+        }
+    )
+    task = agent.TaskSpec("instance_stop", "alice", {}, instance_id=iid)
+    outcome = run(memory_world, task, [model(replay, MODEL_A), model(replay, MODEL_B)], playbook=False)
+    assert outcome.status == "succeeded" and not outcome.playbook
+    assert memory_world.row(iid)["status"] == "stopped"  # type: ignore[index]
 
 
 def test_a_looping_model_is_stopped_by_the_guard(memory_world: World, replay: ReplayServer) -> None:
     iid = make_instance(memory_world)
     replay.set_script(script({"repeat": call("instance_status", instance_id=iid)}))
     task = agent.TaskSpec("instance_stop", "alice", {}, instance_id=iid)
-    outcome = run(memory_world, task, [model(replay, MODEL_A)])
+    outcome = run(memory_world, task, [model(replay, MODEL_A)], playbook=False)
     assert outcome.status == "failed" and outcome.error_class == "agent_stuck"
-    assert outcome.turns == 3
+    assert outcome.turns == 4  # the third identical call gives the link up; nothing is left
     assert memory_world.row(iid)["status"] == "running"  # type: ignore[index]
+
+
+def test_a_looping_model_gives_way_to_the_playbook(memory_world: World, replay: ReplayServer) -> None:
+    # Seen against llama.cpp: its template drops tool results, so a model asks for the same
+    # call again and again; the loop guard ended the run and a stop was never made.
+    iid = make_instance(memory_world)
+    replay.set_script(script({"repeat": call("instance_status", instance_id=iid)}))
+    limits = agent.Limits(retries=1)
+    models = chain([model(replay, MODEL_A)], limits)
+    task = agent.TaskSpec("instance_stop", "alice", {}, instance_id=iid)
+    outcome = agent.run_task(task, memory_world.rt, models, limits)
+    assert outcome.status == "succeeded" and outcome.playbook, outcome.error
+    assert memory_world.row(iid)["status"] == "stopped"  # type: ignore[index]
+    assert MODEL_A in models.cooldowns.active()
+    assert "3 times in a row" in " ".join(trace_of(outcome)["extra"]["chain_failures"])
 
 
 def test_the_loop_guard_threshold_is_configurable(memory_world: World, replay: ReplayServer) -> None:
@@ -538,9 +669,11 @@ def test_the_loop_guard_threshold_is_configurable(memory_world: World, replay: R
     limits = agent.Limits.from_config(make_config_like(memory_world, loop_guard_repeats=2))
     assert limits.loop_guard_repeats == 2
     task = agent.TaskSpec("instance_stop", "alice", {}, instance_id=iid)
-    outcome = agent.run_task(task, memory_world.rt, chain([model(replay, MODEL_A)], limits), limits)
+    outcome = agent.run_task(
+        task, memory_world.rt, chain([model(replay, MODEL_A)], limits, playbook=False), limits
+    )
     assert outcome.status == "failed" and outcome.error_class == "agent_stuck"
-    assert outcome.turns == 2 and "2 times in a row" in (outcome.error or "")
+    assert outcome.turns == 3 and "2 times in a row" in (outcome.error or "")
 
 
 def test_max_turns_ends_the_run(memory_world: World, replay: ReplayServer) -> None:
@@ -548,8 +681,27 @@ def test_max_turns_ends_the_run(memory_world: World, replay: ReplayServer) -> No
     turns = [call("instance_status", instance_id=iid) if i % 2 else call("nginx_sync") for i in range(10)]
     replay.set_script(script(*turns))
     outcome = run(memory_world, agent.TaskSpec("instance_stop", "alice", {}, instance_id=iid), [model(replay, MODEL_A)],
-                  agent.Limits(max_turns=4))  # fmt: skip
-    assert outcome.status == "failed" and outcome.error_class == "agent_stuck" and outcome.turns == 4
+                  agent.Limits(max_turns=4), playbook=False)  # fmt: skip
+    assert outcome.status == "failed" and outcome.error_class == "agent_stuck" and outcome.turns == 5
+
+
+def test_after_the_models_turns_the_playbook_finishes(memory_world: World, replay: ReplayServer) -> None:
+    iid = make_instance(memory_world)
+    turns = [call("instance_status", instance_id=iid) if i % 2 else call("nginx_sync") for i in range(10)]
+    replay.set_script(script(*turns))
+    task = agent.TaskSpec("instance_stop", "alice", {}, instance_id=iid)
+    outcome = run(memory_world, task, [model(replay, MODEL_A)], agent.Limits(max_turns=4))
+    assert outcome.status == "succeeded" and outcome.playbook and outcome.turns == 6
+    assert memory_world.row(iid)["status"] == "stopped"  # type: ignore[index]
+
+
+def test_a_playbook_plan_longer_than_the_turn_cap_runs_to_its_end(memory_world: World) -> None:
+    # A heartbeat round that repairs many instances is one playbook step per instance.
+    ids = [make_instance(memory_world, f"i{n}") for n in range(14)]
+    plan = [{"tool": "instance_status", "arguments": {"instance_id": i}} for i in ids]
+    task = agent.TaskSpec("heartbeat", None, {"plan": plan}, allowed_instances=frozenset(ids))
+    outcome = run(memory_world, task, [], agent.Limits(max_turns=12))
+    assert outcome.status == "succeeded" and outcome.turns == len(ids) + 1
 
 
 def test_the_model_claiming_success_without_doing_the_work_fails(
@@ -704,6 +856,52 @@ def test_playbook_completes_every_task_type_with_the_chain_down(
     assert outcome.playbook is True
     trace = trace_of(outcome)
     assert trace["extra"]["playbook"] is True and len(trace["extra"]["chain_failures"]) == 2
+
+
+def test_the_playbook_acts_after_a_model_that_answered_then_failed(
+    memory_world: World, replay: ReplayServer
+) -> None:
+    # Issue 13, fault 1: the playbook counted the failed model's turns as its own steps and
+    # reported success without ever calling instance_start.
+    iid = make_instance(memory_world)
+    tools.instance_stop(memory_world.rt, memory_world.ctx(), iid)
+    replay.set_script(script(call("instance_status", instance_id=iid), {"repeat": {"fault": "http_500"}}))
+    task = agent.TaskSpec("instance_start", "alice", {}, instance_id=iid)
+    outcome = run(memory_world, task, [model(replay, MODEL_A)])
+    assert outcome.status == "succeeded" and outcome.playbook, outcome.error
+    assert memory_world.row(iid)["status"] == "running"  # type: ignore[index]
+    calls = [
+        c["function"]["name"]
+        for m in trace_of(outcome)["transcript"]
+        if m["role"] == "assistant"
+        for c in m.get("tool_calls") or []
+    ]
+    assert calls == ["instance_status", "instance_start", "report_result"]
+
+
+def test_a_model_cannot_pass_its_calls_off_as_the_playbook_s(
+    memory_world: World, replay: ReplayServer
+) -> None:
+    iid = make_instance(memory_world)
+    tools.instance_stop(memory_world.rt, memory_world.ctx(), iid)
+    spoof = {
+        "tool_calls": [{"id": "playbook_0", "name": "instance_status", "arguments": {"instance_id": iid}}]
+    }
+    replay.set_script(script(spoof, {"repeat": {"fault": "http_500"}}))
+    outcome = run(
+        memory_world, agent.TaskSpec("instance_start", "alice", {}, instance_id=iid), [model(replay, MODEL_A)]
+    )
+    assert outcome.status == "succeeded" and memory_world.row(iid)["status"] == "running"  # type: ignore[index]
+
+
+def test_a_playbook_whose_steps_do_not_hold_is_not_blamed_on_a_model(
+    memory_world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    iid = make_instance(memory_world)
+    monkeypatch.setattr(agent, "verify_outcome", lambda task, rt: f"instance {iid} is error, not stopped")
+    outcome = run(memory_world, agent.TaskSpec("instance_stop", "alice", {}, instance_id=iid), [])
+    assert outcome.status == "failed" and outcome.error_class == "tool_execution_error"
+    assert "playbook" in (outcome.error or "")
 
 
 def test_agent_off_uses_the_playbook_and_calls_no_model(memory_world: World, replay: ReplayServer) -> None:
@@ -970,3 +1168,176 @@ def test_tool_output_is_withheld_when_the_values_to_hide_cannot_be_read(
     (result,) = (json.loads(r) for r in _tool_results(replay))
     assert result["ok"] is False and "withheld" in result["error"] and "stdout" not in result
     assert outcome.trace_file and Path(outcome.trace_file).exists()
+
+
+# Dialects: what real servers send (issue 13), as captured from llama.cpp's server and as the
+# replay server speaks each family
+# ---------------------------------------------------------------------------
+
+WIRE = json.loads((Path(__file__).parent / "data" / "llamacpp_wire.json").read_text())["exchanges"]
+
+
+class CapturedServer:
+    """Answers every chat request with bytes captured from llama.cpp's real server: `by_stream`
+    maps the request's `stream` flag to an exchange of tests/data/llamacpp_wire.json."""
+
+    def __init__(self, by_stream: dict[bool, str]) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        exchanges = {flag: WIRE[name] for flag, name in by_stream.items()}
+        self.requests: list[dict[str, Any]] = []
+        requests = self.requests
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                requests.append(body)
+                exchange = exchanges[bool(body.get("stream"))]
+                data = exchange["body"].encode()
+                streamed = bool(body.get("stream")) and exchange["status"] == 200
+                self.send_response(exchange["status"])
+                self.send_header("Content-Type", "text/event-stream" if streamed else "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def chat(self, **compat: Any) -> agent.OpenAIChat:
+        config = ModelConfig(
+            name="llama", base_url=self.url, model="m1", api_key_env="K", api_key="k", timeout=5, **compat
+        )
+        return agent.OpenAIChat(config)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def captured() -> Iterator[Any]:
+    servers: list[CapturedServer] = []
+
+    def start(by_stream: dict[bool, str]) -> CapturedServer:
+        servers.append(CapturedServer(by_stream))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+ASK = [{"role": "user", "content": "Stop instance 7."}]
+
+
+def test_a_tool_call_streamed_as_llama_cpp_does_is_assembled_whole(captured: Any) -> None:
+    # Issue 13, fault 4: llama.cpp repeats id and function.name in every delta; the name
+    # was concatenated into instance_stopinstance_stop...
+    answer = captured({True: "named_stream"}).chat(stream=True).complete(ASK, [], 256, 5)
+    (call,) = answer.tool_calls
+    assert call.name == "instance_stop" and isinstance(json.loads(call.arguments), dict)
+    assert call.id.startswith("call__0_instance_stop")
+    assert answer.usage_estimated and answer.input_tokens > 0  # it sent no usage: ours, marked
+
+
+def test_a_stream_llama_cpp_cut_is_a_retryable_error(captured: Any) -> None:
+    # Issue 13, fault 2: [DONE] with no finish_reason was taken as a complete answer.
+    with pytest.raises(ModelServerError) as caught:
+        captured({True: "interrupted"}).chat(stream=True).complete(ASK, [], 256, 5)
+    assert caught.value.retryable and "without a finish_reason" in caught.value.message
+    assert caught.value.consumed[0] > 0  # charged: the server had read the prompt
+
+
+def test_an_empty_200_stream_is_asked_again_whole(captured: Any) -> None:
+    # Streamed tool_choice "auto" when the model picks a tool: llama.cpp answers an empty 200.
+    server = captured({True: "auto_stream", False: "auto_plain"})
+    answer = server.chat(stream=True, tool_choice="auto").complete(ASK, [], 256, 5)
+    assert [c.name for c in answer.tool_calls] == ["report_result"]
+    assert not answer.usage_estimated and answer.input_tokens == 241  # the server's own count
+    assert [r.get("stream") for r in server.requests] == [True, False]
+
+
+def test_a_prompt_over_the_context_reaches_the_context_path_as_an_empty_stream(captured: Any) -> None:
+    server = captured({True: "over_stream", False: "over_plain"})
+    with pytest.raises(ModelContextOverflow):
+        server.chat(stream=True).complete(ASK, [], 256, 5)
+    with pytest.raises(ModelContextOverflow):
+        server.chat(stream=False).complete(ASK, [], 256, 5)
+
+
+def test_a_text_answer_cut_at_max_tokens_is_truncated(captured: Any) -> None:
+    with pytest.raises(ModelOutputTruncated):
+        captured({True: "plain_stream"}).chat(stream=True).complete(ASK, [], 12, 5)
+
+
+def test_an_empty_body_is_a_server_error_not_a_crash(captured: Any) -> None:
+    server = captured({False: "auto_stream"})  # a zero-length body where JSON was due
+    with pytest.raises(ModelServerError):
+        server.chat(stream=False).complete(ASK, [], 256, 5)
+
+
+@pytest.mark.parametrize("dialect", ["openai", "vllm", "sglang", "whole", "llamacpp"])
+def test_the_loop_works_in_every_dialect(memory_world: World, replay: ReplayServer, dialect: str) -> None:
+    replay.set_script({"conversations": [{**replay_conversation(MODEL_A), "dialect": dialect}]})
+    compat: dict[str, Any] = {"stream": False, "tool_choice": "auto"} if dialect == "llamacpp" else {}
+    chosen = dataclasses.replace(model(replay, MODEL_A), **compat)
+    outcome = run(
+        memory_world, agent.TaskSpec("instance_create", "alice", {"name": "alpha"}), [chosen], playbook=False
+    )
+    assert outcome.status == "succeeded", outcome.error
+    names = [
+        c["function"]["name"] for m in trace_of(outcome)["transcript"] for c in m.get("tool_calls") or []
+    ]
+    assert names == ["instance_create", "report_result"]
+    assert replay.recorded()[1] == []  # no request refused (llamacpp refuses what the real one does)
+
+
+def replay_conversation(model_name: str) -> dict[str, Any]:
+    return dict(_create_script(model_name)["conversations"][0])
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {
+            "fault": "interrupted",
+            **call("instance_create", name="alpha"),
+            "times": 1,
+            "then": call("instance_create", name="alpha"),
+        },
+        {"fault": "empty_200", "times": 1, "then": call("instance_create", name="alpha")},
+    ],
+    ids=["interrupted", "empty-200"],
+)
+def test_a_cut_or_empty_stream_is_retried_not_taken_as_the_answer(
+    memory_world: World, replay: ReplayServer, fault: dict[str, Any]
+) -> None:
+    replay.set_script(script(fault, report()))
+    outcome = run(
+        memory_world, agent.TaskSpec("instance_create", "alice", {"name": "alpha"}), [model(replay, MODEL_A)]
+    )
+    assert outcome.status == "succeeded" and not outcome.playbook, outcome.error
+    row = memory_world.rt.db.one("instance_by_name", user_id="alice", name="alpha")
+    assert row is not None and row["status"] == "running"
+
+
+def test_a_context_overflow_as_an_empty_stream_moves_on_without_a_cool_down(
+    memory_world: World, replay: ReplayServer
+) -> None:
+    replay.set_script(_a_fails_b_works({"fault": "context_overflow", "as": "empty_stream"}))
+    limits = agent.Limits(retries=2)
+    shared = chain([model(replay, MODEL_A), model(replay, MODEL_B)], limits)
+    outcome = agent.run_task(
+        agent.TaskSpec("instance_create", "alice", {"name": "one"}), memory_world.rt, shared, limits
+    )
+    assert outcome.status == "succeeded", outcome.error
+    failed = [s for s in chat_spans(outcome) if s["attributes"]["pideploy.model_name"] == MODEL_A]
+    assert len(failed) == 1 and shared.cooldowns.active() == set()

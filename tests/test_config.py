@@ -54,6 +54,7 @@ def test_config_is_frozen(tmp_path: Path) -> None:
         ({"PIDEPLOY_AGENT": "maybe"}, "agent", "one of on, off"),
         ({"PIDEPLOY_LISTEN": "8700"}, "listen", "HOST:PORT"),
         ({"PIDEPLOY_PORT_RANGE": "30000-20000"}, "port_range", "LOW-HIGH"),
+        ({"PIDEPLOY_MAX_TOKENS": "16"}, "max_tokens", "at least 256"),
         ({"PIDEPLOY_BOGUS": "1"}, "PIDEPLOY_BOGUS", "unknown environment variable"),
     ],
 )
@@ -90,6 +91,17 @@ output_usd_per_mtok = 2
     assert model.cost_usd(1_000_000, 1_000_000) == pytest.approx(3.5)
     assert "secret" not in repr(model)
     assert loaded.source == str(tmp_path / "pideploy.toml")
+    # The compatibility settings default to what OpenAI-style providers expect.
+    assert (model.stream, model.tool_choice, model.send_usage_request) == (True, "none-sent", True)
+
+
+def test_a_model_s_compatibility_settings(tmp_path: Path) -> None:
+    (tmp_path / "pideploy.toml").write_text(
+        '[[models]]\nname = "llama"\nbase_url = "http://127.0.0.1:9/v1"\nmodel = "m"\napi_key_env = "K"\n'
+        'stream = false\ntool_choice = "auto"\nsend_usage_request = false\n'
+    )
+    (model,) = load(tmp_path, {"K": "x"}).models
+    assert (model.stream, model.tool_choice, model.send_usage_request) == (False, "auto", False)
 
 
 @pytest.mark.parametrize(
@@ -106,6 +118,14 @@ output_usd_per_mtok = 2
         (
             '[[models]]\nname="x"\nbase_url="u"\nmodel="m"\napi_key_env="K"\ntimeout="slow"\n',
             "models[0].timeout",
+        ),
+        (
+            '[[models]]\nname="x"\nbase_url="u"\nmodel="m"\napi_key_env="K"\ntool_choice="always"\n',
+            "models[0].tool_choice",
+        ),
+        (
+            '[[models]]\nname="x"\nbase_url="u"\nmodel="m"\napi_key_env="K"\nstream="no"\n',
+            "models[0].stream",
         ),
     ],
 )

@@ -470,7 +470,9 @@ def test_live_mode_fails_below_the_pass_threshold(tmp_path: Path) -> None:
     data = json.loads(report.read_text())
     assert data["summary"]["pass_k"] == 0.0 and data["summary"]["threshold"] == 0.8
     (run,) = data["cases"][0]["runs"]
-    assert run["scores"]["completed"] is False and any("agent_stuck" in p for p in run["problems"])
+    # The looping model is given up and the playbook creates the instance: in live mode that
+    # is the models failing, not a pass.
+    assert run["scores"]["completed"] is False and any("playbook answered" in p for p in run["problems"])
     assert "threshold 0.80: below" in done.stdout
 
 
@@ -521,3 +523,25 @@ def test_a_deliberately_broken_change_fails_its_case(change: str, docker_engine:
     assert result["case"] == case_id and run["passed"] is False and run["error"] is None
     assert run["scores"]["world_ok"] is False, run["problems"]
     assert "0 passed, 1 failed" in done.stdout
+
+
+def test_live_mode_runs_with_the_operator_s_settings(tmp_path: Path) -> None:
+    # Issue 13, fault 7: live evals built their config from scratch (max_tokens 2048 with 256
+    # set, ports outside PIDEPLOY_PORT_RANGE).
+    from tests.conftest import make_config
+
+    operator = make_config(
+        tmp_path, max_tokens=512, run_timeout=120, health_timeout=45, port_range="21000-21999"
+    )
+    site = runner.Site(None, True, "here", "nginx", "", tmp_path)  # type: ignore[arg-type]
+    case = {"world": {"settings": {"stop_timeout": 2}}}
+    home = tmp_path / "case"
+    live = runner.case_config(site, case, home, "dbname=x", tmp_path / "traces", operator)
+    assert (live.max_tokens, live.run_timeout, live.health_timeout) == (512, 120.0, 45.0)
+    low, high = live.ports
+    assert 21000 <= low <= high <= 21999
+    assert live.home == home and live.namespace != operator.namespace and live.stop_timeout == 2.0
+    assert live.database_url == "dbname=x" and live.models == operator.models
+    replay = runner.case_config(site, case, home, "dbname=x", tmp_path / "traces")
+    assert (replay.max_tokens, replay.health_timeout) == (2048, 10.0)  # the eval's own: short waits
+    assert replay.ports[0] >= runner.PORT_BASE

@@ -192,6 +192,7 @@ def test_summary_is_derived_from_the_spans(tmp_path: Path) -> None:
         "input_tokens": 3500,
         "output_tokens": 120,
         "total_tokens": 3620,
+        "tokens_estimated_calls": 0,
         "cost_usd": pytest.approx(0.06),
         "ttft_s": [0.4, 0.3],
         "tool_calls": 3,
@@ -201,6 +202,14 @@ def test_summary_is_derived_from_the_spans(tmp_path: Path) -> None:
         "playbook": False,
         "error_class": None,
     }
+
+
+def test_calls_with_estimated_tokens_are_counted_apart(tmp_path: Path) -> None:
+    trace, _ = run_example(tmp_path)
+    with trace.span("chat m2", **{"gen_ai.operation.name": "chat", "pideploy.usage_estimated": True}) as span:
+        span.set(**{"gen_ai.usage.input_tokens": 900, "gen_ai.usage.output_tokens": 30})
+    summary = trace.summary()
+    assert summary["tokens_estimated_calls"] == 1 and summary["input_tokens"] == 4400
 
 
 def test_finish_with_an_error_classifies_it(tmp_path: Path) -> None:

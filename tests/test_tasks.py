@@ -437,6 +437,29 @@ def test_a_task_out_of_attempts_fails_with_the_last_error(queue: tasks.Queue, da
     assert inst is not None and inst["status"] == "error"
 
 
+def test_a_create_that_ends_without_building_leaves_its_instance_error(
+    queue: tasks.Queue, database: Database
+) -> None:
+    # A model that never called instance_create (stuck, out of turns, over its cap) left the row
+    # `creating` until the heartbeat's stuck timeout, ten minutes later.
+    row, submitted = queue.submit_create("alice", "unbuilt", None, "img", None)
+    claimed = queue.claim("w", LEASE)
+    assert claimed is not None and claimed["id"] == submitted.task["id"]
+    stuck = agent.Outcome("failed", None, "agent_stuck", "no report_result after 12 turns", 12, 0.0, 0, "")
+    assert queue.finish(claimed["id"], "w", "failed", stuck, 1.0) is not None
+    inst = database.one("instance_get", id=row["id"])
+    assert inst is not None and inst["status"] == "error"
+    assert "no report_result after 12 turns" in inst["last_error"]
+    events = database.all("event_list_for_instance", instance_id=row["id"], limit=10)
+    assert events[0]["kind"] == "create_failed" and events[0]["task_id"] == claimed["id"]
+    # A create that succeeded, or an instance the tool already moved on, is left alone.
+    built, done = queue.submit_create("alice", "built", None, "img", None)
+    database.execute("instance_set_status", id=built["id"], status="running", last_error=None)
+    assert queue.claim("w", LEASE) is not None
+    queue.finish(done.task["id"], "w", "failed", stuck, 1.0)
+    assert (database.one("instance_get", id=built["id"]) or {})["status"] == "running"
+
+
 def test_release_gives_the_attempt_back(queue: tasks.Queue, database: Database) -> None:
     task = queue.submit("heartbeat", "system").task
     assert queue.claim("w", LEASE) is not None
