@@ -131,7 +131,7 @@ def event_json(row: Row) -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 
 Route = tuple[str, re.Pattern[str], str]
-_ID = r"(\d{1,18})"
+_ID = r"([0-9]{1,18})"
 ROUTES: list[Route] = [
     (method, re.compile(pattern), name)
     for method, pattern, name in (
@@ -257,7 +257,7 @@ class Api:
         raw = request.param(name)
         if raw is None:
             return default
-        if not re.fullmatch(r"\d{1,18}", raw) or not low <= int(raw) <= high:
+        if not re.fullmatch(r"[0-9]{1,18}", raw) or not low <= int(raw) <= high:
             raise BadRequest(f"{name} must be an integer from {low} to {high}", field=name)
         return int(raw)
 

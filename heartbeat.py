@@ -242,7 +242,7 @@ def _iso(epoch: float | None) -> str | None:
 
 def instance_label(container: Container) -> int | None:
     value = container.labels.get(LABEL_INSTANCE, "")
-    return int(value) if value.isdigit() else None
+    return int(value) if value.isascii() and value.isdigit() else None
 
 
 def own_container(row: Row, containers: Iterable[Container]) -> Container | None:
@@ -961,7 +961,7 @@ class Heartbeat:
                 for event in self.rt.engine.events(labels, stop):
                     pause = 1.0
                     iid = event.labels.get(LABEL_INSTANCE, "")
-                    if event.action == "die" and iid.isdigit():
+                    if event.action == "die" and iid.isascii() and iid.isdigit():
                         logger.info(
                             "container of instance %s died: targeted round",
                             iid,

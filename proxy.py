@@ -139,7 +139,7 @@ def parse_map(text: str) -> tuple[dict[str, int], str]:
         key, value = parts
         if key == GENERATION_KEY:
             generation = value
-        elif KEY.fullmatch(key) and value.isdigit():
+        elif KEY.fullmatch(key) and value.isascii() and value.isdigit():
             routes[key] = int(value)
     return routes, generation
 

@@ -29,7 +29,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import jsonschema
 import psycopg
 
 import agent
@@ -86,7 +85,7 @@ def check_params(task_type: str, params: object) -> dict[str, Any]:
         raise BadRequest(f"unknown task type {task_type!r} (one of {', '.join(TYPES)})", field="type")
     if not isinstance(params, dict):
         raise BadRequest("params must be a JSON object", field="params")
-    validator = jsonschema.Draft202012Validator(PARAM_SCHEMAS[task_type])
+    validator = tools.SchemaValidator(PARAM_SCHEMAS[task_type])
     problems = sorted(validator.iter_errors(params), key=lambda e: list(e.path))
     if problems:
         where = "/".join(str(p) for p in problems[0].path) or "(body)"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -1216,11 +1217,51 @@ TOOLSETS: dict[str, tuple[str, ...]] = {
 }
 
 
+@functools.lru_cache(maxsize=256)
+def ecma_regex(pattern: str) -> re.Pattern[str]:
+    r"""A JSON Schema `pattern` (an ECMA-262 regex) read by Python the way ECMA reads it.
+
+    ECMA's `$` (no multiline flag) is the end of the input; Python's also matches before a
+    final newline, so `re.search("^[a-z]+$", "web\n")` matches and "web\n" would pass. So `$`
+    outside a character class becomes `\Z`; and `\d`, `\w`, `\b` are ASCII, as in ECMA.
+    The schemas keep `$`: they are also the tool specs a model reads.
+    """
+    out: list[str] = []
+    in_class = escaped = False
+    for char in pattern:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+        elif char == "$":
+            char = r"\Z"
+        out.append(char)
+    return re.compile("".join(out), re.ASCII)
+
+
+def _pattern(
+    validator: jsonschema.protocols.Validator, pattern: str, instance: Any, schema: Mapping[str, Any]
+) -> Iterator[jsonschema.ValidationError]:
+    if validator.is_type(instance, "string") and not ecma_regex(pattern).search(instance):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+# Draft 2020-12 with ECMA-262 semantics for `pattern` (and so for `propertyNames` patterns):
+# every JSON Schema check in piDeploy goes through it.
+SchemaValidator: type[jsonschema.protocols.Validator] = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
+    jsonschema.Draft202012Validator, {"pattern": _pattern}
+)
+
+
 def validate(tool: Tool, arguments: object) -> dict[str, Any]:
     """The model's arguments, checked against the tool's schema; ToolArgumentError if not."""
     if not isinstance(arguments, dict):
         raise ToolArgumentError(f"arguments to {tool.name} must be a JSON object", tool=tool.name)
-    validator = jsonschema.Draft202012Validator(tool.parameters)
+    validator = SchemaValidator(tool.parameters)
     problems = sorted(validator.iter_errors(arguments), key=lambda e: list(e.path))
     if problems:
         where = "/".join(str(p) for p in problems[0].path) or "(arguments)"

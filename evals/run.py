@@ -48,7 +48,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import psycopg
 
 import agent
@@ -253,9 +252,7 @@ CASE_SCHEMA: dict[str, Any] = {
 
 def validate_case(case: Any, where: str) -> dict[str, Any]:
     """The case if it is usable; CaseError naming `where` and the first problem otherwise."""
-    problems = sorted(
-        jsonschema.Draft202012Validator(CASE_SCHEMA).iter_errors(case), key=lambda e: list(e.path)
-    )
+    problems = sorted(tools.SchemaValidator(CASE_SCHEMA).iter_errors(case), key=lambda e: list(e.path))
     if problems:
         path = "/".join(str(p) for p in problems[0].path) or "(case)"
         raise CaseError(f"{where}: {path}: {problems[0].message}")

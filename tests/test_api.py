@@ -318,6 +318,10 @@ def test_bad_input_is_a_4xx_and_writes_nothing(service: Service) -> None:
         (400, "POST", "/api/instances", {"body": {"name": "ok", "config": "x"}}),
         (400, "POST", "/api/instances", {"body": {"name": "ok", "config": {"env": {"lower": "x"}}}}),
         (400, "POST", "/api/instances", {"body": {"name": "ok", "config": {"env": {"A": 1}}}}),
+        (400, "POST", "/api/instances", {"body": {"name": "web\n"}}),
+        (400, "POST", "/api/instances", {"body": {"name": "ok", "config": {"env": {"FOO\n": "x"}}}}),
+        (400, "POST", f"/api/instances/{iid}/update", {"body": {"config": {"env": {"FOO\n": "x"}}}}),
+        (400, "GET", "/api/tasks?limit=%D9%A3", {}),  # an Arabic-Indic 3 is not a number here
         (
             413,
             "POST",

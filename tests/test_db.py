@@ -38,6 +38,8 @@ def test_constraints_live_in_the_database(database: db.Database) -> None:
         _instance(database, "a")  # (user_id, name) is unique
     with pytest.raises(errors.BadRequest):
         _instance(database, "Bad Name!")
+    with pytest.raises(errors.BadRequest):  # Postgres' `$` is the end of the string (no newline mode)
+        _instance(database, "web\n")
     second = _instance(database, "b")
     common: dict[str, Any] = {
         "status": "running",

@@ -155,6 +155,12 @@ def test_a_labelled_container_without_a_row_is_an_orphan() -> None:
     assert {d.evidence["name"] for d in drifts} == {"pideploy-default-7", "pideploy-default-junk"}
 
 
+def test_an_instance_label_of_other_digits_is_no_instance() -> None:
+    # str.isdigit() is true of "\u00b2" (a superscript two), which int() refuses: no crash.
+    odd = dataclasses.replace(container(1), labels={LABEL_INSTANCE: "\u00b2", LABEL_NAMESPACE: "default"})
+    assert kinds(hb.diff(observe([], [odd]), CONFIG)) == [("orphan_container", None)]
+
+
 def test_a_running_instance_without_a_route() -> None:
     drifts = hb.diff(observe([row(1), row(2)], [container(1), container(2)], routes={"1": 20001}), CONFIG)
     assert kinds(drifts) == [("route_missing", 2)]

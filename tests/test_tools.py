@@ -150,12 +150,41 @@ def test_arguments_are_validated_against_the_schema(any_world: World) -> None:
         ("instance_create", {"name": "ok", "config": {"env": {"lower": "x"}}}),
         ("instance_create", {}),
         ("instance_create", ["not", "an", "object"]),
+        ("instance_create", {"name": "web\n"}),  # `$` in a schema pattern is the end of the input
+        ("instance_create", {"name": "ok", "config": {"env": {"FOO\n": "x"}}}),
         ("instance_delete", {"instance_id": 1}),  # not in this task type's tool set
         ("no_such_tool", {}),
     ]:
         with pytest.raises(ToolArgumentError):
             tools.call(w.rt, w.ctx(), name, arguments, allowed)
     assert w.rt.db.all("instance_list_all") == []
+
+
+def _patterns(schema: object) -> list[str]:
+    if isinstance(schema, dict):
+        own = [schema["pattern"]] if isinstance(schema.get("pattern"), str) else []
+        return own + [p for value in schema.values() for p in _patterns(value)]
+    if isinstance(schema, list):
+        return [p for value in schema for p in _patterns(value)]
+    return []
+
+
+def test_schema_patterns_are_read_as_ecma_262() -> None:
+    # The schemas are also tool specs for models, so they keep ECMA's `$` (the end of the input);
+    # the validator reads them the same way, which Python's `re.search` alone does not.
+    patterns = {p for tool in tools.TOOLS.values() for p in _patterns(tool.parameters)}
+    assert patterns and all(p.endswith("$") for p in patterns)
+    for pattern in patterns:
+        regex = tools.ecma_regex(pattern)
+        for sample in ("A", "a", "web", "FOO_1"):
+            if regex.search(sample):
+                assert not regex.search(sample + "\n") and not regex.search(sample + "\r\n")
+    assert tools.ecma_regex(r"^a[$]$").search("a$") and not tools.ecma_regex(r"^a[$]$").search("a$\n")
+    assert tools.ecma_regex(r"^a\$$").search("a$") and not tools.ecma_regex(r"^a\$$").search("a")
+    assert tools.ecma_regex(r"^[\]$]+$").search("]$") and not tools.ecma_regex(r"^[\]$]+$").search("]\n")
+    assert not tools.ecma_regex(r"^\d+$").search("\u0663")  # ECMA's \d is 0-9 only
+    assert tools.SchemaValidator({"propertyNames": {"pattern": "^[A-Z]+$"}}).is_valid({"FOO": 1})
+    assert not tools.SchemaValidator({"propertyNames": {"pattern": "^[A-Z]+$"}}).is_valid({"FOO\n": 1})
 
 
 # ---------------------------------------------------------------------------
