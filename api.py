@@ -40,7 +40,7 @@ import tasks
 from config import Config
 from db import Database, Row
 from errors import BadRequest, Conflict, InfraUnavailable, NotFound, PiDeployError
-from proxy import Proxy
+from proxy import Proxy, route_key
 
 logger = logging.getLogger(__name__)
 
@@ -123,9 +123,12 @@ TASK_FIELDS = (
 )
 
 
-def instance_json(row: Row, proxy: Proxy | None = None) -> dict[str, Any]:
+def instance_json(row: Row, config: Config, proxy: Proxy | None = None) -> dict[str, Any]:
+    """An instance for its owner: the url carries the route token (proxy.route_key)."""
     body = {key: row[key] for key in INSTANCE_FIELDS}
-    body["url"] = proxy.url_for(str(row["id"])) if proxy is not None and row["status"] == "running" else None
+    body["url"] = None
+    if proxy is not None and row["status"] == "running":
+        body["url"] = proxy.url_for(route_key(row, config))
     return body
 
 
@@ -365,7 +368,8 @@ class Api:
         events = self.db.all("event_last_per_instance_for_user", user_id=request.user)
         last = {e["instance_id"]: event_json(e) for e in events}
         return json_response(
-            200, [{**instance_json(r, self.proxy), "last_event": last.get(r["id"])} for r in rows]
+            200,
+            [{**instance_json(r, self.config, self.proxy), "last_event": last.get(r["id"])} for r in rows],
         )
 
     def create_instance(self, request: Request) -> Response:
@@ -378,14 +382,17 @@ class Api:
         instance, submitted = self.queue.submit_create(
             request.user, body["name"], config, self.config.image, self.idempotency_key(request)
         )
-        return self.accepted(submitted, instance=instance_json(instance, self.proxy))
+        return self.accepted(submitted, instance=instance_json(instance, self.config, self.proxy))
 
     def get_instance(self, request: Request, instance_id: str) -> Response:
         row = self.owned_instance(request.user, int(instance_id))
         events = self.db.all(
             "event_list_for_instance_user", instance_id=row["id"], user_id=request.user, limit=1
         )
-        body = {**instance_json(row, self.proxy), "last_event": event_json(events[0]) if events else None}
+        body = {
+            **instance_json(row, self.config, self.proxy),
+            "last_event": event_json(events[0]) if events else None,
+        }
         return json_response(200, body)
 
     def delete_instance(self, request: Request, instance_id: str) -> Response:
@@ -661,7 +668,6 @@ class Server(ThreadingHTTPServer):
         max_open: int,
     ) -> None:
         self.address_family = family
-        super().__init__(address, handler)
         self.request_timeout, self.idle_timeout = request_timeout, idle_timeout
         self.max_active, self.max_open = max_active, max_open
         self._incoming: queue.SimpleQueue[tuple[socket.socket, Any]] = queue.SimpleQueue()
@@ -674,6 +680,7 @@ class Server(ThreadingHTTPServer):
         self._wake_w.setblocking(False)
         self._closing = threading.Event()
         self._waiter = threading.Thread(target=self._wait_loop, name="http-waiting", daemon=True)
+        super().__init__(address, handler)  # binds: on failure it calls server_close, which needs the above
         self._waiter.start()
 
     # -- socketserver's hooks ---------------------------------------------------
@@ -709,7 +716,8 @@ class Server(ThreadingHTTPServer):
         self._closing.set()
         with contextlib.suppress(OSError):
             self._wake_w.send(b"\0")
-        self._waiter.join(5)
+        if self._waiter.is_alive():
+            self._waiter.join(5)
         for connection in list(self._waiting):
             self.shutdown_request(connection)
         self._waiting.clear()

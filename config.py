@@ -102,6 +102,7 @@ class Config:
     nginx_test_cmd: str = "nginx -t"
     nginx_reload_cmd: str = "nginx -s reload"
     nginx_url: str = ""  # empty: http://<nginx_listen>
+    route_tokens: str = "on"  # "off": routes are /i/<id>/, for an nginx with its own auth in front
     trace_dir: Path | None = None
     alerts_file: Path | None = None
     retention_days: float = 30.0  # traces and heartbeat rounds older than this are pruned; 0: kept
@@ -173,7 +174,7 @@ class Config:
 # Settings that are not plain scalars, or that come from standard variables.
 _STANDARD_ENV = {"database_url": "DATABASE_URL", "docker_host": "DOCKER_HOST"}
 _NOT_SETTINGS = {"models", "source"}
-_CHOICES = {"agent": ("on", "off"), "log_format": ("json", "text")}
+_CHOICES = {"agent": ("on", "off"), "log_format": ("json", "text"), "route_tokens": ("on", "off")}
 
 
 def _settings() -> dict[str, dataclasses.Field[Any]]:

@@ -587,7 +587,7 @@ def cmd_instances(args: argparse.Namespace, config: Config) -> int:
     columns = [("id", "id"), ("user", "user_id"), ("name", "name"), ("status", "status"), ("port", "port"),
                ("image", "image"), ("error", "last_error")]  # fmt: skip
     routes = proxy_from_config(config)  # only for the route URLs: nothing is started
-    _print_rows([api.instance_json(r, routes) for r in rows], columns, args.format)
+    _print_rows([api.instance_json(r, config, routes) for r in rows], columns, args.format)
     return 0
 
 

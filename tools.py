@@ -53,7 +53,7 @@ from errors import (
     ToolRefused,
 )
 from observability import Span, Trace
-from proxy import Proxy
+from proxy import Proxy, route_key
 
 logger = logging.getLogger(__name__)
 # A connection to an unforwarded loopback port is refused at once; waiting longer only
@@ -508,7 +508,8 @@ def sync_routes(rt: Runtime, ctx: ToolContext) -> Result:
         # Read and apply under one lock so two syncs cannot apply stale reads in the wrong order.
         rt.db.one("routes_lock", conn, key=_ROUTE_LOCK)
         running = rt.db.all("instance_list_running", conn)
-        routes = {str(r["id"]): int(r["port"]) for r in running if r["port"]}
+        keys = {r["id"]: route_key(r, rt.config) for r in running}
+        routes = {keys[r["id"]]: int(r["port"]) for r in running if r["port"]}
         try:
             rt.proxy.apply(routes)
         except OSError as error:  # writing the map (disk full, permissions): nginx's trouble, say so
@@ -521,11 +522,11 @@ def sync_routes(rt: Runtime, ctx: ToolContext) -> Result:
         or (not ctx.system and r["user_id"] == ctx.user_id)
     ]
     with _step(ctx, "nginx.verify"):
-        reachable = rt.proxy.check([str(i) for i in mine], timeout=2.0) if mine else {}
+        reachable = rt.proxy.check([keys[i] for i in mine], timeout=2.0) if mine else {}
     return {
         "routes": len(routes),
-        "reachable": sorted(int(k) for k, ok in reachable.items() if ok),
-        "unreachable": sorted(int(k) for k, ok in reachable.items() if not ok),
+        "reachable": sorted(i for i in mine if reachable.get(keys[i])),
+        "unreachable": sorted(i for i in mine if not reachable.get(keys[i])),
     }
 
 
@@ -540,7 +541,11 @@ def instance_create(rt: Runtime, ctx: ToolContext, name: str, config: dict[str, 
     assert ctx.user_id is not None
     row = _row_for_create(rt, ctx, name, config)
     if row["status"] == "running":
-        return {**public_row(row), "url": rt.proxy.url_for(str(row["id"])), "note": "already created"}
+        return {
+            **public_row(row),
+            "url": rt.proxy.url_for(route_key(row, rt.config)),
+            "note": "already created",
+        }
     if row["status"] != "creating":
         raise ToolRefused(
             f"instance {row['id']} is {row['status']}; instance_create only builds new instances",
@@ -622,7 +627,8 @@ def _create(rt: Runtime, ctx: ToolContext, row: Row) -> Result:
             cause=error.message,
             cause_class=error.error_class,
         ) from error
-    return {**public_row(row), "url": rt.proxy.url_for(str(row["id"])), "health_wait_s": round(waited, 3)}
+    url = rt.proxy.url_for(route_key(row, rt.config))
+    return {**public_row(row), "url": url, "health_wait_s": round(waited, 3)}
 
 
 def _undo_create(

@@ -163,7 +163,8 @@ def test_the_full_lifecycle_through_the_api(service: Service) -> None:
     assert created.body["instance"]["status"] in ("creating", "running")  # the row exists at once
     assert service.wait_task(task_id)["status"] == "succeeded"
     inst = c.call("GET", f"/api/instances/{iid}").body
-    assert inst["status"] == "running" and inst["url"].endswith(f"/i/{iid}/")
+    token = service.database.one("instance_get", id=iid)["route_token"]  # type: ignore[index]
+    assert inst["status"] == "running" and inst["url"].endswith(f"/i/{iid}-{token}/")
     assert [x.state for x in containers(service.engine, iid)] == ["running"]
 
     stop = c.call("POST", f"/api/instances/{iid}/stop")

@@ -24,7 +24,7 @@ import pytest
 
 import tools
 from errors import ImageNotFound, ProxyError, RolledBack, ToolArgumentError, ToolError, ToolRefused
-from proxy import NginxProxy
+from proxy import NginxProxy, route_instance
 from tests.conftest import World, make_config, make_config_like, require_stack
 
 pytestmark = pytest.mark.stack
@@ -68,7 +68,7 @@ def test_full_lifecycle(any_world: World) -> None:
     assert stopped.id == container.id and not stopped.running
     assert not tools.healthz(port)[0]
     assert w.through_nginx(iid)[0] == 404
-    assert str(iid) not in w.rt.proxy.routes()
+    assert w.route(iid) not in w.rt.proxy.routes()
     assert appended(iid) == ["stopped"]
 
     tools.instance_start(w.rt, w.ctx(), iid)
@@ -78,7 +78,7 @@ def test_full_lifecycle(any_world: World) -> None:
     assert started.id == container.id and started.running
     assert tools.healthz(port)[0]
     assert w.through_nginx(iid) == (200, "ok")
-    assert w.rt.proxy.routes()[str(iid)] == port
+    assert w.rt.proxy.routes()[w.route(iid)] == port  # type: ignore[index]
     assert appended(iid) == ["started"]
 
     updated = tools.instance_update(w.rt, w.ctx(), iid, image="localhost/pideploy-gateway:v2")
@@ -99,7 +99,7 @@ def test_full_lifecycle(any_world: World) -> None:
     assert not config_file.parent.exists()
     assert not tools.healthz(port)[0]
     assert w.through_nginx(iid)[0] == 404
-    assert str(iid) not in w.rt.proxy.routes()
+    assert not [key for key in w.rt.proxy.routes() if route_instance(key) == iid]
     assert appended(iid) == ["delete_started", "deleted"]  # the history outlives the row
 
 
@@ -389,6 +389,30 @@ def test_bash_runs_read_only_commands_and_refuses_the_rest(any_world: World) -> 
     assert tools.bash(w.rt, w.ctx(None), f"curl -s http://127.0.0.1:{port}/healthz")["stdout"] == "ok"
 
 
+def test_a_users_task_cannot_read_the_route_map(real_world: World) -> None:
+    # The map holds every instance's route token; a user's bash reads only that user's folders,
+    # and a symlink its instance plants in its storage leads nowhere (the gate and Landlock).
+    w = real_world
+    iid = w.create("tokened")["instance_id"]
+    assert isinstance(w.rt.proxy, NginxProxy)
+    token = w.row(iid)["route_token"]  # type: ignore[index]
+    assert token in w.rt.proxy.map_path.read_text()
+    storage = Path(w.row(iid)["storage_path"])  # type: ignore[index]
+    (storage / "routes").symlink_to(w.rt.proxy.map_path)
+    (storage / "nginx").symlink_to(w.rt.proxy.map_path.parent)
+    for command in (
+        f"cat {w.rt.proxy.map_path}",
+        f"cat {storage}/routes",
+        f"grep -r . {storage}/nginx/",
+        f"ls -la {w.rt.proxy.map_path.parent}",
+    ):
+        try:
+            out = tools.bash(w.rt, w.ctx(), command)
+        except ToolRefused:
+            continue
+        assert token not in out["stdout"] + out["stderr"], command
+
+
 def test_a_port_whose_server_just_stopped_is_free_and_a_listened_one_is_not() -> None:
     # A stopped gateway leaves its served connections in TIME_WAIT on its port: that port is
     # free for the next server, so instance_start must not rebuild the container elsewhere.
@@ -671,7 +695,7 @@ def test_update_of_a_running_instance_while_nginx_config_is_invalid_keeps_its_ro
         assert row["port"] == old["port"]
         (only,) = w.containers(iid)
         assert only.running and only.id == row["container_id"] != old["container_id"]
-        assert w.rt.proxy.routes() == {str(iid): old["port"]}
+        assert w.rt.proxy.routes() == {w.route(iid): old["port"]}
         assert w.through_nginx(iid, "version")[1] == "v2"
         assert w.events(iid)[-2:] == ["update_started", "updated"]
 
@@ -723,7 +747,7 @@ def test_update_whose_route_nginx_rejects_restores_the_old_container(real_world:
     (only,) = w.containers(iid)
     assert only.id == before["container_id"] and not only.running
     assert only.name == tools.container_name(w.rt.config, iid)
-    assert w.rt.proxy.routes() == {str(keeper): w.row(keeper)["port"]}  # type: ignore[index]
+    assert w.rt.proxy.routes() == {w.route(keeper): w.row(keeper)["port"]}  # type: ignore[index]
     assert w.through_nginx(iid)[0] == 404
     assert w.through_nginx(keeper) == (200, "ok")
     assert w.events(iid)[-1] == "update_rolled_back"
