@@ -514,6 +514,7 @@ IDLE_TIMEOUT = 10.0  # seconds a connection may stay open without sending a byte
 WRITE_TIMEOUT = 30.0  # seconds to hand a response to a client that does not read it
 MAX_ACTIVE = 64  # requests handled at once (a thread each); past it a request gets a quick 503
 MAX_OPEN = 4096  # connections open at once, within the file limit less FD_RESERVE
+PREFETCH = 16 * 1024  # bytes of a request the waiting room reads; a longer one gets its thread then
 FD_RESERVE = 256  # file descriptors kept for the database pool, nginx, the engine, logs
 # Headers whose meaning a second copy would make ambiguous: a front end may check one copy
 # and http.server's message hands us the last.
@@ -521,16 +522,21 @@ SINGLE_HEADERS = ("Authorization", "X-User-Id", "Idempotency-Key", "Content-Leng
 
 
 class _DeadlineReader(io.RawIOBase):
-    """A socket's reads, all before one deadline. A per-read timeout restarts with every byte,
-    so a client sending a byte a second would hold its thread for as long as it likes."""
+    """What the waiting room read of a request, then the socket's reads, all before one deadline.
+    A per-read timeout restarts with every byte: a client sending a byte a second would hold its
+    thread for as long as it liked."""
 
-    def __init__(self, connection: socket.socket, deadline: float) -> None:
-        self.connection, self.deadline = connection, deadline
+    def __init__(self, connection: socket.socket, deadline: float, prefix: bytes = b"") -> None:
+        self.connection, self.deadline, self.prefix = connection, deadline, prefix
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
+        if self.prefix:
+            n = min(len(buffer), len(self.prefix))
+            buffer[:n], self.prefix = self.prefix[:n], self.prefix[n:]
+            return n
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("the request did not arrive in time")
@@ -552,8 +558,8 @@ class Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.rfile.close()  # the plain reader; closing it drops its hold on the socket
-        deadline = time.monotonic() + self.server.request_timeout
-        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, deadline))
+        prefix, deadline = self.server.prefetched(self.connection)
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, deadline, prefix))
 
     def _serve(self) -> None:
         # A client that resets the connection while sending raises ConnectionError out of here:
@@ -619,6 +625,13 @@ class Handler(BaseHTTPRequestHandler):
 
     do_GET = do_HEAD = do_POST = do_DELETE = do_PUT = do_PATCH = do_OPTIONS = _serve
 
+    def parse_request(self) -> bool:
+        if super().parse_request():
+            return True
+        if not self.requestline.split():  # http.server closes on an empty line without a word
+            self.send_error(HTTPStatus.BAD_REQUEST, "the request line is empty")
+        return False
+
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own answers (a garbled request line or headers), in the API's JSON. Its
         501 means a method with no do_* here: the Api answers that (405 with Allow, or 404)."""
@@ -643,18 +656,45 @@ class Handler(BaseHTTPRequestHandler):
         logger.log(level, "%s %s", self.address_string(), text, extra={"action": "http_request"})
 
 
+@dataclass
+class _Waiting:
+    """A connection in the waiting room: what it has sent so far, and when it must be done."""
+
+    address: Any
+    expires: float
+    data: bytearray = field(default_factory=bytearray)
+
+    def complete(self) -> bool:
+        """The whole head, and the body its Content-Length announces, have arrived (read loosely:
+        the handler checks the request properly), or as much as the waiting room holds."""
+        if len(self.data) >= PREFETCH:
+            return True
+        ends = [i + len(blank) for blank in (b"\n\r\n", b"\n\n") if (i := self.data.find(blank)) >= 0]
+        if not ends:
+            return False
+        end = min(ends)
+        length = re.search(rb"(?im)^content-length:[ \t]*([0-9]{1,18})[ \t]*\r?$", self.data[:end])
+        return len(self.data) >= end + (int(length.group(1)) if length else 0)
+
+
 class Server(ThreadingHTTPServer):
     """A ThreadingHTTPServer whose connections are bounded in number and in time.
 
-    An accepted connection waits in one selector thread, costing no thread of its own, until
-    the client sends something; only then does it get a handler thread, with REQUEST_TIMEOUT
-    to send the whole request (one request per connection: HTTP/1.0). A connection that sends
-    nothing for IDLE_TIMEOUT is closed. With `max_open` connections open, the one that has
-    waited longest is closed to make room, so idle connections cannot lock out /healthz; with
-    `max_active` requests in hand, a new one gets a quick 503.
+    An accepted connection waits in one selector thread, the waiting room, which reads the
+    request as it arrives; only a complete request (head, and a body up to PREFETCH) gets a
+    handler thread. So idle and trickling clients cost no thread, and a handler never waits on
+    a slow client for what fits in PREFETCH. A connection that sends nothing within
+    `idle_timeout`, or not its whole request within `request_timeout` of its first byte, is
+    closed (a longer request finishes in its thread, by the same deadline). With `max_open`
+    connections open, the one that has waited longest is closed to make room, so a flood of
+    connections cannot lock out /healthz; with `max_active` requests in hand, one more gets a
+    quick 503. One request per connection (HTTP/1.0): nothing waits between requests.
     """
 
     daemon_threads = True
+    # The listen backlog. socketserver's 5 drops the handshakes of a burst of connections: their
+    # clients think they are connected and wait on SYN-ACK retries, one to several seconds.
+    request_queue_size = 1024
 
     def __init__(
         self,
@@ -671,7 +711,8 @@ class Server(ThreadingHTTPServer):
         self.request_timeout, self.idle_timeout = request_timeout, idle_timeout
         self.max_active, self.max_open = max_active, max_open
         self._incoming: queue.SimpleQueue[tuple[socket.socket, Any]] = queue.SimpleQueue()
-        self._waiting: dict[socket.socket, tuple[Any, float]] = {}  # in accept order: address, since
+        self._waiting: dict[socket.socket, _Waiting] = {}  # in accept order; the waiting room's own
+        self._handed: dict[socket.socket, tuple[bytes, float]] = {}  # to its handler: data, deadline
         self._active = 0
         self._lock = threading.Lock()
         self._shed = 0  # connections refused or closed for room since the last warning
@@ -686,7 +727,7 @@ class Server(ThreadingHTTPServer):
     # -- socketserver's hooks ---------------------------------------------------
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        """Called on accept: the connection waits for its first byte in the selector thread."""
+        """Called on accept: the connection goes to the waiting room."""
         self._incoming.put((request, client_address))
         with contextlib.suppress(OSError):  # a full wake pipe already says "look"
             self._wake_w.send(b"\0")
@@ -697,6 +738,12 @@ class Server(ThreadingHTTPServer):
         finally:
             with self._lock:
                 self._active -= 1
+                self._handed.pop(request, None)
+
+    def prefetched(self, connection: socket.socket) -> tuple[bytes, float]:
+        """For its handler: what the waiting room read of this request, and the deadline for the rest."""
+        with self._lock:
+            return self._handed.pop(connection, (b"", time.monotonic() + self.request_timeout))
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """One log line, never socketserver's traceback on stderr."""
@@ -728,7 +775,7 @@ class Server(ThreadingHTTPServer):
         self._wake_w.close()
         super().server_close()
 
-    # -- the waiting connections --------------------------------------------------
+    # -- the waiting room -----------------------------------------------------------
 
     def _wait_loop(self) -> None:
         with selectors.DefaultSelector() as selector:
@@ -751,11 +798,9 @@ class Server(ThreadingHTTPServer):
                         try:
                             self._admit(selector, connection, address)
                         except (OSError, ValueError):  # closed under us: nothing to wait for
-                            self._waiting.pop(connection, None)
-                            self.shutdown_request(connection)
+                            self._drop(selector, connection)
             elif isinstance(key.fileobj, socket.socket):
-                selector.unregister(key.fileobj)
-                self._dispatch(key.fileobj, self._waiting.pop(key.fileobj)[0])
+                self._receive(selector, key.fileobj)
         self._expire(selector)
 
     def _admit(self, selector: selectors.BaseSelector, connection: socket.socket, address: Any) -> None:
@@ -765,53 +810,87 @@ class Server(ThreadingHTTPServer):
             if not self._waiting:
                 self._refuse(connection, "too many connections")
                 return
-            oldest = next(iter(self._waiting))
-            selector.unregister(oldest)
-            del self._waiting[oldest]
-            self.shutdown_request(oldest)
+            self._drop(selector, next(iter(self._waiting)))
             self._note_shed("too many connections: closed the longest-waiting one")
-        self._waiting[connection] = (address, time.monotonic())
+        connection.setblocking(False)
+        self._waiting[connection] = _Waiting(address, time.monotonic() + self.idle_timeout)
         selector.register(connection, selectors.EVENT_READ)
 
-    def _dispatch(self, connection: socket.socket, address: Any) -> None:
+    def _receive(self, selector: selectors.BaseSelector, connection: socket.socket) -> None:
+        waiting = self._waiting[connection]
+        try:
+            chunk = connection.recv(PREFETCH - len(waiting.data))
+        except BlockingIOError:
+            return
+        except OSError:  # reset: no one to answer
+            self._drop(selector, connection)
+            return
+        if not chunk and not waiting.data:  # closed without a word
+            self._drop(selector, connection)
+            return
+        if not waiting.data:  # the request's deadline runs from its first byte
+            waiting.expires = time.monotonic() + self.request_timeout
+        waiting.data += chunk
+        if chunk and not waiting.complete():
+            return
+        # Complete, or closed half-way (the handler answers what it can of it).
+        selector.unregister(connection)
+        del self._waiting[connection]
+        self._dispatch(connection, waiting)
+
+    def _dispatch(self, connection: socket.socket, waiting: _Waiting) -> None:
         with self._lock:
             busy = self._active >= self.max_active
             if not busy:
                 self._active += 1
+                self._handed[connection] = (bytes(waiting.data), waiting.expires)
         if busy:
             self._refuse(connection, "too many requests at once")
             return
         try:
-            super().process_request(connection, address)  # ThreadingMixIn: a handler thread
+            super().process_request(connection, waiting.address)  # ThreadingMixIn: a handler thread
         except RuntimeError:  # no thread could be started
             with self._lock:
                 self._active -= 1
+                self._handed.pop(connection, None)
             self._refuse(connection, "no thread for the request")
 
+    def _drop(self, selector: selectors.BaseSelector, connection: socket.socket) -> None:
+        if self._waiting.pop(connection, None) is not None:
+            with contextlib.suppress(KeyError, ValueError):  # not registered yet, or closed
+                selector.unregister(connection)
+        self.shutdown_request(connection)
+
     def _expire(self, selector: selectors.BaseSelector) -> None:
-        limit = time.monotonic() - self.idle_timeout
-        while self._waiting:
-            connection, (_, since) = next(iter(self._waiting.items()))
-            if since > limit:
-                break
-            selector.unregister(connection)
-            del self._waiting[connection]
-            self.shutdown_request(connection)
+        now = time.monotonic()
+        for connection in [c for c, waiting in self._waiting.items() if waiting.expires <= now]:
+            if self._waiting[connection].data:  # a request begun and not finished in time
+                self._waiting.pop(connection)
+                selector.unregister(connection)
+                message = f"the request did not arrive within {self.request_timeout:g}s"
+                self._answer(connection, 408, message, "bad_request")
+            else:
+                self._drop(selector, connection)
 
     def _refuse(self, connection: socket.socket, why: str) -> None:
-        """A quick 503 (best effort, never blocking) and close."""
-        body = json.dumps(
-            {"error": f"the server is busy ({why}): try again", "error_class": "infra_unavailable"}
-        )
+        """A quick 503 and close."""
+        message = f"the server is busy ({why}): try again"
+        self._answer(connection, 503, message, "infra_unavailable", "Retry-After: 1\r\n")
+        self._note_shed(why)
+
+    def _answer(
+        self, connection: socket.socket, status: int, message: str, error_class: str, extra: str = ""
+    ) -> None:
+        """A JSON error from the waiting room (best effort, never blocking), then close."""
+        body = json.dumps({"error": message, "error_class": error_class}) + "\n"
         head = (
-            "HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body) + 1}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+            f"HTTP/1.0 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n"
         )
         with contextlib.suppress(OSError):
             connection.setblocking(False)
-            connection.send((head + body + "\n").encode())
+            connection.send((head + body).encode())
         self.shutdown_request(connection)
-        self._note_shed(why)
 
     def _note_shed(self, why: str) -> None:
         """A warning at most once a minute, with the count: a flood must not flood the log too."""
