@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -109,6 +110,7 @@ class Config:
     nginx_test_cmd: str = "nginx -t"
     nginx_reload_cmd: str = "nginx -s reload"
     nginx_url: str = ""  # empty: http://<nginx_listen>
+    route_tokens: str = "on"  # "off": routes are /i/<id>/, for an nginx with its own auth in front
     trace_dir: Path | None = None
     alerts_file: Path | None = None
     retention_days: float = 30.0  # traces and heartbeat rounds older than this are pruned; 0: kept
@@ -180,7 +182,7 @@ class Config:
 # Settings that are not plain scalars, or that come from standard variables.
 _STANDARD_ENV = {"database_url": "DATABASE_URL", "docker_host": "DOCKER_HOST"}
 _NOT_SETTINGS = {"models", "source"}
-_CHOICES = {"agent": ("on", "off"), "log_format": ("json", "text")}
+_CHOICES = {"agent": ("on", "off"), "log_format": ("json", "text"), "route_tokens": ("on", "off")}
 
 
 def _settings() -> dict[str, dataclasses.Field[Any]]:
@@ -190,14 +192,22 @@ def _settings() -> dict[str, dataclasses.Field[Any]]:
 def _parse(name: str, raw: object, source: str) -> Any:
     kind = _settings()[name].type
     where = f"{name} ({source})"
+    if isinstance(raw, str) and not raw.isprintable():
+        # A newline or another control character in a setting is a copy-paste slip that would
+        # otherwise reach a label, a command line or a header: say so at start.
+        raise ConfigError(
+            f"invalid value {raw!r} for {where}: contains a control character (a newline?)",
+            key=name,
+            source=source,
+        )
     try:
+        if kind in ("int", "float") and (
+            isinstance(raw, bool) or (isinstance(raw, str) and not raw.isascii())
+        ):
+            raise ValueError(raw)  # int() and float() read other scripts' digits too
         if kind == "int":
-            if isinstance(raw, bool):
-                raise ValueError(raw)
             value: Any = int(raw)  # type: ignore[call-overload]
         elif kind == "float":
-            if isinstance(raw, bool):
-                raise ValueError(raw)
             value = float(raw)  # type: ignore[arg-type]
         elif kind in ("Path", "Path | None"):
             value = Path(str(raw)).expanduser() if str(raw) else None
@@ -363,7 +373,7 @@ def _check(config: Config) -> None:
         ("max_attempts", lambda c: c.max_attempts >= 1, "at least 1"),
         (
             "namespace",
-            lambda c: c.namespace.replace("-", "").replace("_", "").isalnum(),
+            lambda c: re.fullmatch(r"[A-Za-z0-9_-]+", c.namespace) is not None,
             "letters, digits, - and _",
         ),
     ]
@@ -388,7 +398,12 @@ def _valid_range(config: Config) -> bool:
 
 def valid_hostport(value: str) -> bool:
     host, sep, port = value.rpartition(":")
-    return bool(sep and host) and port.isdigit() and 0 < int(port) < 65536
+    return (
+        bool(sep and host)
+        and host.isprintable()
+        and re.fullmatch(r"[0-9]{1,5}", port) is not None
+        and 0 < int(port) < 65536
+    )
 
 
 def describe() -> list[tuple[str, str, str]]:

@@ -36,7 +36,7 @@ from errors import BadRequest, Conflict, DatabaseError, InfraUnavailable
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA_LOCK = 8_700_001  # advisory lock key: one schema apply at a time
 SOCKET_PATH_MAX = 100  # unix socket paths are limited to ~107 bytes
 DB_NAME = "pideploy"

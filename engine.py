@@ -453,7 +453,7 @@ class _Faults:
 
         def seconds(var: str, name: str) -> float | None:
             value = setting(var, name)
-            return float(value) if value.isdigit() else None
+            return float(value) if value.isascii() and value.isdigit() else None
 
         crash = spec.env.get("GATEWAY_CRASH_AT_START", "")
         log_message = spec.env.get("GATEWAY_LOG_MESSAGE") or None

@@ -80,6 +80,7 @@ from db import Row
 from engine import LABEL_INSTANCE, LABEL_NAMESPACE, Container
 from errors import PiDeployError
 from observability import Trace, alert, prune_traces
+from proxy import route_instance, route_key, shown_key
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ def _iso(epoch: float | None) -> str | None:
 
 def instance_label(container: Container) -> int | None:
     value = container.labels.get(LABEL_INSTANCE, "")
-    return int(value) if value.isdigit() else None
+    return int(value) if value.isascii() and value.isdigit() else None
 
 
 def own_container(row: Row, containers: Iterable[Container]) -> Container | None:
@@ -280,7 +281,7 @@ def diff(observation: Observation, config: Config) -> list[Drift]:
         container = own_container(row, by_instance.get(iid, []))
         if status == "running":
             if row["port"]:
-                expected_routes[str(iid)] = int(row["port"])
+                expected_routes[route_key(row, config)] = int(row["port"])
             if container is None:
                 others = [c.id[:12] for c in by_instance.get(iid, [])]
                 drifts.append(
@@ -319,14 +320,20 @@ def diff(observation: Observation, config: Config) -> list[Drift]:
                     )
                 )
 
+    # Evidence names a route without its token: it reaches events, traces and the model.
     for key, port in expected_routes.items():
         if key not in obs.routes:
-            drifts.append(Drift(ROUTE_MISSING, int(key), {"route": key, "expected_port": port}))
+            missing = {"route": shown_key(key), "expected_port": port}
+            drifts.append(Drift(ROUTE_MISSING, route_instance(key), missing))
     for key, routed in obs.routes.items():
         if expected_routes.get(key) != routed:
-            iid = int(key) if key.isdigit() else None
-            stale = {"route": key, "routed_port": routed, "expected_port": expected_routes.get(key)}
-            drifts.append(Drift(ROUTE_STALE, iid, stale))
+            # A key in another form than route_key's (from before an upgrade) is stale too.
+            stale = {
+                "route": shown_key(key),
+                "routed_port": routed,
+                "expected_port": expected_routes.get(key),
+            }
+            drifts.append(Drift(ROUTE_STALE, route_instance(key), stale))
     return drifts
 
 
@@ -961,7 +968,7 @@ class Heartbeat:
                 for event in self.rt.engine.events(labels, stop):
                     pause = 1.0
                     iid = event.labels.get(LABEL_INSTANCE, "")
-                    if event.action == "die" and iid.isdigit():
+                    if event.action == "die" and iid.isascii() and iid.isdigit():
                         logger.info(
                             "container of instance %s died: targeted round",
                             iid,

@@ -521,7 +521,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 # Names Trace gives its files (and its temp files): what prune_traces may delete, and nothing else
 # that an operator keeps in the same folder.
-_TRACE_NAME = re.compile(r"^\.?\d{8}T\d{6}-[a-z_]+-[a-z0-9]+-[0-9a-f]{6}\.json(\.[A-Za-z0-9_]+\.tmp)?$")
+_TRACE_NAME = re.compile(r"\.?[0-9]{8}T[0-9]{6}-[a-z_]+-[a-z0-9]+-[0-9a-f]{6}\.json(\.[A-Za-z0-9_]+\.tmp)?")
 
 
 def prune_traces(trace_dir: Path, before: float) -> int:
@@ -535,7 +535,7 @@ def prune_traces(trace_dir: Path, before: float) -> int:
     except FileNotFoundError:
         return 0
     for entry in entries:
-        if not _TRACE_NAME.match(entry.name) or not entry.is_file(follow_symlinks=False):
+        if not _TRACE_NAME.fullmatch(entry.name) or not entry.is_file(follow_symlinks=False):
             continue
         with contextlib.suppress(FileNotFoundError):  # another process pruned it first
             if entry.stat(follow_symlinks=False).st_mtime < before:

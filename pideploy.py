@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -377,6 +378,20 @@ def _dashboard_url(config: Config, host: str, port: int) -> str:
     return base + "?" + urllib.parse.urlencode({"token": token, "user": user})
 
 
+def _raise_file_limit() -> None:
+    """Open HTTP connections each hold a file descriptor: up to 65536 if the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError) as error:
+        logger.warning(
+            "cannot raise the file limit from %d: %s", soft, error, extra={"action": "serve_file_limit"}
+        )
+
+
 @command("serve")
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     workers = args.workers or config.workers
@@ -397,6 +412,7 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    _raise_file_limit()
     # Each worker may hold a pool connection for an instance lock while its tool opens transactions.
     with open_runtime(config, pool_size=3 * workers + 10) as rt:
         queue = tasks.Queue(rt.db, config.max_attempts)
@@ -578,7 +594,7 @@ def cmd_instances(args: argparse.Namespace, config: Config) -> int:
     columns = [("id", "id"), ("user", "user_id"), ("name", "name"), ("status", "status"), ("port", "port"),
                ("image", "image"), ("error", "last_error")]  # fmt: skip
     routes = proxy_from_config(config)  # only for the route URLs: nothing is started
-    _print_rows([api.instance_json(r, routes) for r in rows], columns, args.format)
+    _print_rows([api.instance_json(r, config, routes) for r in rows], columns, args.format)
     return 0
 
 

@@ -8,6 +8,13 @@ nginx under PIDEPLOY_HOME/nginx on loopback; in external mode it writes the map
 an operator's nginx includes and runs the configured test and reload commands.
 `MemoryProxy` keeps routes in a dict. Both pass tests/test_proxy.py.
 
+Route keys: `route_key(row, config)` is the one place that names an instance's route:
+`<id>-<route_token>`, the token a random 32 hex digits kept on the instance row, so a route
+cannot be guessed from the sequential id; a wrong or missing token is the same 404 as a
+missing instance. With PIDEPLOY_ROUTE_TOKENS=off (an operator's own auth guards /i/) it is
+`<id>`. `route_instance(key)` reads the id back from either form, so a route left in the
+other form (after an upgrade, or the setting changed) is a stale route of that instance.
+
 How a route works: `map $pideploy_key $pideploy_port { default ""; include
 routes.map; }` where `$pideploy_key` is captured by the location regex. nginx
 evaluates a map lazily, when the variable is first read, so the capture is
@@ -56,7 +63,7 @@ import urllib.request
 from collections.abc import Iterable, Iterator, Mapping, Set
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from errors import ProxyError
 
@@ -66,6 +73,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 KEY = re.compile(r"[0-9A-Za-z_-]+")
+_INSTANCE_KEY = re.compile(r"([0-9]{1,18})(-[0-9a-f]+)?")
 GENERATION_KEY = ".generation"
 GENERATION_PATH = "/_pideploy/generation"
 CONFIRM_TIMEOUT = 10.0  # seconds for nginx to serve a new map after a reload or start
@@ -96,6 +104,30 @@ class Proxy(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------
+# route keys
+# ---------------------------------------------------------------------------
+
+
+def route_key(row: Mapping[str, Any], config: Config) -> str:
+    """The route key of an instance row: `<id>-<route_token>`, or `<id>` with route tokens off."""
+    if config.route_tokens == "off":
+        return str(row["id"])
+    return f"{row['id']}-{row['route_token']}"
+
+
+def route_instance(key: str) -> int | None:
+    """The instance a route key is for, in either form; None for a key piDeploy never writes."""
+    match = _INSTANCE_KEY.fullmatch(key)
+    return int(match.group(1)) if match else None
+
+
+def shown_key(key: str) -> str:
+    """A route key as logs, traces, events and models see it: the token left out."""
+    match = _INSTANCE_KEY.fullmatch(key)
+    return f"{match.group(1)}-<token>" if match and match.group(2) else key
 
 
 # ---------------------------------------------------------------------------
@@ -139,7 +171,7 @@ def parse_map(text: str) -> tuple[dict[str, int], str]:
         key, value = parts
         if key == GENERATION_KEY:
             generation = value
-        elif KEY.fullmatch(key) and value.isdigit():
+        elif KEY.fullmatch(key) and value.isascii() and value.isdigit():
             routes[key] = int(value)
     return routes, generation
 

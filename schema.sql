@@ -26,6 +26,11 @@ CREATE TABLE IF NOT EXISTS instance (
     updated_at timestamptz NOT NULL DEFAULT now(),
     UNIQUE (user_id, name)
 );
+-- The secret half of the instance's route key (`/i/<id>-<route_token>/`, proxy.route_key):
+-- ids are sequential, so without it anyone could walk every instance's route. Rows from
+-- before this column get one of their own (a volatile default is evaluated per row).
+ALTER TABLE instance ADD COLUMN IF NOT EXISTS route_token text NOT NULL
+    DEFAULT replace(gen_random_uuid()::text, '-', '') CHECK (route_token ~ '^[0-9a-f]{32}$');
 -- A host port belongs to at most one instance; deleted instances are deleted rows.
 CREATE UNIQUE INDEX IF NOT EXISTS instance_port_unique ON instance (port) WHERE port IS NOT NULL;
 CREATE INDEX IF NOT EXISTS instance_user ON instance (user_id);
@@ -119,4 +124,4 @@ CREATE TABLE IF NOT EXISTS heartbeat_round (
     trace_file text
 );
 
-INSERT INTO schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;
+INSERT INTO schema_version (version) VALUES (1), (2) ON CONFLICT DO NOTHING;

@@ -31,7 +31,7 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jsonschema
 
@@ -53,7 +53,7 @@ from errors import (
     ToolRefused,
 )
 from observability import Span, Trace
-from proxy import NginxProxy, Proxy
+from proxy import NginxProxy, Proxy, route_key
 
 logger = logging.getLogger(__name__)
 # A connection to an unforwarded loopback port is refused at once; waiting longer only
@@ -588,7 +588,8 @@ def sync_routes(rt: Runtime, ctx: ToolContext) -> Result:
         # Read and apply under one lock so two syncs cannot apply stale reads in the wrong order.
         rt.db.one("routes_lock", conn, key=_ROUTE_LOCK)
         running = rt.db.all("instance_list_running", conn)
-        routes = {str(r["id"]): int(r["port"]) for r in running if r["port"]}
+        keys = {r["id"]: route_key(r, rt.config) for r in running}
+        routes = {keys[r["id"]]: int(r["port"]) for r in running if r["port"]}
         try:
             rt.proxy.apply(routes)
         except OSError as error:  # writing the map (disk full, permissions): nginx's trouble, say so
@@ -601,11 +602,11 @@ def sync_routes(rt: Runtime, ctx: ToolContext) -> Result:
         or (not ctx.system and r["user_id"] == ctx.user_id)
     ]
     with _step(ctx, "nginx.verify"):
-        reachable = rt.proxy.check([str(i) for i in mine], timeout=2.0) if mine else {}
+        reachable = rt.proxy.check([keys[i] for i in mine], timeout=2.0) if mine else {}
     return {
         "routes": len(routes),
-        "reachable": sorted(int(k) for k, ok in reachable.items() if ok),
-        "unreachable": sorted(int(k) for k, ok in reachable.items() if not ok),
+        "reachable": sorted(i for i in mine if reachable.get(keys[i])),
+        "unreachable": sorted(i for i in mine if not reachable.get(keys[i])),
     }
 
 
@@ -631,7 +632,11 @@ def instance_create(rt: Runtime, ctx: ToolContext, name: str, config: dict[str, 
             if row["status"] == "creating":
                 return _create(rt, ctx, row)
     if row["status"] == "running":
-        return {**public_row(row), "url": rt.proxy.url_for(str(row["id"])), "note": "already created"}
+        return {
+            **public_row(row),
+            "url": rt.proxy.url_for(route_key(row, rt.config)),
+            "note": "already created",
+        }
     raise ToolRefused(
         f"instance {row['id']} is {row['status']}; instance_create only builds new instances",
         instance_id=row["id"],
@@ -726,7 +731,8 @@ def _create(rt: Runtime, ctx: ToolContext, row: Row) -> Result:
             cause=error.message,
             cause_class=error.error_class,
         ) from error
-    return {**public_row(row), "url": rt.proxy.url_for(str(row["id"])), "health_wait_s": round(waited, 3)}
+    url = rt.proxy.url_for(route_key(row, rt.config))
+    return {**public_row(row), "url": url, "health_wait_s": round(waited, 3)}
 
 
 def _undo_create(
@@ -1381,13 +1387,53 @@ TOOLSETS: dict[str, tuple[str, ...]] = {
 }
 
 
+@functools.lru_cache(maxsize=256)
+def ecma_regex(pattern: str) -> re.Pattern[str]:
+    r"""A JSON Schema `pattern` (an ECMA-262 regex) read by Python the way ECMA reads it.
+
+    ECMA's `$` (no multiline flag) is the end of the input; Python's also matches before a
+    final newline, so `re.search("^[a-z]+$", "web\n")` matches and "web\n" would pass. So `$`
+    outside a character class becomes `\Z`; and `\d`, `\w`, `\b` are ASCII, as in ECMA.
+    The schemas keep `$`: they are also the tool specs a model reads.
+    """
+    out: list[str] = []
+    in_class = escaped = False
+    for char in pattern:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+        elif char == "$":
+            char = r"\Z"
+        out.append(char)
+    return re.compile("".join(out), re.ASCII)
+
+
+def _pattern(
+    validator: jsonschema.protocols.Validator, pattern: str, instance: Any, schema: Mapping[str, Any]
+) -> Iterator[jsonschema.ValidationError]:
+    if validator.is_type(instance, "string") and not ecma_regex(pattern).search(instance):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+# Draft 2020-12 with ECMA-262 semantics for `pattern` (and so for `propertyNames` patterns):
+# every JSON Schema check in piDeploy goes through it.
+SchemaValidator: type[jsonschema.protocols.Validator] = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
+    jsonschema.Draft202012Validator, {"pattern": _pattern}
+)
+
+
 def schema_problem(schema: Mapping[str, Any], document: object) -> tuple[list[str], str] | None:
     """The first way `document` breaks `schema`: (its path, what is wrong), or None.
 
     A `not` with a description says why in words: jsonschema's own message for it
     ("... should not be valid under ...") names the rule, not the reason."""
-    validator = jsonschema.Draft202012Validator(schema)
-    problems = sorted(validator.iter_errors(document), key=lambda e: [str(p) for p in e.path])
+    validator = SchemaValidator(schema)
+    problems = sorted(validator.iter_errors(cast(Any, document)), key=lambda e: [str(p) for p in e.path])
     if not problems:
         return None
     problem = problems[0]

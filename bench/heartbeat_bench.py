@@ -92,8 +92,8 @@ def _p(values: list[float]) -> str:
 
 
 def recovery(rt: tools.Runtime, world: str) -> None:
-    iid = int(tools.instance_create(rt, _ctx(rt), "victim")["instance_id"])
-    url = rt.proxy.url_for(str(iid)) + "healthz"
+    created = tools.instance_create(rt, _ctx(rt), "victim")
+    iid, url = int(created["instance_id"]), str(created["url"]) + "healthz"
 
     def container_id() -> str:
         row = rt.db.one("instance_get", id=iid)

@@ -48,7 +48,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import psycopg
 
 import agent
@@ -59,7 +58,7 @@ from config import Config, ModelConfig
 from engine import LABEL_INSTANCE, LABEL_NAMESPACE, DockerEngine, Engine, MemoryEngine
 from errors import PiDeployError
 from evals.llm_server import ReplayServer, validate_script
-from proxy import MemoryProxy, NginxProxy, Proxy
+from proxy import MemoryProxy, NginxProxy, Proxy, route_instance, route_key
 
 logger = logging.getLogger(__name__)
 
@@ -258,9 +257,7 @@ CASE_SCHEMA: dict[str, Any] = {
 
 def validate_case(case: Any, where: str) -> dict[str, Any]:
     """The case if it is usable; CaseError naming `where` and the first problem otherwise."""
-    problems = sorted(
-        jsonschema.Draft202012Validator(CASE_SCHEMA).iter_errors(case), key=lambda e: list(e.path)
-    )
+    problems = sorted(tools.SchemaValidator(CASE_SCHEMA).iter_errors(case), key=lambda e: list(e.path))
     if problems:
         path = "/".join(str(p) for p in problems[0].path) or "(case)"
         raise CaseError(f"{where}: {path}: {problems[0].message}")
@@ -628,11 +625,21 @@ def _get(url: str) -> tuple[int, str]:
 
 
 def through_proxy(rt: tools.Runtime, instance_id: int, path: str) -> tuple[int, str]:
-    """GET an instance's path the way a user reaches it: through nginx (in memory: its route)."""
+    """GET an instance's path the way a user reaches it: through nginx at its route (in memory:
+    its route's port). A deleted instance is tried at any route the map still has for its id."""
+    row = rt.db.one("instance_get", id=instance_id)
+    routes = rt.proxy.routes()
+    key = (
+        route_key(row, rt.config)
+        if row
+        else next((k for k in routes if route_instance(k) == instance_id), None)
+    )
+    if key is None:
+        return 404, ""
     if isinstance(rt.proxy, MemoryProxy):
-        port = rt.proxy.routes().get(str(instance_id))
+        port = routes.get(key)
         return _get(f"http://127.0.0.1:{port}/{path}") if port else (404, "")
-    return _get(rt.proxy.url_for(str(instance_id)) + path)
+    return _get(rt.proxy.url_for(key) + path)
 
 
 def check_world(world: World, expect: dict[str, Any]) -> list[str]:

@@ -180,7 +180,7 @@ from typing import Any  # noqa: E402
 import tools  # noqa: E402
 from config import Config  # noqa: E402
 from engine import LABEL_NAMESPACE, Engine, MemoryEngine  # noqa: E402
-from proxy import MemoryProxy, NginxProxy, Proxy  # noqa: E402
+from proxy import MemoryProxy, NginxProxy, Proxy, route_instance, route_key  # noqa: E402
 
 
 @dataclass
@@ -207,10 +207,20 @@ class World:
             return found
         return [c for c in found if c.labels.get("pideploy.instance") == str(instance_id)]
 
+    def route(self, instance_id: int) -> str | None:
+        """The instance's route key (proxy.route_key); for a deleted one, any route left for its id."""
+        row = self.row(instance_id)
+        if row is not None:
+            return route_key(row, self.rt.config)
+        return next((k for k in self.rt.proxy.routes() if route_instance(k) == instance_id), None)
+
     def through_nginx(self, instance_id: int, path: str = "healthz") -> tuple[int, str]:
-        url = self.rt.proxy.url_for(str(instance_id)) + path
+        key = self.route(instance_id)
+        if key is None:
+            return 404, ""
+        url = self.rt.proxy.url_for(key) + path
         if isinstance(self.rt.proxy, MemoryProxy):  # no nginx in memory: follow the route by hand
-            port = self.rt.proxy.routes().get(str(instance_id))
+            port = self.rt.proxy.routes().get(key)
             if port is None:
                 return 404, ""
             url = f"http://127.0.0.1:{port}/{path}"

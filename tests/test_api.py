@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +27,7 @@ from config import Config
 from db import Database
 from engine import LABEL_INSTANCE, LABEL_NAMESPACE, MemoryEngine
 from proxy import MemoryProxy
+from tests import fuzz_api
 from tests.conftest import make_config
 
 pytestmark = pytest.mark.stack  # a real PostgreSQL (the `database` fixture)
@@ -160,7 +164,8 @@ def test_the_full_lifecycle_through_the_api(service: Service) -> None:
     assert created.body["instance"]["status"] in ("creating", "running")  # the row exists at once
     assert service.wait_task(task_id)["status"] == "succeeded"
     inst = c.call("GET", f"/api/instances/{iid}").body
-    assert inst["status"] == "running" and inst["url"].endswith(f"/i/{iid}/")
+    token = service.database.one("instance_get", id=iid)["route_token"]  # type: ignore[index]
+    assert inst["status"] == "running" and inst["url"].endswith(f"/i/{iid}-{token}/")
     assert [x.state for x in containers(service.engine, iid)] == ["running"]
 
     stop = c.call("POST", f"/api/instances/{iid}/stop")
@@ -374,6 +379,10 @@ def test_bad_input_is_a_4xx_and_writes_nothing(service: Service) -> None:
             {"body": {"name": "ok", "config": {"instance": {"id": 1, "user": "bob"}}}},
         ),
         (400, "POST", "/api/instances", {"body": {"name": "ok", "config": {"gateway": {"port": 1}}}}),
+        (400, "POST", "/api/instances", {"body": {"name": "web\n"}}),
+        (400, "POST", "/api/instances", {"body": {"name": "ok", "config": {"env": {"FOO\n": "x"}}}}),
+        (400, "POST", f"/api/instances/{iid}/update", {"body": {"config": {"env": {"FOO\n": "x"}}}}),
+        (400, "GET", "/api/tasks?limit=%D9%A3", {}),  # an Arabic-Indic 3 is not a number here
         (
             413,
             "POST",
@@ -440,3 +449,260 @@ def test_loopback_detection() -> None:
     assert (
         not api.is_loopback("0.0.0.0") and not api.is_loopback("10.1.2.3") and not api.is_loopback("example")
     )
+
+
+# --- the HTTP edge: ambiguous headers, odd methods and bodies, slow and vanishing clients ---
+
+
+def raw_request(port: int, data: bytes, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes as they are; (status, headers, body) of the answer ((0, {}, b"") if none)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        conn.sendall(data)
+        received = b""
+        while chunk := conn.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    if not head:
+        return 0, {}, b""
+    lines = head.decode("latin-1").split("\r\n")
+    pairs = [line.split(": ", 1) for line in lines[1:]]
+    headers = {name.lower(): value for name, value in pairs}
+    return int(lines[0].split()[1]), headers, body
+
+
+def request_bytes(method: str, path: str, headers: list[tuple[str, str]], body: bytes = b"") -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: x", *(f"{k}: {v}" for k, v in headers)]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def test_a_repeated_identity_or_framing_header_is_refused(service: Service) -> None:
+    port = service.client.port
+    auth, alice = ("Authorization", f"Bearer {TOKEN}"), ("X-User-Id", "alice")
+    body = b'{"name": "dup"}'
+    length = ("Content-Length", str(len(body)))
+    before = service.counts()
+    for headers in [
+        [auth, ("X-User-Id", "mallory"), alice],  # the last one used to win
+        [("Authorization", "Bearer wrong"), auth, alice],  # a wrong then a right token
+        [auth, auth, alice],
+        [auth, alice, ("Idempotency-Key", "a"), ("Idempotency-Key", "b")],
+        [auth, alice, length, length],
+        [auth, alice, length, ("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "identity")],
+    ]:
+        status, _, answer = raw_request(
+            port, request_bytes("POST", "/api/instances", [*headers, length], body)
+        )
+        assert status == 400, (headers, status, answer)
+        assert "repeated" in json.loads(answer)["error"]
+    # A header name in another case is the same header.
+    status, _, _ = raw_request(
+        port, request_bytes("GET", "/api/instances", [auth, alice, ("x-user-id", "bob")])
+    )
+    assert status == 400
+    assert service.counts() == before
+    status, _, _ = raw_request(port, request_bytes("POST", "/api/instances", [auth, alice, length], body))
+    assert status == 202
+
+
+def test_bodies_that_are_not_plain_json_objects_are_a_400(service: Service) -> None:
+    c = service.client
+    before = service.counts()
+
+    def nested(depth: int) -> dict[str, Any]:
+        value: Any = "x"
+        for _ in range(depth):
+            value = [value]
+        return {"name": "deep", "config": {"x": value}}
+
+    for raw in [
+        b"[" * 60_000,  # RecursionError in the parser: used to answer 500
+        b'{"name": "deep", "config": {"x": ' + b"[" * 5000 + b"]" * 5000 + b"}}",
+        json.dumps(nested(api.MAX_DEPTH)).encode(),  # parses, but too deep to keep
+        b'{"name": "a", "name": "b"}',  # which one counts depends on the parser
+        b'{"name": "nan", "config": {"x": NaN}}',
+        b'{"name": "inf", "config": {"x": 1e999}}',
+        b'{"name": "big", "config": {"x": ' + b"9" * 5000 + b"}}",
+    ]:
+        reply = c.call("POST", "/api/instances", raw=raw)
+        assert reply.status == 400, (raw[:60], reply.status, reply.body)
+        assert reply.body["error_class"] == "bad_request"
+    assert service.counts() == before
+    assert c.call("POST", "/api/instances", nested(api.MAX_DEPTH - 3)).status == 202
+
+
+def test_every_method_gets_a_json_answer(service: Service) -> None:
+    port = service.client.port
+    auth, alice = ("Authorization", f"Bearer {TOKEN}"), ("X-User-Id", "alice")
+    status, headers, body = raw_request(port, request_bytes("HEAD", "/healthz", []))
+    assert status == 200 and body == b"" and int(headers["content-length"]) > 0  # GET without the body
+    status, headers, body = raw_request(port, request_bytes("HEAD", "/api/instances", [auth, alice]))
+    assert status == 200 and body == b""
+    for method, path, allow in [
+        ("OPTIONS", "/api/instances", "GET, HEAD, POST"),
+        ("BREW", "/healthz", "GET, HEAD"),
+        ("PUT", "/api/instances/1", "GET, HEAD, DELETE"),
+        ("TRACE", "/api/instances/1/stop", "POST"),
+        ("HEAD", "/api/instances/1/stop", "POST"),
+    ]:
+        status, headers, body = raw_request(port, request_bytes(method, path, [auth, alice]))
+        assert (status, headers.get("allow")) == (405, allow), (method, path, status, headers, body)
+        assert headers["content-type"] == "application/json"
+        if method != "HEAD":
+            assert json.loads(body)["error_class"] == "bad_request"
+    status, headers, body = raw_request(port, request_bytes("BREW", "/nowhere", [auth, alice]))
+    assert status == 404 and json.loads(body)["error"]
+    for garbage in [
+        b"NONSENSE\r\n\r\n",
+        b"GET / HTTP/9.9\r\n\r\n",
+        b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n",
+    ]:
+        status, headers, body = raw_request(port, garbage)
+        assert 400 <= status < 500 and headers["content-type"] == "application/json", (garbage[:30], status)
+        assert json.loads(body)["error"]
+
+
+@pytest.fixture
+def edge(database: Database, tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A server with small limits (1 s to send a request, 1 s idle, 4 requests at once,
+    40 connections open) and an 8 MB dashboard page: (port, log file)."""
+    root = tmp_path / "site"
+    root.mkdir()
+    (root / "dashboard.html").write_bytes(b"<html>" + b"x" * 8_000_000)
+    config = make_config(tmp_path, agent="off", namespace="apiedge")
+    queue = tasks.Queue(database, config.max_attempts)
+    server = api.make_server(
+        api.Api(config, database, queue, MemoryProxy(), root=root),
+        "127.0.0.1",
+        0,
+        request_timeout=1.0,
+        idle_timeout=1.0,
+        max_active=4,
+        max_open=40,
+    )
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    yield int(server.server_address[1]), tmp_path
+    server.shutdown()
+    server.server_close()
+
+
+def _closed_by_server(conn: socket.socket) -> bool:
+    """Whether the server closed this connection (it sent nothing, or an answer, then EOF)."""
+    try:
+        while conn.recv(65536):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_idle_and_slow_connections_are_bounded(edge: tuple[int, Path]) -> None:
+    port, _ = edge
+    healthz = request_bytes("GET", "/healthz", [])
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(100)]
+    try:
+        # More idle connections than may be open: the longest-waiting make room for new ones.
+        assert raw_request(port, healthz)[0] == 200
+        # An idle connection is closed once it has sent nothing for the idle timeout.
+        assert _closed_by_server(idle[-1])
+        # A client that sends its headers a byte at a time is cut off at the request deadline,
+        # not kept for as long as it keeps trickling (a per-read timeout would restart each byte).
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+            slow.settimeout(0.3)
+            cut_off = False
+            for byte in healthz[:-2] + b"X-Pad: " + b"a" * 60:
+                try:
+                    slow.send(bytes([byte]))
+                except (BrokenPipeError, ConnectionResetError):
+                    cut_off = True
+                    break
+                try:
+                    if slow.recv(1) == b"":
+                        cut_off = True
+                        break
+                except TimeoutError:
+                    continue
+                except ConnectionResetError:
+                    cut_off = True
+                    break
+            assert cut_off, "a trickling client kept its connection for 20 s"
+        # A body that never comes: 408 at the deadline.
+        head = request_bytes("POST", "/api/instances", [("Content-Length", "100")])
+        status, _, _ = raw_request(port, head + b"{")
+        assert status == 408
+    finally:
+        for conn in idle:
+            conn.close()
+
+
+def test_trickling_clients_hold_no_thread(edge: tuple[int, Path]) -> None:
+    port, _ = edge
+    # Twenty clients sending their headers a byte at a time, with 4 threads for requests: their
+    # unfinished requests wait in the waiting room, and complete ones still get answered.
+    slow = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(20)]
+    try:
+        for _ in range(3):
+            for conn in slow:
+                conn.send(b"G")
+            assert raw_request(port, request_bytes("GET", "/healthz", []), timeout=5)[0] == 200
+            time.sleep(0.2)
+    finally:
+        for conn in slow:
+            conn.close()
+
+
+def test_requests_past_the_cap_get_a_quick_503(edge: tuple[int, Path]) -> None:
+    port, _ = edge
+    # Four requests in hand (their bodies, longer than the waiting room reads, never finish),
+    # so a fifth is one too many.
+    held = []
+    for _ in range(4):
+        conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+        conn.sendall(request_bytes("POST", "/api/instances", [("Content-Length", "60000")], b"x" * 20_000))
+        held.append(conn)
+    try:
+        time.sleep(0.3)  # the four have their threads
+        status, headers, body = raw_request(port, request_bytes("GET", "/healthz", []), timeout=0.9)
+        assert status == 503 and headers["retry-after"] == "1" and json.loads(body)["error"]
+    finally:
+        for conn in held:
+            conn.close()
+    time.sleep(1.2)  # their deadline passed: the threads are free again
+    assert raw_request(port, request_bytes("GET", "/healthz", []))[0] == 200
+
+
+def test_a_client_that_goes_away_is_one_log_line_not_a_traceback(
+    edge: tuple[int, Path], capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    port, _ = edge
+    caplog.set_level(logging.INFO, logger="api")
+    for request in [request_bytes("GET", "/", []), request_bytes("GET", "/healthz", [])]:
+        conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+        conn.sendall(request)
+        if request.startswith(b"GET / "):
+            conn.recv(1)  # the 8 MB page is being written
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()  # a reset, mid-response or before it
+    time.sleep(1.0)
+    assert "Traceback" not in capfd.readouterr().err
+    gone = [r for r in caplog.records if getattr(r, "action", "") == "http_disconnected"]
+    assert gone and all(r.exc_info is None for r in gone)
+    assert not [r for r in caplog.records if getattr(r, "action", "") == "http_error"]
+
+
+def test_fuzzed_requests_get_no_5xx_and_leave_no_traceback(
+    service: Service, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A few hundred seeded requests of tests/fuzz_api.py (the full run, against a real serve,
+    # is described there): any status but a 5xx, and nothing the server could not handle.
+    caplog.set_level(logging.INFO)
+    counts = fuzz_api.run(f"http://127.0.0.1:{service.client.port}", TOKEN, 400, seed=12)
+    assert not [status for status in counts if status >= 500 or status <= 0], counts
+    assert "Traceback" not in capfd.readouterr().err
+    assert not [r for r in caplog.records if r.exc_info or getattr(r, "action", "") == "http_error"]
+    assert client_ok(service)
+
+
+def client_ok(service: Service) -> bool:
+    return service.client.call("GET", "/healthz", user=None).status == 200

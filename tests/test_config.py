@@ -56,6 +56,13 @@ def test_config_is_frozen(tmp_path: Path) -> None:
         ({"PIDEPLOY_PORT_RANGE": "30000-20000"}, "port_range", "LOW-HIGH"),
         ({"PIDEPLOY_MAX_TOKENS": "16"}, "max_tokens", "at least 256"),
         ({"PIDEPLOY_BOGUS": "1"}, "PIDEPLOY_BOGUS", "unknown environment variable"),
+        # A trailing newline (a copy-paste slip) is refused, not carried into labels and commands.
+        ({"PIDEPLOY_NAMESPACE": "prod\n"}, "namespace", "control character"),
+        ({"PIDEPLOY_IMAGE": "localhost/gw:1\n"}, "image", "control character"),
+        ({"PIDEPLOY_WORKERS": "2\n"}, "workers", "control character"),
+        ({"PIDEPLOY_WORKERS": "\u0663"}, "workers", "expected int"),  # an Arabic-Indic 3
+        ({"PIDEPLOY_NAMESPACE": "pr\u00e9d"}, "namespace", "letters, digits"),
+        ({"PIDEPLOY_LISTEN": "127.0.0.1:\u0668\u0667\u0660\u0660"}, "listen", "HOST:PORT"),
     ],
 )
 def test_invalid_environment_names_the_key(

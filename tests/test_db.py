@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,21 @@ pytestmark = pytest.mark.stack
 def test_schema_applies_twice_and_reports_its_version(database: db.Database) -> None:
     assert database.apply_schema() == db.SCHEMA_VERSION
     assert database.apply_schema() == db.SCHEMA_VERSION
+
+
+def test_instances_from_before_route_tokens_each_get_their_own(database: db.Database) -> None:
+    # The database of a piDeploy from before route tokens: its rows get one at the next start.
+    with database.transaction() as conn:
+        conn.execute("ALTER TABLE instance DROP COLUMN route_token")
+    old = [_instance(database, name) for name in ("a", "b", "c")]
+    assert "route_token" not in old[0]
+    database.apply_schema()
+    tokens = [database.one("instance_get", id=row["id"])["route_token"] for row in old]  # type: ignore[index]
+    assert len(set(tokens)) == 3 and all(re.fullmatch(r"[0-9a-f]{32}", t) for t in tokens)
+    assert _instance(database, "d")["route_token"] not in tokens
+    # The CHECK: 32 lowercase hex digits.
+    with pytest.raises(errors.BadRequest), database.transaction() as conn:
+        conn.execute("UPDATE instance SET route_token = 'ABC' WHERE id = %s", (old[0]["id"],))
 
 
 def test_named_queries_are_loaded_from_queries_sql() -> None:
@@ -38,6 +54,8 @@ def test_constraints_live_in_the_database(database: db.Database) -> None:
         _instance(database, "a")  # (user_id, name) is unique
     with pytest.raises(errors.BadRequest):
         _instance(database, "Bad Name!")
+    with pytest.raises(errors.BadRequest):  # Postgres' `$` is the end of the string (no newline mode)
+        _instance(database, "web\n")
     second = _instance(database, "b")
     common: dict[str, Any] = {
         "status": "running",

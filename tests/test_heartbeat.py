@@ -35,8 +35,14 @@ def row(iid: int, status: str = "running", **columns: Any) -> dict[str, Any]:
         "healthy_since": None,
         "last_error": None,
         "updated_at": at(NOW - 60),
+        "route_token": f"{iid:032x}",
     }
     return {**base, **columns}
+
+
+def key(iid: int) -> str:
+    """The route key of row(iid) (proxy.route_key with route tokens on)."""
+    return f"{iid}-{iid:032x}"
 
 
 def container(iid: int | str, state: str = "running", **fields: Any) -> Container:
@@ -64,7 +70,7 @@ def observe(
 ) -> hb.Observation:
     """A consistent world unless told otherwise: routes for running rows, every probe ok."""
     if routes is None:
-        routes = {str(r["id"]): r["port"] for r in rows if r["status"] == "running"}
+        routes = {key(r["id"]): r["port"] for r in rows if r["status"] == "running"}
     if probes is None:
         running = {c.labels[LABEL_INSTANCE] for c in containers if c.running}
         probes = {r["id"]: hb.Probe(True, "HTTP 200") for r in rows if str(r["id"]) in running}
@@ -155,21 +161,42 @@ def test_a_labelled_container_without_a_row_is_an_orphan() -> None:
     assert {d.evidence["name"] for d in drifts} == {"pideploy-default-7", "pideploy-default-junk"}
 
 
+def test_an_instance_label_of_other_digits_is_no_instance() -> None:
+    # str.isdigit() is true of "\u00b2" (a superscript two), which int() refuses: no crash.
+    odd = dataclasses.replace(container(1), labels={LABEL_INSTANCE: "\u00b2", LABEL_NAMESPACE: "default"})
+    assert kinds(hb.diff(observe([], [odd]), CONFIG)) == [("orphan_container", None)]
+
+
 def test_a_running_instance_without_a_route() -> None:
-    drifts = hb.diff(observe([row(1), row(2)], [container(1), container(2)], routes={"1": 20001}), CONFIG)
+    drifts = hb.diff(observe([row(1), row(2)], [container(1), container(2)], routes={key(1): 20001}), CONFIG)
     assert kinds(drifts) == [("route_missing", 2)]
-    assert drifts[0].evidence == {"route": "2", "expected_port": 20002}
+    # The evidence names the route without its token: it reaches events, traces and the model.
+    assert drifts[0].evidence == {"route": "2-<token>", "expected_port": 20002}
 
 
 def test_a_route_to_the_wrong_port_or_for_no_running_instance_is_stale() -> None:
     rows = [row(1), row(2, "stopped")]
-    routes = {"1": 20999, "2": 20002, "ghost": 21000}
+    routes = {key(1): 20999, key(2): 20002, "ghost": 21000}
     drifts = hb.diff(observe(rows, [container(1)], routes=routes), CONFIG)
     assert kinds(drifts) == [("route_stale", 1), ("route_stale", 2), ("route_stale", None)]
     by_route = {d.evidence["route"]: d.evidence for d in drifts}
-    assert by_route["1"]["expected_port"] == 20001
-    assert by_route["2"]["expected_port"] is None
+    assert by_route["1-<token>"]["expected_port"] == 20001
+    assert by_route["2-<token>"]["expected_port"] is None
     assert "route ghost" in next(d for d in drifts if d.instance_id is None).describe()
+
+
+def test_a_route_key_in_the_other_form_is_stale() -> None:
+    # After an upgrade the map still has `/i/<id>/` routes: they answer anyone, so they go.
+    rows, containers = [row(1), row(2)], [container(1), container(2)]
+    drifts = hb.diff(observe(rows, containers, routes={"1": 20001, key(2): 20002}), CONFIG)
+    assert kinds(drifts) == [("route_missing", 1), ("route_stale", 1)]
+    assert [s.tool for s in hb.plan(drifts, {1: rows[0]}, NOW, CONFIG)] == ["nginx_sync"]
+    # An operator who fronts nginx with their own auth turns tokens off: then `<id>` is right.
+    off = dataclasses.replace(CONFIG, route_tokens="off")
+    drifts = hb.diff(observe(rows, containers, routes={"1": 20001, key(2): 20002}), off)
+    assert kinds(drifts) == [("route_missing", 2), ("route_stale", 2)]
+    everything = json.dumps([d.to_dict() for d in drifts]) + " ".join(d.describe() for d in drifts)
+    assert f"{2:032x}" not in everything
 
 
 def test_a_transitional_status_is_stuck_only_when_old_and_idle() -> None:

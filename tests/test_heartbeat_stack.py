@@ -36,7 +36,7 @@ import tools
 from config import Config, ModelConfig
 from engine import LABEL_INSTANCE, LABEL_NAMESPACE, Container, DockerEngine
 from evals.llm_server import ReplayServer
-from proxy import NginxProxy, proxy_from_config, render_map
+from proxy import NginxProxy, proxy_from_config, render_map, route_key
 from tests.conftest import ROOT, free_port, make_config, nginx_binary, require_stack
 
 pytestmark = pytest.mark.stack
@@ -105,9 +105,14 @@ class Stack:
         if wait:
             wait_for("the container to stop", lambda: not _running(self.engine.inspect(container_id)))
 
-    def through_nginx(self, iid: int | str) -> int:
+    def key(self, iid: int) -> str:
+        return route_key(self.row(iid), self.config)
+
+    def through_nginx(self, iid: int, key: str | None = None) -> int:
+        """GET /healthz through nginx at the instance's route (or at `key`)."""
+        url = self.proxy.url_for(key or self.key(iid)) + "healthz"
         try:
-            with urllib.request.urlopen(self.proxy.url_for(str(iid)) + "healthz", timeout=3) as response:
+            with urllib.request.urlopen(url, timeout=3) as response:
                 return int(response.status)
         except urllib.error.HTTPError as error:
             return error.code
@@ -266,7 +271,7 @@ def test_a_container_that_crashes_at_every_start_gets_three_recoveries_then_erro
     )
     alerts = [json.loads(line) for line in stack.config.alerts.read_text().splitlines()]
     assert [(a["rule"], a["instance_id"]) for a in alerts] == [("instance_error", iid)]
-    assert stack.through_nginx(iid) != 200 and str(iid) not in stack.proxy.routes()
+    assert stack.through_nginx(iid) != 200 and stack.key(iid) not in stack.proxy.routes()
 
     clock.advance(3600)
     after = beat.round("cron")
@@ -303,7 +308,7 @@ def test_a_crashed_instance_whose_port_was_taken_meanwhile_moves_to_a_new_port(s
         assert report.repaired == report.drifts and report.ok
         row = stack.row(iid)
         assert row["status"] == "running" and row["port"] != old_port
-        assert stack.proxy.routes()[str(iid)] == row["port"]
+        assert stack.proxy.routes()[stack.key(iid)] == row["port"]
         assert stack.through_nginx(iid) == 200
         assert stack.events(iid)[-4:] == ["port_reserved", "container_recreated", "started", "recovered"]
 
@@ -311,7 +316,7 @@ def test_a_crashed_instance_whose_port_was_taken_meanwhile_moves_to_a_new_port(s
 def test_an_nginx_map_edited_by_hand_is_repaired(stack: Stack) -> None:
     alpha, beta = stack.create("alpha"), stack.create("beta")
     routes = stack.proxy.routes()
-    edited = {str(alpha): routes[str(alpha)], "ghost": 1025}  # beta's line deleted, a stray one added
+    edited = {stack.key(alpha): routes[stack.key(alpha)], "ghost": 1025}  # beta's line deleted, a stray added
     stack.proxy.map_path.write_text(render_map(edited, "edited-by-hand"))
     os.kill(int((stack.config.home / "nginx" / "nginx.pid").read_text()), signal.SIGHUP)  # nginx -s reload
     wait_for("nginx to serve the edited map", lambda: stack.through_nginx(beta) != 200)
@@ -322,13 +327,41 @@ def test_an_nginx_map_edited_by_hand_is_repaired(stack: Stack) -> None:
         [("route_missing", beta), ("route_stale", None)]
     )
     assert [a["tool"] for a in report.actions] == ["nginx_sync"] and report.ok
-    assert stack.proxy.routes() == {str(alpha): routes[str(alpha)], str(beta): routes[str(beta)]}
+    assert stack.proxy.routes() == {
+        stack.key(alpha): routes[stack.key(alpha)],
+        stack.key(beta): routes[stack.key(beta)],
+    }
     assert stack.through_nginx(beta) == 200 and stack.through_nginx(alpha) == 200
     assert stack.events(beta)[-1] == "drift_repaired"
     stray = [e for e in stack.rt.db.all("event_list_all", limit=50) if e["instance_id"] is None]
     assert [(e["kind"], e["detail"]["drift"], e["detail"]["evidence"]["route"]) for e in stray] == [
         ("drift_repaired", "route_stale", "ghost")
     ]
+
+
+def test_routes_from_before_route_tokens_are_replaced(stack: Stack) -> None:
+    # An upgrade finds `/i/<id>/` routes in the map: sequential ids anyone can walk.
+    alpha, beta = stack.create("alpha"), stack.create("beta")
+    old_form = {str(iid): stack.row(iid)["port"] for iid in (alpha, beta)}
+    stack.proxy.map_path.write_text(render_map(old_form, "before-the-upgrade"))
+    os.kill(int((stack.config.home / "nginx" / "nginx.pid").read_text()), signal.SIGHUP)
+    wait_for("nginx to serve the old map", lambda: stack.through_nginx(alpha, str(alpha)) == 200)
+
+    report = stack.heartbeat().round("cron")
+
+    assert sorted((d.kind, d.instance_id) for d in report.drifts) == sorted(
+        [(kind, iid) for iid in (alpha, beta) for kind in ("route_missing", "route_stale")]
+    )
+    assert report.ok and stack.proxy.routes() == {stack.key(i): stack.row(i)["port"] for i in (alpha, beta)}
+    for iid in (alpha, beta):
+        assert stack.through_nginx(iid) == 200
+        assert stack.through_nginx(iid, str(iid)) == 404  # the old URL answers nothing
+        assert stack.through_nginx(iid, f"{iid}-{'0' * 32}") == 404  # nor does a wrong token
+    # The drift report (events, the trace) names the routes, never their tokens.
+    tokens = [stack.row(i)["route_token"] for i in (alpha, beta)]
+    recorded = json.dumps([e["detail"] for e in stack.rt.db.all("event_list_all", limit=50)], default=str)
+    recorded += Path(report.trace_file or "").read_text()
+    assert not [token for token in tokens if token in recorded]
 
 
 class _NeverCalled:

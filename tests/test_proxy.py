@@ -145,6 +145,11 @@ def test_check_true_for_live_false_for_dead_and_unknown(px: MemoryProxy | NginxP
     assert px.check([]) == {}
 
 
+def test_parse_map_skips_what_it_cannot_read() -> None:
+    text = "# header\n.generation abc;\nok 20001;\nsup \u00b2;\nbad key 1;\nneg -1;\n"
+    assert proxy.parse_map(text) == ({"ok": 20001}, "abc")
+
+
 def test_url_for(px: MemoryProxy | NginxProxy) -> None:
     assert px.url_for("42") == f"{px.base_url}/i/42/"
 

@@ -27,3 +27,8 @@ def test_every_setting_is_in_the_readme_with_its_default() -> None:
 def test_the_readme_names_no_setting_that_does_not_exist() -> None:
     known = {variable for variable, _, _ in config.describe()}
     assert set(_table()) <= known
+
+
+def test_the_systemd_unit_leaves_room_for_open_connections() -> None:
+    limit = re.search(r"^LimitNOFILE=(\d+)$", (ROOT / "README.md").read_text(), re.MULTILINE)
+    assert limit is not None and int(limit.group(1)) >= 65536

@@ -30,9 +30,10 @@ from psycopg.rows import dict_row
 
 import db
 import gate
+from config import Config
 from engine import LABEL_INSTANCE, LABEL_NAMESPACE, Container, DockerEngine
 from errors import ContainerNotFound
-from proxy import NginxProxy
+from proxy import NginxProxy, route_key
 from tests.conftest import ROOT, free_port, nginx_binary, require_stack
 
 pytestmark = pytest.mark.stack
@@ -144,12 +145,20 @@ class Site:
             labels[LABEL_INSTANCE] = str(instance_id)
         return self.engine.list(labels)
 
-    def routed(self, instance_id: int) -> bool:
+    def key(self, instance_id: int) -> str:
+        return route_key(self.sql("SELECT * FROM instance WHERE id = %s", instance_id)[0], Config())
+
+    def get(self, url: str) -> int:
         try:
-            with urllib.request.urlopen(f"{self.nginx}/i/{instance_id}/healthz", timeout=3) as response:
-                return bool(response.status == 200)
+            with urllib.request.urlopen(url, timeout=3) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as error:
+            return error.code
         except (urllib.error.URLError, OSError):
-            return False
+            return 0
+
+    def routed(self, instance_id: int, key: str | None = None) -> bool:
+        return self.get(f"{self.nginx}/i/{key or self.key(instance_id)}/healthz") == 200
 
     def check_world(self, instance_id: int, status: str = "running") -> Container:
         """The DB row, the engine and nginx agree: one container, the row's, in the right state."""
@@ -297,6 +306,20 @@ def test_the_lifecycle_through_the_http_api(site: Site) -> None:
     assert site.sql("SELECT status FROM instance WHERE id = %s", iid)  # the row exists at once
     assert site.wait_task(created["task_id"])["status"] == "succeeded"
     first = site.check_world(iid)
+    key = site.key(iid)
+
+    # The route answers only at the URL its owner gets: ids are sequential, the token is not.
+    status, mine = site.call("GET", f"/api/instances/{iid}")
+    assert status == 200 and mine["url"] == f"{site.nginx}/i/{key}/"
+    token = key.split("-", 1)[1]
+    assert len(token) == 32 and site.get(mine["url"] + "healthz") == 200
+    assert site.get(f"{site.nginx}/i/{iid}/healthz") == 404  # no token: as if there were no instance
+    assert site.get(f"{site.nginx}/i/{iid}-{'0' * 32}/healthz") == 404  # a wrong one
+    assert site.get(f"{site.nginx}/i/{iid}-{token[:-1]}/healthz") == 404
+    assert site.get(f"{site.nginx}/i/{iid + 1}-{token}/healthz") == 404  # the token is this instance's
+    assert site.get(f"{site.nginx}/i/{iid + 1}/healthz") == 404
+    status, theirs = site.call("GET", "/api/instances", user="bob")
+    assert status == 200 and token not in json.dumps(theirs)
 
     for action, expected in (("stop", "stopped"), ("start", "running")):
         status, reply = site.call("POST", f"/api/instances/{iid}/{action}")
@@ -311,18 +334,20 @@ def test_the_lifecycle_through_the_http_api(site: Site) -> None:
     assert site.wait_task(reply["task_id"])["status"] == "succeeded"
     updated = site.check_world(iid)
     assert updated.id != first.id and updated.image.endswith("pideploy-gateway:v2")
-    with urllib.request.urlopen(f"{site.nginx}/i/{iid}/version", timeout=3) as response:
+    url = site.call("GET", f"/api/instances/{iid}")[1]["url"]
+    with urllib.request.urlopen(url + "version", timeout=3) as response:
         assert response.read().decode().strip() == "v2"
 
     status, reply = site.call("DELETE", f"/api/instances/{iid}")
     assert status == 202, reply
     assert site.wait_task(reply["task_id"])["status"] == "succeeded"
     assert site.call("GET", f"/api/instances/{iid}")[0] == 404
-    assert site.containers() == [] and not site.routed(iid)
+    assert site.containers() == [] and not site.routed(iid, key)
     assert site.sql("SELECT count(*) AS n FROM instance")[0]["n"] == 0
     lines = [json.loads(line) for line in site.log().splitlines() if line.startswith("{")]
     assert {"time", "level", "logger", "action", "message"} <= set(lines[0])
     assert any(line["action"] == "task_succeeded" and line.get("task_id") for line in lines)
+    assert token not in site.log()  # serve logs at INFO: the route token is not in it
 
 
 def test_kill_9_mid_task_then_a_new_serve_reclaims_it(site: Site) -> None:

@@ -95,9 +95,16 @@ def test_params_are_checked_like_the_tools_check_them() -> None:
         ("instance_update", {"config": {"instance": {"name": "web"}}}),
         ("instance_update", {"image": 5}),
         ("nope", {}),
+        # `$` is the end of the input: a trailing newline is not part of a valid name or key.
+        ("instance_create", {"name": "web\n"}),
+        ("instance_create", {"name": "ok", "config": {"env": {"FOO\n": "x"}}}),
+        ("instance_update", {"config": {"env": {"FOO\n": "x"}}}),
     ]:
         with pytest.raises(BadRequest):
             tasks.check_params(task_type, params)
+    for user in ("alice\n", "alice\r\n", "\nalice", "alice\x00"):
+        with pytest.raises(BadRequest):
+            tasks.check_user(user)
 
 
 # --- submitting -------------------------------------------------------------

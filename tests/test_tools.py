@@ -32,7 +32,7 @@ from errors import (
     ToolError,
     ToolRefused,
 )
-from proxy import NginxProxy
+from proxy import NginxProxy, route_instance
 from tests.conftest import World, make_config, make_config_like, require_stack
 
 pytestmark = pytest.mark.stack
@@ -76,7 +76,7 @@ def test_full_lifecycle(any_world: World) -> None:
     assert stopped.id == container.id and not stopped.running
     assert not tools.healthz(port)[0]
     assert w.through_nginx(iid)[0] == 404
-    assert str(iid) not in w.rt.proxy.routes()
+    assert w.route(iid) not in w.rt.proxy.routes()
     assert appended(iid) == ["stopped"]
 
     tools.instance_start(w.rt, w.ctx(), iid)
@@ -86,7 +86,7 @@ def test_full_lifecycle(any_world: World) -> None:
     assert started.id == container.id and started.running
     assert tools.healthz(port)[0]
     assert w.through_nginx(iid) == (200, "ok")
-    assert w.rt.proxy.routes()[str(iid)] == port
+    assert w.rt.proxy.routes()[w.route(iid)] == port  # type: ignore[index]
     assert appended(iid) == ["started"]
 
     updated = tools.instance_update(w.rt, w.ctx(), iid, image="localhost/pideploy-gateway:v2")
@@ -107,7 +107,7 @@ def test_full_lifecycle(any_world: World) -> None:
     assert not config_file.parent.exists()
     assert not tools.healthz(port)[0]
     assert w.through_nginx(iid)[0] == 404
-    assert str(iid) not in w.rt.proxy.routes()
+    assert not [key for key in w.rt.proxy.routes() if route_instance(key) == iid]
     assert appended(iid) == ["delete_started", "deleted"]  # the history outlives the row
 
 
@@ -313,6 +313,8 @@ def test_arguments_are_validated_against_the_schema(any_world: World) -> None:
         ("instance_create", {"name": "ok", "config": {"instance": {"id": 1, "user": "bob"}}}),
         ("instance_create", {}),
         ("instance_create", ["not", "an", "object"]),
+        ("instance_create", {"name": "web\n"}),  # `$` in a schema pattern is the end of the input
+        ("instance_create", {"name": "ok", "config": {"env": {"FOO\n": "x"}}}),
         ("instance_delete", {"instance_id": 1}),  # not in this task type's tool set
         ("no_such_tool", {}),
     ]:
@@ -342,6 +344,33 @@ def test_pideploys_own_config_fields_win_over_a_config_stored_before_they_were_r
     }
     # The keys the schema refuses are exactly the ones piDeploy writes.
     assert set(written) - {"theme"} == set(tools.OWN_CONFIG_KEYS)
+
+
+def _patterns(schema: object) -> list[str]:
+    if isinstance(schema, dict):
+        own = [schema["pattern"]] if isinstance(schema.get("pattern"), str) else []
+        return own + [p for value in schema.values() for p in _patterns(value)]
+    if isinstance(schema, list):
+        return [p for value in schema for p in _patterns(value)]
+    return []
+
+
+def test_schema_patterns_are_read_as_ecma_262() -> None:
+    # The schemas are also tool specs for models, so they keep ECMA's `$` (the end of the input);
+    # the validator reads them the same way, which Python's `re.search` alone does not.
+    patterns = {p for tool in tools.TOOLS.values() for p in _patterns(tool.parameters)}
+    assert patterns and all(p.endswith("$") for p in patterns)
+    for pattern in patterns:
+        regex = tools.ecma_regex(pattern)
+        for sample in ("A", "a", "web", "FOO_1"):
+            if regex.search(sample):
+                assert not regex.search(sample + "\n") and not regex.search(sample + "\r\n")
+    assert tools.ecma_regex(r"^a[$]$").search("a$") and not tools.ecma_regex(r"^a[$]$").search("a$\n")
+    assert tools.ecma_regex(r"^a\$$").search("a$") and not tools.ecma_regex(r"^a\$$").search("a")
+    assert tools.ecma_regex(r"^[\]$]+$").search("]$") and not tools.ecma_regex(r"^[\]$]+$").search("]\n")
+    assert not tools.ecma_regex(r"^\d+$").search("\u0663")  # ECMA's \d is 0-9 only
+    assert tools.SchemaValidator({"propertyNames": {"pattern": "^[A-Z]+$"}}).is_valid({"FOO": 1})
+    assert not tools.SchemaValidator({"propertyNames": {"pattern": "^[A-Z]+$"}}).is_valid({"FOO\n": 1})
 
 
 # ---------------------------------------------------------------------------
@@ -647,6 +676,30 @@ def test_nginx_runs_only_against_piDeploys_own_configuration(real_world: World) 
         tools.bash(w.rt, w.ctx(), f"nginx -t -p {prefix}/ -c {prefix}/nginx.conf")
 
 
+def test_a_users_task_cannot_read_the_route_map(real_world: World) -> None:
+    # The map holds every instance's route token; a user's bash reads only that user's folders,
+    # and a symlink its instance plants in its storage leads nowhere (the gate and Landlock).
+    w = real_world
+    iid = w.create("tokened")["instance_id"]
+    assert isinstance(w.rt.proxy, NginxProxy)
+    token = w.row(iid)["route_token"]  # type: ignore[index]
+    assert token in w.rt.proxy.map_path.read_text()
+    storage = Path(w.row(iid)["storage_path"])  # type: ignore[index]
+    (storage / "routes").symlink_to(w.rt.proxy.map_path)
+    (storage / "nginx").symlink_to(w.rt.proxy.map_path.parent)
+    for command in (
+        f"cat {w.rt.proxy.map_path}",
+        f"cat {storage}/routes",
+        f"grep -r . {storage}/nginx/",
+        f"ls -la {w.rt.proxy.map_path.parent}",
+    ):
+        try:
+            out = tools.bash(w.rt, w.ctx(), command)
+        except ToolRefused:
+            continue
+        assert token not in out["stdout"] + out["stderr"], command
+
+
 def test_a_port_whose_server_just_stopped_is_free_and_a_listened_one_is_not() -> None:
     # A stopped gateway leaves its served connections in TIME_WAIT on its port: that port is
     # free for the next server, so instance_start must not rebuild the container elsewhere.
@@ -929,7 +982,7 @@ def test_update_of_a_running_instance_while_nginx_config_is_invalid_keeps_its_ro
         assert row["port"] == old["port"]
         (only,) = w.containers(iid)
         assert only.running and only.id == row["container_id"] != old["container_id"]
-        assert w.rt.proxy.routes() == {str(iid): old["port"]}
+        assert w.rt.proxy.routes() == {w.route(iid): old["port"]}
         assert w.through_nginx(iid, "version")[1] == "v2"
         assert w.events(iid)[-2:] == ["update_started", "updated"]
 
@@ -981,7 +1034,7 @@ def test_update_whose_route_nginx_rejects_restores_the_old_container(real_world:
     (only,) = w.containers(iid)
     assert only.id == before["container_id"] and not only.running
     assert only.name == tools.container_name(w.rt.config, iid)
-    assert w.rt.proxy.routes() == {str(keeper): w.row(keeper)["port"]}  # type: ignore[index]
+    assert w.rt.proxy.routes() == {w.route(keeper): w.row(keeper)["port"]}  # type: ignore[index]
     assert w.through_nginx(iid)[0] == 404
     assert w.through_nginx(keeper) == (200, "ok")
     assert w.events(iid)[-1] == "update_rolled_back"

@@ -184,6 +184,13 @@ class Site:
         except urllib.error.HTTPError as error:
             return error.code, json.loads(error.read())
 
+    def instance_url(self, iid: int) -> str:
+        """A running instance's URL as the API gives it to its owner (the route key has a token)."""
+        status, instance = self.call("GET", f"/api/instances/{iid}")
+        assert status == 200 and instance["url"], instance
+        assert instance["url"].startswith(f"{self.nginx}/i/{iid}-"), instance["url"]
+        return str(instance["url"])
+
     def submit(self, method: str, path: str, body: object = None) -> dict[str, Any]:
         status, reply = self.call(method, path, body)
         assert status == 202, (method, path, status, reply)
@@ -513,8 +520,8 @@ def test_the_lifecycle_through_the_api_shows_on_the_page(site: Site, page: Page,
     # 3. Running, with its Dashboard URL, and that URL answers through nginx.
     expect_status(row, "running")
     url = row.get_by_test_id("url")
-    expect(url).to_have_attribute("href", f"{site.nginx}/i/{iid}/")
-    expect(url).to_have_text(f"{site.nginx}/i/{iid}/")
+    expect(url).to_have_attribute("href", site.instance_url(iid))
+    expect(url).to_have_text(site.instance_url(iid))
     href = url.get_attribute("href")
     assert href is not None
     status, body = get(href + "healthz")
@@ -571,7 +578,7 @@ def test_the_lifecycle_through_the_page_buttons(
     expect(progress).to_contain_text("update via-page")
     expect(progress).to_have_attribute("data-status", "succeeded")
     expect_status(row, "running")
-    assert get(f"{site.nginx}/i/{iid}/version")[1].strip() == "v2"
+    assert get(site.instance_url(iid) + "version")[1].strip() == "v2"
     assert dialogs.seen[-1].startswith("prompt: ")
     steps.done("07-page-updated")
 
@@ -614,8 +621,9 @@ def test_the_lifecycle_through_the_page_buttons(
     task_row = page.locator(f'[data-testid="task"][data-task-id="{start_id}"]')
     expect(task_row.get_by_test_id("type")).to_have_text("instance_start")
     expect(task_row.get_by_test_id("turns")).to_have_text("2")  # instance_start, report_result
-    expect(row.get_by_test_id("url")).to_have_attribute("href", f"{site.nginx}/i/{iid}/")
-    status, body = get(f"{site.nginx}/i/{iid}/healthz")
+    instance_url = site.instance_url(iid)
+    expect(row.get_by_test_id("url")).to_have_attribute("href", instance_url)
+    status, body = get(instance_url + "healthz")
     assert (status, body.strip()) == (200, "ok"), f"restarted instance {iid} through nginx: {status} {body!r}"
     expect(row.get_by_role("button", name="Start via-page")).to_be_disabled()
     steps.done("10-page-started")
@@ -625,7 +633,7 @@ def test_the_lifecycle_through_the_page_buttons(
     expect(progress).to_contain_text("stop via-page")
     expect_status(row, "stopped")
     expect(progress).to_have_attribute("data-status", "succeeded")
-    assert get(f"{site.nginx}/i/{iid}/healthz")[0] != 200
+    assert get(instance_url + "healthz")[0] != 200
     steps.done("11-page-stopped-again")
 
     # Delete asks first: dismissed, nothing happens; accepted, the instance goes.
