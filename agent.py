@@ -35,6 +35,7 @@ from errors import (
     BadModelOutput,
     ChainUnavailable,
     CostCapExceeded,
+    DatabaseError,
     ModelError,
     ModelRateLimited,
     ModelRejected,
@@ -733,6 +734,11 @@ def execute(
             span.fail(error)
             guard.bad_output(error.message)
             content = {"ok": False, "error_class": error.error_class, "error": error.message}
+        except DatabaseError as error:
+            # A lost database is no tool result for the model to reason about: the run ends as a
+            # crash and the queue tries the task again (its tools pick up where the world is).
+            span.fail(error)
+            raise
         except PiDeployError as error:
             span.fail(error)
             trace.extra["last_tool_error_class"] = error.error_class

@@ -645,7 +645,7 @@ class Heartbeat:
     @contextlib.contextmanager
     def _lock(self) -> Iterator[bool]:
         db = self.rt.db
-        with db.pool.connection() as conn:
+        with db.connection() as conn:
             limit = time.monotonic() + self.lock_wait
             held = False
             while True:
@@ -658,7 +658,7 @@ class Heartbeat:
                 yield held
             finally:
                 if held:
-                    db.one("heartbeat_unlock", conn, key=_HEARTBEAT_LOCK)
+                    db.unlock("heartbeat_unlock", conn, key=_HEARTBEAT_LOCK)
 
     def _round(self, source: str, only: set[int] | None) -> RoundReport:
         started = time.monotonic()

@@ -60,7 +60,8 @@ logger = logging.getLogger(__name__)
 PORT_PROBE_TIMEOUT = 0.3
 
 _ROUTE_LOCK = 8_700_002  # advisory lock: one read-then-apply of the route map at a time
-_INSTANCE_LOCK_SPACE = 8_700_100  # advisory lock space for per-instance locks
+INSTANCE_LOCK_SPACE = 8_700_100  # advisory lock space for per-instance locks
+_SYSTEM_LOCK_WAIT = 2.0  # a heartbeat finding an instance locked leaves it to whoever holds it
 CONFIG_FILE = "openclaw.json"
 
 
@@ -232,8 +233,8 @@ def scoped_instance(rt: Runtime, ctx: ToolContext, instance_id: int, tool: str) 
 def instance_lock(rt: Runtime, ctx: ToolContext, instance_id: int, wait: float = 60.0) -> Iterator[None]:
     """A per-instance lock across threads and processes (a session advisory lock)."""
     limit = time.monotonic() + ctx.remaining(wait)
-    with rt.db.pool.connection() as conn:
-        while not rt.db.one("instance_try_lock", conn, space=_INSTANCE_LOCK_SPACE, id=instance_id)["ok"]:  # type: ignore[index]
+    with rt.db.connection() as conn:
+        while not rt.db.one("instance_try_lock", conn, space=INSTANCE_LOCK_SPACE, id=instance_id)["ok"]:  # type: ignore[index]
             if time.monotonic() >= limit:
                 raise ToolError(
                     f"instance {instance_id} is busy with another operation", instance_id=instance_id
@@ -242,7 +243,7 @@ def instance_lock(rt: Runtime, ctx: ToolContext, instance_id: int, wait: float =
         try:
             yield
         finally:
-            rt.db.one("instance_unlock", conn, space=_INSTANCE_LOCK_SPACE, id=instance_id)
+            rt.db.unlock("instance_unlock", conn, space=INSTANCE_LOCK_SPACE, id=instance_id)
 
 
 @contextlib.contextmanager

@@ -468,3 +468,31 @@ def test_a_second_serve_on_a_taken_port_says_so_in_one_line(site: Site) -> None:
         f"pideploy: error: cannot listen on {site.env['PIDEPLOY_LISTEN']}: Address already in use"
     ]
     assert site.call("GET", "/api/instances")[0] == 200  # the first one serves on
+
+
+# ---------------------------------------------------------------------------
+# Faults: serve killed on a task's last attempt, the database killed under serve
+# ---------------------------------------------------------------------------
+
+
+def test_serve_restarts_the_embedded_postgres_it_uses_when_it_dies(site: Site) -> None:
+    site.serve(log="serve")
+    postmaster = int((site.home / "pg" / "data" / "postmaster.pid").read_text().split()[0])
+    os.kill(postmaster, signal.SIGKILL)
+    wait_for("serve to see the database gone", lambda: '"db_down"' in site.log())
+
+    def created() -> dict[str, Any] | None:
+        status, reply = site.call("POST", "/api/instances", {"name": "after"})
+        return reply if status == 202 else None
+
+    reply = wait_for("serve to start the database again and take a task", created, timeout=60)
+    assert site.wait_task(reply["task_id"])["status"] == "succeeded"
+    site.check_world(reply["instance_id"])
+    actions = [json.loads(line).get("action") for line in site.log().splitlines() if line.startswith("{")]
+    said = [
+        line[:400] for line in site.log().splitlines() if '"action": "db_' in line or '"action": "pg_' in line
+    ]
+    assert (actions.count("db_down"), actions.count("pg_restart"), actions.count("db_up")) == (1, 1, 1), (
+        "\n".join(said)
+    )
+    assert actions.count("listener_error") == 1

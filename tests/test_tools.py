@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -22,10 +23,20 @@ from typing import Any
 
 import pytest
 
+import db
 import tools
+from engine import DockerEngine
 from errors import ImageNotFound, ProxyError, RolledBack, ToolArgumentError, ToolError, ToolRefused
 from proxy import NginxProxy
-from tests.conftest import World, make_config, make_config_like, require_stack
+from tests.conftest import (
+    World,
+    _cleanup,
+    make_config,
+    make_config_like,
+    make_world,
+    require_stack,
+    restart_cluster,
+)
 
 pytestmark = pytest.mark.stack
 V2 = "localhost/pideploy-gateway:v2"
@@ -700,3 +711,46 @@ def test_update_whose_route_nginx_rejects_restores_the_old_container(real_world:
     assert w.events(iid)[-1] == "update_rolled_back"
     tools.instance_start(w.rt, w.ctx(), iid)  # nginx fixed: the restored container serves v1
     assert w.through_nginx(iid, "version")[1] == "v1"
+
+
+# ---------------------------------------------------------------------------
+# Faults: a route kept through an update, a database restart mid-create, the
+# heartbeat's own tools
+# ---------------------------------------------------------------------------
+
+
+def test_a_create_across_a_database_restart_succeeds(
+    docker_engine: DockerEngine, nginx: NginxProxy, tmp_path: Path, pg_home: Path
+) -> None:
+    # The instance lock is a session lock on a pooled connection: the restart ends that session
+    # (and every pooled one) while the create waits for its health check. The create's own
+    # writes go on fresh connections, and releasing the lock the server already dropped is no
+    # error: the create succeeds.
+    require_stack("PostgreSQL", db.find_server_bindir() is not None, db.INSTALL_HINT)
+    postgres = db.Postgres(make_config(tmp_path, home=pg_home))
+    assert postgres.embedded is not None
+    low = random.randrange(30_000, 32_500)
+    w = make_world(docker_engine, nginx, postgres.db, tmp_path, port_range=f"{low}-{low + 99}")
+    outcome: dict[str, Any] = {}
+
+    def create() -> None:
+        try:
+            outcome["result"] = w.create("across", env={"GATEWAY_HEALTHZ_DELAY": "3"})
+        except Exception as error:  # reported by the assertion below
+            outcome["error"] = error
+
+    try:
+        creator = threading.Thread(target=create)
+        creator.start()
+        limit = time.monotonic() + 15
+        while not w.containers() and time.monotonic() < limit:
+            time.sleep(0.05)
+        restart_cluster(postgres.embedded)
+        creator.join(30)
+        assert "error" not in outcome, outcome
+        iid = outcome["result"]["instance_id"]
+        assert w.row(iid)["status"] == "running"  # type: ignore[index]
+        assert w.through_nginx(iid) == (200, "ok")
+    finally:
+        _cleanup(w)
+        postgres.close()
