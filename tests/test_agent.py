@@ -116,7 +116,7 @@ def chat_spans(outcome: agent.Outcome) -> list[dict[str, Any]]:
 def test_prompt_text_is_pinned_to_its_version() -> None:
     # Changing SYSTEM_PROMPT must come with a new PROMPT_VERSION: update both lines together.
     assert (agent.PROMPT_VERSION, hashlib.sha256(agent.SYSTEM_PROMPT.encode()).hexdigest()[:12]) == (
-        "2026-11-22.1",
+        "2026-12-01.1",
         agent.PROMPT_SHA,
     )
 

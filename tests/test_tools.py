@@ -17,13 +17,14 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import db
+import tasks
 import tools
 from engine import DockerEngine
 from errors import ImageNotFound, ProxyError, RolledBack, ToolArgumentError, ToolError, ToolRefused
@@ -719,6 +720,40 @@ def test_update_whose_route_nginx_rejects_restores_the_old_container(real_world:
 # ---------------------------------------------------------------------------
 
 
+def test_another_task_s_route_sync_keeps_the_route_of_an_instance_being_updated(
+    docker_engine: DockerEngine, nginx: NginxProxy, database: db.Database, tmp_path: Path
+) -> None:
+    # Any task syncs the whole route map: one that runs while another instance is mid-update
+    # must not drop that instance's route (its port does not change in an update).
+    low = random.randrange(30_000, 32_500)  # ports of its own: the update frees and retakes one
+    w = make_world(docker_engine, nginx, database, tmp_path, port_range=f"{low}-{low + 99}")
+    try:
+        busy = w.create("busy")["instance_id"]
+        port = w.row(busy)["port"]  # type: ignore[index]
+        outcome: dict[str, Any] = {}
+
+        def update() -> None:
+            slow = {"env": {"GATEWAY_HEALTHZ_DELAY": "3"}}
+            try:
+                outcome["result"] = tools.instance_update(w.rt, w.ctx(), busy, image=V2, config=slow)
+            except ToolError as error:
+                outcome["error"] = error.message
+
+        updater = threading.Thread(target=update)
+        updater.start()
+        limit = time.monotonic() + 15
+        while len(w.containers(busy)) < 2 and time.monotonic() < limit:
+            time.sleep(0.05)
+        assert w.row(busy)["status"] == "updating"  # type: ignore[index]
+        other = w.create("other")["instance_id"]  # its create syncs every route
+        assert w.rt.proxy.routes() == {str(busy): port, str(other): w.row(other)["port"]}  # type: ignore[index]
+        updater.join(30)
+        assert "error" not in outcome, outcome
+        assert w.through_nginx(busy, "version") == (200, "v2")
+    finally:
+        _cleanup(w)
+
+
 def test_a_create_across_a_database_restart_succeeds(
     docker_engine: DockerEngine, nginx: NginxProxy, tmp_path: Path, pg_home: Path
 ) -> None:
@@ -754,3 +789,28 @@ def test_a_create_across_a_database_restart_succeeds(
     finally:
         _cleanup(w)
         postgres.close()
+
+
+def test_the_heartbeat_s_own_tools_refuse_what_is_not_theirs(any_world: World) -> None:
+    w = any_world
+    iid = w.create("mine")["instance_id"]
+    own = w.row(iid)["container_id"]  # type: ignore[index]
+    system = w.ctx(None, allowed_instances=frozenset({iid}))
+    with pytest.raises(ToolRefused, match="only a heartbeat round"):
+        tools.remove_stray_container(w.rt, w.ctx(), own)
+    with pytest.raises(ToolRefused, match="only a heartbeat round"):
+        tools.instance_rollback(w.rt, w.ctx(), iid)
+    with pytest.raises(ToolRefused, match=f"belongs to instance {iid}"):
+        tools.remove_stray_container(w.rt, system, own)  # an instance's own container
+    with pytest.raises(ToolRefused, match="nothing was interrupted"):
+        tools.instance_rollback(w.rt, system, iid)
+    tasks.Queue(w.rt.db).submit_action("alice", "instance_stop", iid)
+    calls: list[Callable[[], object]] = [
+        lambda: tools.instance_stop(w.rt, system, iid),
+        lambda: tools.instance_start(w.rt, system, iid),
+        lambda: tools.mark_error(w.rt, system, iid, "no"),
+    ]
+    for call in calls:
+        with pytest.raises(ToolRefused, match="busy with task"):
+            call()
+    assert w.row(iid)["status"] == "running" and [c.id for c in w.containers(iid)] == [own]  # type: ignore[index]
