@@ -60,7 +60,9 @@ Recovery rules
   instance label is only reported.
 - nginx must serve the live route map (proxy.problem): `nginx_down` is repaired by
   nginx_sync, which starts the embedded nginx again (an external one is reloaded), with an
-  `nginx_down` alert and an event.
+  `nginx_down` alert and an event. nginx sends no events, so `run` also looks every
+  NGINX_CHECK_INTERVAL seconds between rounds and starts a full round when it is down
+  (not again after a round that could not repair it: the interval paces those).
 - The fast path: a round triggered by a `die` event whose only steps are
   `instance_start` runs the plan as a playbook, with no model call, so a crash
   is repaired in about half a second whatever the model's latency. Interval
@@ -123,6 +125,7 @@ TRANSITIONAL = tools.TRANSITIONAL
 # A row another process has just put in a transition may not show its task or lock yet (a
 # direct tool call inserts the row a moment before it takes the lock): not yet interrupted.
 INTERRUPTED_GRACE = 5.0
+NGINX_CHECK_INTERVAL = 5.0  # serve looks at nginx this often between rounds
 
 # Run endings that mean "the model could not do it", after which the plan runs as a playbook.
 MODEL_FAILURES = frozenset(
@@ -996,8 +999,9 @@ class Heartbeat:
             wake.set()
 
         threading.Thread(target=wake_on_stop, name="heartbeat-stop", daemon=True).start()
-        next_full = time.monotonic()
+        next_full = next_nginx_check = time.monotonic()
         retries: dict[int, float] = {}  # instance -> clock time its deferred recovery is due
+        nginx_left_down = False  # the last round could not repair nginx: wait for the next one
         while not stop.is_set():
             with self._pending_lock:
                 targeted, self._pending = self._pending, set()
@@ -1005,6 +1009,11 @@ class Heartbeat:
                 self._full_round_requested = False
             targeted |= {iid for iid, due in retries.items() if due <= self.clock()}
             try:
+                if not full and time.monotonic() >= next_nginx_check:
+                    # nginx sends no events: a cheap look between rounds, so a dead one costs
+                    # every route seconds, not up to a whole interval.
+                    next_nginx_check = time.monotonic() + NGINX_CHECK_INTERVAL
+                    full = not nginx_left_down and bool(self.rt.proxy.problem())
                 if full:
                     next_full = time.monotonic() + self.config.heartbeat_interval
                     report = self.round("serve")
@@ -1018,12 +1027,18 @@ class Heartbeat:
                 elif report is not None:
                     if report.only is None:
                         retries.clear()
+                        nginx_left_down = any(d.kind == NGINX_DOWN for d in report.unrepaired)
                     for iid in report.only or ():
                         retries.pop(iid, None)
                     retries.update(report.retry_at)
             except Exception:  # the loop must survive anything a round throws: logged with its traceback
                 logger.exception("heartbeat round failed", extra={"action": "heartbeat_round_failed"})
-            waits = [next_full - time.monotonic(), *(due - self.clock() for due in retries.values())]
+            now = time.monotonic()
+            waits = [
+                next_full - now,
+                next_nginx_check - now,
+                *(due - self.clock() for due in retries.values()),
+            ]
             wake.wait(max(0.0, min(waits)))
             wake.clear()
             if self._pending and not stop.is_set():

@@ -796,3 +796,27 @@ def test_a_dead_nginx_is_started_again_and_reported(stack: Stack, signum: int) -
     nginx_events = [e for e in stack.rt.db.all("event_list_all", limit=50) if e["instance_id"] is None]
     assert [(e["kind"], e["detail"]["drift"]) for e in nginx_events] == [("drift_repaired", "nginx_down")]
     assert stack.heartbeat().round("cron").drifts == []
+
+
+def test_serve_finds_a_dead_nginx_between_rounds(stack: Stack) -> None:
+    iid = stack.create("alpha")
+    beat = stack.heartbeat()  # interval 60 s: after the first round, only the quick look finds nginx
+    stop = threading.Event()
+    loop = threading.Thread(target=beat.run, args=(stop,), daemon=True)
+    loop.start()
+    try:
+        wait_for("the first full round", lambda: len(stack.rounds()) >= 1)
+        master = _nginx_master(stack)
+        workers = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+        for pid in (master, *map(int, workers)):
+            os.kill(pid, signal.SIGKILL)
+        assert stack.through_nginx(iid) == 0
+        wait_for(
+            "nginx to be started again",
+            lambda: stack.through_nginx(iid) == 200,
+            timeout=hb.NGINX_CHECK_INTERVAL + 10,
+        )
+    finally:
+        stop.set()
+        loop.join(timeout=15)
+    assert [r["source"] for r in stack.rounds()] == ["serve", "serve"] and stack.rounds()[-1]["repaired"] == 1
