@@ -532,17 +532,21 @@ class Lease:
         return self.lost or self.cancel_requested or self.abort.is_set()
 
     def _renew(self) -> None:
+        failing = False
         while not self._done.wait(self.lease_s / 3):
             try:
                 state = self.queue.renew(self.task_id, self.worker, self.lease_s)
             except PiDeployError as error:  # the next renewal may work; the lease is still running
-                logger.warning(
-                    "cannot renew the lease of task %s: %s",
-                    self.task_id,
-                    error.message,
-                    extra={"action": "lease_renew_failed", "task_id": self.task_id},
-                )
+                if not failing:  # once per outage, not at every renewal
+                    logger.warning(
+                        "cannot renew the lease of task %s: %s",
+                        self.task_id,
+                        error.message,
+                        extra={"action": "lease_renew_failed", "task_id": self.task_id},
+                    )
+                failing = True
                 continue
+            failing = False
             if state is None:
                 self.lost = True
                 logger.warning(
