@@ -2,11 +2,12 @@
 
 One round is four steps, each small and separately testable:
 
-1. `Heartbeat.observe`: ONE engine list call for every container labelled with
-   this namespace (a round about a few instances lists just theirs), ONE query
-   of the instance table, the live nginx route map, ONE query of the instances
-   some unfinished task works on, and a concurrent, bounded `GET /healthz` of
-   each running instance.
+1. `Heartbeat.observe`: ONE query of the busy instances (an unfinished task is
+   about them, or someone holds their lock), ONE engine list call for every
+   container labelled with this namespace (a round about a few instances lists
+   just theirs), ONE query of the instance table, the live nginx route map and
+   whether nginx serves it (one GET), and a concurrent, bounded `GET /healthz`
+   of each running instance that is not busy.
 2. `diff(observation, config)`: pure; the drifts, each with its evidence.
 3. `plan(drifts, rows, now, config)`: pure; the deterministic repair steps,
    with the recovery rules applied (backoff, give up after N, never start a
