@@ -987,7 +987,7 @@ def _update(rt: Runtime, ctx: ToolContext, row: Row, image: str, config: dict[st
     )
     step = "stop"
     new: Container | None = None
-    old_name = container_name(rt.config, row["id"])
+    old_name: str | None = container_name(rt.config, row["id"])
     try:
         if old_id is not None:
             old = _inspect(rt, ctx, old_id)
@@ -1030,6 +1030,8 @@ def _update(rt: Runtime, ctx: ToolContext, row: Row, image: str, config: dict[st
         restore = (
             None if previous_config is None else functools.partial(_write_text, config_file, previous_config)
         )
+        if step == "keep_old":  # the rename failed: whether the engine did it is unknown
+            old_name = None
         outcome = _roll_back_update(
             rt, ctx, row, old_id, new, storage, restore, was_running, step, error, old_name=old_name
         )
@@ -1093,6 +1095,9 @@ def _roll_back_update(
         outcome = "the previous container was restored"
         if old_id is not None:
             try:
+                if old_name is None:  # unknown (Docker refuses a rename to the current name)
+                    found = _inspect(rt, ctx, old_id)
+                    old_name = found.name if found else None
                 if old_name != name:
                     with _step(ctx, "engine.rename", **{"container.id": old_id}):
                         rt.engine.rename(old_id, name)
