@@ -19,7 +19,9 @@ import pwd
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from config import Config
-from errors import BadRequest, Conflict, DatabaseError, InfraUnavailable
+from errors import BadRequest, Conflict, DatabaseError, InfraUnavailable, PiDeployError
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,14 @@ _SCHEMA_LOCK = 8_700_001  # advisory lock key: one schema apply at a time
 SOCKET_PATH_MAX = 100  # unix socket paths are limited to ~107 bytes
 DB_NAME = "pideploy"
 DB_USER = "pideploy"
+# psycopg_pool retries a lost connection with a doubling pause and gives up after
+# reconnect_timeout (300 s by default: by then its pauses are two minutes long, so the pool
+# comes back minutes after the database did, and after giving up it reconnects only when asked).
+# A short timeout keeps its pauses short; a request after it gave up starts a new attempt.
+RECONNECT_TIMEOUT = 10.0
+OUTAGE_WAIT = 1.0  # while the database is known to be down, a caller waits this long, not 30 s
+PROBE_INTERVAL = 5.0  # serve's watchdog checks the database this often while it is up
+PROBE_PAUSE_MAX = 10.0  # and at most this long apart while it is down
 
 Row = dict[str, Any]
 
@@ -84,6 +94,57 @@ def _translate(error: psycopg.Error) -> Exception:
     return error  # a programming error: let it surface with its traceback
 
 
+def _connection_lost(error: psycopg.Error) -> bool:
+    """A connection-level failure (the server gone or restarting), not a failed statement."""
+    sqlstate = getattr(getattr(error, "diag", None), "sqlstate", None) or ""
+    return (
+        sqlstate.startswith("08")
+        or sqlstate in ("57P01", "57P02", "57P03")
+        or (isinstance(error, psycopg.OperationalError | psycopg.InterfaceError) and not sqlstate)
+    )
+
+
+class Health:
+    """Whether the database answers, as last seen; each change is logged once.
+
+    `down` is set by a probe that could not connect and cleared by anything that reached the
+    database; `suspect()` asks serve's watchdog (Database.watch) to probe now."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.down_since: float | None = None
+        self.reason = ""
+        self.suspected = threading.Event()
+
+    @property
+    def down(self) -> bool:
+        return self.down_since is not None
+
+    def mark_down(self, reason: str) -> None:
+        with self._lock:
+            self.reason = reason
+            if self.down_since is not None:
+                return
+            self.down_since = time.monotonic()
+        logger.warning("database unavailable: %s", reason, extra={"action": "db_down"})
+
+    def mark_up(self) -> None:
+        if self.down_since is None:  # the common case, without the lock
+            return
+        with self._lock:
+            if self.down_since is None:
+                return
+            seconds, self.down_since = time.monotonic() - self.down_since, None
+        logger.info(
+            "database reachable again after %.1fs",
+            seconds,
+            extra={"action": "db_up", "seconds": round(seconds, 3)},
+        )
+
+    def suspect(self) -> None:
+        self.suspected.set()
+
+
 def _adapt(params: dict[str, Any]) -> dict[str, Any]:
     return {k: Jsonb(v) if isinstance(v, dict | list) else v for k, v in params.items()}
 
@@ -91,8 +152,17 @@ def _adapt(params: dict[str, Any]) -> dict[str, Any]:
 class Database:
     """A connection pool plus the named queries. Rows come back as dicts."""
 
-    def __init__(self, conninfo: str, *, min_size: int = 1, max_size: int = 10) -> None:
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        reconnect_timeout: float = RECONNECT_TIMEOUT,
+    ) -> None:
         self.conninfo = conninfo
+        self.health = Health()
+        self.revive: Callable[[], bool] | None = None  # the embedded cluster's restart (Postgres sets it)
         # One direct attempt first: an unreachable database is one clear error at once,
         # instead of the pool's retries and warnings until its timeout.
         try:
@@ -106,6 +176,10 @@ class Database:
             min_size=min_size,
             max_size=max_size,
             kwargs={"row_factory": dict_row, "autocommit": True},
+            # A connection a restarted server closed is found before it is handed out, and
+            # replaced: a restart between two tasks costs them nothing.
+            check=self._check,
+            reconnect_timeout=reconnect_timeout,
             open=False,
             name="pideploy",
         )
@@ -118,23 +192,114 @@ class Database:
     def close(self) -> None:
         self.pool.close()
 
+    def _check(self, conn: psycopg.Connection[Row]) -> None:
+        """The pool's check before it hands a connection out; a dead one makes the watchdog look."""
+        try:
+            ConnectionPool.check_connection(conn)
+        except Exception:
+            self.health.suspect()
+            raise
+
+    @contextmanager
+    def connection(self, wait: float | None = None) -> Iterator[psycopg.Connection[Row]]:
+        """A pooled connection (autocommit). The pool waits up to `wait` seconds (its own 30 s by
+        default) for one, but once the database is known to be down a caller gives up within
+        OUTAGE_WAIT: the wait goes in slices, with a look at the database's health between."""
+        total = self.pool.timeout if wait is None else wait
+        deadline = time.monotonic() + total
+        while True:
+            try:
+                conn = self.pool.getconn(min(OUTAGE_WAIT, max(0.0, deadline - time.monotonic())))
+                break
+            except PoolTimeout:
+                if self.health.down or time.monotonic() >= deadline:
+                    self.health.suspect()
+                    why = self.health.reason if self.health.down else f"no connection within {total:g}s"
+                    raise DatabaseError(f"database unavailable: {why}") from None
+        try:
+            with conn:
+                yield conn
+        finally:
+            self.pool.putconn(conn)
+
     @contextmanager
     def transaction(self) -> Iterator[psycopg.Connection[Row]]:
         """A connection inside one transaction; commits on success."""
         try:
-            with self.pool.connection() as conn, conn.transaction():
+            with self.connection() as conn, conn.transaction():
                 yield conn
         except psycopg.Error as error:
+            if _connection_lost(error):
+                self.health.suspect()
             raise _translate(error) from error
-        except PoolTimeout:
-            raise DatabaseError("database unavailable: no connection within the pool timeout") from None
+        self.health.mark_up()
 
-    @staticmethod
-    def _run(query: str, params: dict[str, Any], conn: psycopg.Connection[Row]) -> psycopg.Cursor[Row]:
+    def _run(self, query: str, params: dict[str, Any], conn: psycopg.Connection[Row]) -> psycopg.Cursor[Row]:
         try:
             return conn.execute(QUERIES[query], _adapt(params))
         except psycopg.Error as error:
+            if _connection_lost(error):
+                self.health.suspect()
             raise _translate(error) from error
+
+    def ping(self, wait: float = OUTAGE_WAIT) -> int:
+        """The schema version, or DatabaseError at once (/healthz): a database known to be down
+        is not asked again here (the watchdog does that), and a pool with no connection to give
+        is an answer after `wait` seconds, not after the pool's 30 s."""
+        if self.health.down:
+            raise DatabaseError(f"database unavailable: {self.health.reason}")
+        with self.connection(wait) as conn:
+            row = self._run("schema_version", {}, conn).fetchone()
+        return int(row["version"]) if row else 0
+
+    def probe(self) -> str:
+        """One direct connection, outside the pool: "" when the database answers, else why."""
+        try:
+            psycopg.connect(self.conninfo, connect_timeout=3).close()
+        except psycopg.Error as error:
+            return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return ""
+
+    def watch(self, stop: threading.Event) -> None:
+        """serve's watchdog: probe every PROBE_INTERVAL, or at once when a caller lost its
+        connection; while the database is down, probe with a doubling pause (up to
+        PROBE_PAUSE_MAX) until it answers, and restart the embedded cluster if it died (`revive`).
+        Each change of state is logged once, and so is the first failed restart of an outage."""
+        pause, restart_failed = 0.5, False
+        while not stop.is_set():
+            if self.health.down:  # paced by the backoff, whoever else notices the outage meanwhile
+                stop.wait(pause)
+            else:
+                self.health.suspected.wait(PROBE_INTERVAL)
+            self.health.suspected.clear()
+            if stop.is_set():
+                return
+            problem = self.probe()
+            if not problem:
+                if self.health.down:
+                    self.pool.check()  # hand back no connection the outage killed
+                self.health.mark_up()
+                pause, restart_failed = 0.5, False
+                continue
+            self.health.mark_down(problem)
+            pause = min(PROBE_PAUSE_MAX, pause * 2)
+            if self.revive is None:
+                continue
+            try:
+                if self.revive():
+                    logger.warning(
+                        "the embedded PostgreSQL was not running: started it again",
+                        extra={"action": "pg_restart"},
+                    )
+                    pause = 0.5
+            except PiDeployError as error:  # retried at the next probe (a dying server's backends
+                # may hold its shared memory for a moment)
+                if not restart_failed:
+                    logger.warning(
+                        "cannot start the embedded PostgreSQL yet (%s); trying again", error.message,
+                        extra={"action": "pg_restart_failed"},
+                    )  # fmt: skip
+                restart_failed = True
 
     def one(self, query: str, /, conn: psycopg.Connection[Row] | None = None, **params: Any) -> Row | None:
         """The first row of a named query, in `conn`'s transaction or a new one."""
@@ -155,6 +320,22 @@ class Database:
             return self._run(query, params, conn).rowcount
         with self.transaction() as own:
             return self._run(query, params, own).rowcount
+
+    def unlock(self, query: str, /, conn: psycopg.Connection[Row], **params: Any) -> None:
+        """Release a session advisory lock taken on `conn`. A session that died meanwhile (the
+        server restarted, the connection was cut) holds nothing any more: the server released
+        its locks with it, so that is no error, and the work done under the lock stands."""
+        try:
+            self.one(query, conn, **params)
+        except DatabaseError as error:
+            if not conn.closed:
+                raise
+            logger.info(
+                "%s: the lock went with its lost session (%s)",
+                query,
+                error.message,
+                extra={"action": "lock_lost_with_session"},
+            )
 
     def apply_schema(self) -> int:
         sql = (HERE / "schema.sql").read_text()
@@ -309,16 +490,62 @@ class EmbeddedPostgres:
             raise InfraUnavailable(INSTALL_HINT)
         self._prepare_dirs()
         control = self._lock("control.lock", fcntl.LOCK_EX)
+        started = False
         try:
             self._users_fd = self._lock("users.lock", fcntl.LOCK_SH)
             if not (self.data / "PG_VERSION").is_file():
                 self._initdb(bindir)
-            if self._pg(bindir, "pg_ctl", "status", "-D", str(self.data), timeout=30).returncode != 0:
+            if not self._running(bindir):
                 self._start_server(bindir)
             self._ensure_database()
-        except BaseException:
-            self.release()
-            raise
+            started = True
+        finally:
+            os.close(control)
+            if not started:  # after the control lock: release() takes it too
+                self.release()
+
+    def _running(self, bindir: Path) -> bool:
+        """Whether a postmaster serves the data dir. A postmaster that died leaves its pid file
+        (and, under an init that does not reap, a zombie that still answers kill(pid, 0), so
+        `pg_ctl status` and the server's own check take it for alive): such a file names no
+        server and is removed, or the cluster could never start again. Under the control lock."""
+        pid_file = self.data / "postmaster.pid"
+        try:
+            pid = int(pid_file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return False
+        if not Path("/proc").is_dir():  # no /proc to look in: pg_ctl's word
+            return self._pg(bindir, "pg_ctl", "status", "-D", str(self.data), timeout=30).returncode == 0
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+            alive = state not in ("Z", "X") and b"postgres" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, IndexError):
+            alive = False
+        if not alive:
+            logger.warning(
+                "the embedded PostgreSQL's pid file names no running server (pid %d): removed",
+                pid,
+                extra={"action": "pg_stale_pid"},
+            )
+            pid_file.unlink(missing_ok=True)
+        return alive
+
+    def revive(self) -> bool:
+        """Start the server again if it is not running (it died, or was stopped under us): serve
+        calls this while the database does not answer. Only a process holding a share (one
+        that started or uses the cluster) does; under the control lock, like start(), so of
+        several serve processes sharing the cluster one starts it and the others find it up."""
+        bindir = find_server_bindir()
+        if self._users_fd is None or bindir is None:
+            return False
+        control = self._lock("control.lock", fcntl.LOCK_EX)
+        try:
+            if self._users_fd is None:  # released meanwhile: this process is on its way out
+                return False
+            if self._running(bindir):
+                return False
+            self._start_server(bindir)
+            return True
         finally:
             os.close(control)
 
@@ -399,6 +626,8 @@ class Postgres:
             conninfo = self.embedded.conninfo
         try:
             self.db = Database(conninfo, max_size=max_size)
+            if self.embedded:
+                self.db.revive = self.embedded.revive
             self.db.apply_schema()
         except BaseException:
             if self.embedded:

@@ -36,7 +36,7 @@ import docker.errors
 import docker.utils
 import requests.exceptions
 
-from errors import ContainerNotFound, EngineError, ImageNotFound
+from errors import ContainerNotFound, EngineError, EngineUnreachable, ImageNotFound
 
 if TYPE_CHECKING:
     from config import Config
@@ -189,9 +189,11 @@ class DockerEngine:
             explanation = str(error.explanation or error)
             raise EngineError(f"engine {method} {ref}: {explanation}", ref=ref) from None
         except requests.exceptions.Timeout as error:
-            raise EngineError(f"container engine at {self.where} timed out in {method}: {error}") from None
+            raise EngineUnreachable(
+                f"container engine at {self.where} timed out in {method}: {error}"
+            ) from None
         except (requests.exceptions.ConnectionError, ConnectionError, FileNotFoundError) as error:
-            raise EngineError(f"container engine unreachable at {self.where}: {error}") from None
+            raise EngineUnreachable(f"container engine unreachable at {self.where}: {error}") from None
         except (requests.exceptions.RequestException, docker.errors.DockerException) as error:
             raise EngineError(f"container engine at {self.where}, {method}: {error}") from None
 

@@ -70,6 +70,10 @@ class EngineError(InfraUnavailable):
     """A container engine error, translated where it entered."""
 
 
+class EngineUnreachable(EngineError):
+    """The engine did not answer (no socket, a cut connection, a timeout): an outage, not a refusal."""
+
+
 class ProxyError(InfraUnavailable):
     """nginx could not be configured or reloaded."""
 

@@ -2,11 +2,12 @@
 
 One round is four steps, each small and separately testable:
 
-1. `Heartbeat.observe`: ONE engine list call for every container labelled with
-   this namespace (a round about a few instances lists just theirs), ONE query
-   of the instance table, the live nginx route map, ONE query of the instances
-   some unfinished task works on, and a concurrent, bounded `GET /healthz` of
-   each running instance.
+1. `Heartbeat.observe`: ONE query of the busy instances (an unfinished task is
+   about them, or someone holds their lock), ONE engine list call for every
+   container labelled with this namespace (a round about a few instances lists
+   just theirs), ONE query of the instance table, the live nginx route map and
+   whether nginx serves it (one GET), and a concurrent, bounded `GET /healthz`
+   of each running instance that is not busy.
 2. `diff(observation, config)`: pure; the drifts, each with its evidence.
 3. `plan(drifts, rows, now, config)`: pure; the deterministic repair steps,
    with the recovery rules applied (backoff, give up after N, never start a
@@ -42,7 +43,27 @@ Recovery rules
   in a system context re-reads the row under the instance's lock and refuses
   if it is no longer running (a stop or an update won the race), which the
   round treats as nothing to do.
-- Orphans (labelled containers with no row) are reported, never removed.
+- A busy instance is its task's: one that an unfinished task (queued or running) is about,
+  or whose per-instance lock someone holds, gets no drift at all: no restart, no stop, no
+  route change, no stray removal. (tools.wanted_routes keeps an updating instance's live
+  route for every route sync, so no task flaps it either.)
+- A create or update left `creating`/`updating` with no task and no lock holder (its task
+  died on its last attempt, or its rollback could not reach the engine) is
+  `interrupted_transition`: instance_rollback undoes the create (error) or rolls the update
+  back to the previous container, at once, not after the stuck timeout. A `deleting` one is
+  still marked error after `stuck_timeout` (the heartbeat never deletes).
+- Containers labelled with this namespace that no row expects are removed
+  (remove_stray_container, which checks again under the instance's lock): an
+  `orphan_container` has no row (its instance was deleted); a `stray_container` is not the
+  one its row records (a leftover of a create or update that died half-way, an `-old`
+  container an update could not remove, a container of a create whose task gave up). The
+  recorded container of an `error` row is kept for the operator; a container with no
+  instance label is only reported.
+- nginx must serve the live route map (proxy.problem): `nginx_down` is repaired by
+  nginx_sync, which starts the embedded nginx again (an external one is reloaded), with an
+  `nginx_down` alert and an event. nginx sends no events, so `run` also looks every
+  NGINX_CHECK_INTERVAL seconds between rounds and starts a full round when it is down
+  (not again after a round that could not repair it: the interval paces those).
 - The fast path: a round triggered by a `die` event whose only steps are
   `instance_start` runs the plan as a playbook, with no model call, so a crash
   is repaired in about half a second whatever the model's latency. Interval
@@ -92,14 +113,21 @@ CONTAINER_UNHEALTHY = "container_unhealthy"  # it runs but /healthz does not ans
 CONTAINER_MISSING = "container_missing"  # a running row has no container at all (removed by hand)
 STOPPED_BUT_RUNNING = "stopped_but_running"  # the row says stopped, its container runs
 ORPHAN = "orphan_container"  # a labelled container with no row
+STRAY = "stray_container"  # a labelled container its row does not expect (tools.stray_reason)
 ROUTE_MISSING = "route_missing"  # a running instance has no nginx route
 ROUTE_STALE = "route_stale"  # a route to a wrong port, or for an instance that is not running
-STUCK = "stuck_transition"  # creating/updating/deleting for too long, no task working on it
+NGINX_DOWN = "nginx_down"  # nginx does not serve the live route map (dead, or a stale master)
+INTERRUPTED = "interrupted_transition"  # creating/updating with no task and no lock holder
+STUCK = "stuck_transition"  # deleting for too long, no task working on it
 
 DOWN = (CONTAINER_EXITED, CONTAINER_UNHEALTHY, CONTAINER_MISSING)
 ROUTES = (ROUTE_MISSING, ROUTE_STALE)
 TARGETED_LIST_MAX = 8  # a round about this many instances or fewer lists each one's containers alone
-TRANSITIONAL = ("creating", "updating", "deleting")
+TRANSITIONAL = tools.TRANSITIONAL
+# A row another process has just put in a transition may not show its task or lock yet (a
+# direct tool call inserts the row a moment before it takes the lock): not yet interrupted.
+INTERRUPTED_GRACE = 5.0
+NGINX_CHECK_INTERVAL = 5.0  # serve looks at nginx this often between rounds
 
 # Run endings that mean "the model could not do it", after which the plan runs as a playbook.
 MODEL_FAILURES = frozenset(
@@ -135,8 +163,9 @@ class Observation:
     rows: list[Row]
     routes: dict[str, int]
     probes: dict[int, Probe]  # only running instances whose container runs (and, if targeted, in `only`)
-    busy: frozenset[int] = frozenset()  # instances some queued or running task is about
+    busy: frozenset[int] = frozenset()  # instances an unfinished task is about, or whose lock is held
     engine_calls: int = 1
+    proxy_problem: str = ""  # why nginx does not serve the live map ("" when it does)
 
 
 @dataclass(frozen=True)
@@ -168,6 +197,12 @@ class Drift:
                 what = "the row says stopped but its container runs"
             case "orphan_container":
                 what = f"container {e.get('name')} ({e.get('state')}) has no instance row"
+            case "stray_container":
+                what = f"container {e.get('name')} ({e.get('state')}) is not expected: {e.get('reason')}"
+            case "nginx_down":
+                what = f"nginx does not serve the route map: {e.get('problem')}"
+            case "interrupted_transition":
+                what = f"{e.get('status')} since {e.get('since')} with no task working on it"
             case "route_missing":
                 what = f"no nginx route (expected port {e.get('expected_port')})"
             case "route_stale":
@@ -175,6 +210,10 @@ class Drift:
             case _:
                 what = f"{e.get('status')} for {e.get('age_s')}s with no task working on it"
         where = f"instance {self.instance_id}" if self.instance_id is not None else f"route {e.get('route')}"
+        if self.kind == NGINX_DOWN:
+            where = "nginx"
+        elif self.instance_id is None and self.kind == ORPHAN:
+            where = "a container with no instance label"
         return f"{where}: {what}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -246,42 +285,42 @@ def instance_label(container: Container) -> int | None:
     return int(value) if value.isascii() and value.isdigit() else None
 
 
-def own_container(row: Row, containers: Iterable[Container]) -> Container | None:
-    """The container the row records (engines may report ids in full or short form)."""
-    wanted = row["container_id"]
-    if not wanted:
-        return None
-    for container in containers:
-        if container.id == wanted or container.id.startswith(wanted) or wanted.startswith(container.id):
-            return container
-    return None
+own_container = tools.recorded_container
 
 
 def diff(observation: Observation, config: Config) -> list[Drift]:
-    """Every drift between the rows, the containers, the routes and the probes. No I/O."""
+    """Every drift between the rows, the containers, the routes, nginx and the probes. No I/O.
+
+    A busy instance (an unfinished task is about it, or someone holds its lock) is its task's:
+    no drift is reported for it, its containers and its route included."""
     obs = observation
     rows = {int(row["id"]): row for row in obs.rows}
     by_instance: dict[int, list[Container]] = {}
     drifts: list[Drift] = []
     for labelled in obs.containers:
         iid = instance_label(labelled)
-        if iid is not None and iid in rows:
-            by_instance.setdefault(iid, []).append(labelled)
+        if iid is not None and iid in obs.busy:
             continue
         evidence: dict[str, Any] = {
             "container_id": labelled.id,
             "name": labelled.name,
             "state": labelled.state,
         }
+        row = rows.get(iid) if iid is not None else None
+        if row is not None:
+            by_instance.setdefault(int(row["id"]), []).append(labelled)
+            reason = tools.stray_reason(row, labelled)
+            if reason:
+                drifts.append(Drift(STRAY, iid, {**evidence, "reason": reason}))
+            continue
         drifts.append(Drift(ORPHAN, iid, {**evidence, "user": labelled.labels.get("pideploy.user")}))
 
-    expected_routes: dict[str, int] = {}
     for iid, row in rows.items():
+        if iid in obs.busy:
+            continue
         status = row["status"]
         container = own_container(row, by_instance.get(iid, []))
         if status == "running":
-            if row["port"]:
-                expected_routes[route_key(row, config)] = int(row["port"])
             if container is None:
                 others = [c.id[:12] for c in by_instance.get(iid, [])]
                 drifts.append(
@@ -309,23 +348,26 @@ def diff(observation: Observation, config: Config) -> list[Drift]:
         elif status == "stopped":
             if container is not None and container.running:
                 drifts.append(Drift(STOPPED_BUT_RUNNING, iid, {"container_id": container.id}))
-        elif status in TRANSITIONAL and iid not in obs.busy:
+        elif status in TRANSITIONAL:
             age = obs.now - (_ts(row["updated_at"]) or obs.now)
-            if age > config.stuck_timeout:
-                drifts.append(
-                    Drift(
-                        STUCK,
-                        iid,
-                        {"status": status, "age_s": round(age), "since": _iso(_ts(row["updated_at"]))},
-                    )
-                )
+            since = {"status": status, "age_s": round(age), "since": _iso(_ts(row["updated_at"]))}
+            if status in ("creating", "updating") and age > INTERRUPTED_GRACE:
+                drifts.append(Drift(INTERRUPTED, iid, since))
+            elif status == "deleting" and age > config.stuck_timeout:
+                drifts.append(Drift(STUCK, iid, since))
 
-    # Evidence names a route without its token: it reaches events, traces and the model.
+    # Evidence names a route without its token: it reaches events, traces and the model. A busy
+    # instance's route is left to its task.
+    routable = [r for r in obs.rows if int(r["id"]) not in obs.busy]
+    keys = {r["id"]: route_key(r, config) for r in routable}
+    expected_routes = tools.wanted_routes(routable, keys, obs.routes)
     for key, port in expected_routes.items():
         if key not in obs.routes:
             missing = {"route": shown_key(key), "expected_port": port}
             drifts.append(Drift(ROUTE_MISSING, route_instance(key), missing))
     for key, routed in obs.routes.items():
+        if route_instance(key) in obs.busy:
+            continue
         if expected_routes.get(key) != routed:
             # A key in another form than route_key's (from before an upgrade) is stale too.
             stale = {
@@ -334,6 +376,8 @@ def diff(observation: Observation, config: Config) -> list[Drift]:
                 "expected_port": expected_routes.get(key),
             }
             drifts.append(Drift(ROUTE_STALE, route_instance(key), stale))
+    if obs.proxy_problem:
+        drifts.append(Drift(NGINX_DOWN, None, {"problem": obs.proxy_problem}))
     return drifts
 
 
@@ -384,16 +428,29 @@ def settle(observation: Observation, skip: Iterable[int], config: Config) -> dic
 
 
 def plan(drifts: Iterable[Drift], rows: Mapping[int, Row], now: float, config: Config) -> list[Step]:
-    """The deterministic repair plan. No I/O. Orphans and instances in backoff get no step."""
+    """The deterministic repair plan. No I/O. Instances in backoff get no step, nor does a
+    container with no instance label (reported only: nothing scopes it to an instance)."""
+    removals: list[Step] = []
+    rollbacks: list[Step] = []
     stops: list[Step] = []
     starts: list[Step] = []
     errors: list[Step] = []
-    route_drifts: list[Drift] = []
+    nginx: list[Drift] = []
     seen: set[int] = set()
     for drift in drifts:
         iid = drift.instance_id
-        if drift.family == "routes":
-            route_drifts.append(drift)
+        if drift.family == "routes" or drift.kind == NGINX_DOWN:
+            nginx.append(drift)
+            continue
+        if drift.kind in (ORPHAN, STRAY):
+            if iid is not None:
+                step = Step(
+                    "remove_stray_container",
+                    {"container_id": drift.evidence["container_id"]},
+                    iid,
+                    drift.describe(),
+                )
+                removals.append(step)
             continue
         if iid is None or iid in seen or iid not in rows:
             continue
@@ -409,13 +466,23 @@ def plan(drifts: Iterable[Drift], rows: Mapping[int, Row], now: float, config: C
         elif drift.kind == STOPPED_BUT_RUNNING and row["status"] == "stopped":
             seen.add(iid)
             stops.append(Step("instance_stop", {"instance_id": iid}, iid, drift.describe()))
+        elif drift.kind == INTERRUPTED and row["status"] in ("creating", "updating"):
+            seen.add(iid)
+            rollbacks.append(Step("instance_rollback", {"instance_id": iid}, iid, drift.describe()))
         elif drift.kind == STUCK and row["status"] in TRANSITIONAL:
             seen.add(iid)
             reason = f"stuck: {drift.describe()}"
             errors.append(Step("mark_error", {"instance_id": iid, "reason": reason[:500]}, iid, reason))
-    steps = sorted(stops, key=_by_id) + sorted(starts, key=_by_id) + sorted(errors, key=_by_id)
-    if route_drifts:
-        reason = "; ".join(d.describe() for d in route_drifts)
+    # Strays first: one may hold the name or the port the rest of the plan needs.
+    steps = [
+        *removals,
+        *sorted(rollbacks, key=_by_id),
+        *sorted(stops, key=_by_id),
+        *sorted(starts, key=_by_id),
+    ]
+    steps += sorted(errors, key=_by_id)
+    if nginx:
+        reason = "; ".join(d.describe() for d in nginx)
         steps.append(Step("nginx_sync", {}, None, reason[:500]))
     return steps
 
@@ -489,8 +556,8 @@ class RoundReport:
             lines.append(f"  repaired    {drift.kind:<20} {drift.describe()}")
         for drift in self.unrepaired:
             note = ""
-            if drift.kind == ORPHAN:
-                note = "  (reported only: remove it by hand if it is not needed)"
+            if drift.kind == ORPHAN and drift.instance_id is None:
+                note = "  (reported only: no instance label; remove it by hand if it is not needed)"
             elif drift.instance_id in self.marked_error:
                 note = "  (marked error)"
             elif drift.instance_id in self.retry_at:
@@ -652,7 +719,7 @@ class Heartbeat:
     @contextlib.contextmanager
     def _lock(self) -> Iterator[bool]:
         db = self.rt.db
-        with db.pool.connection() as conn:
+        with db.connection() as conn:
             limit = time.monotonic() + self.lock_wait
             held = False
             while True:
@@ -665,7 +732,7 @@ class Heartbeat:
                 yield held
             finally:
                 if held:
-                    db.one("heartbeat_unlock", conn, key=_HEARTBEAT_LOCK)
+                    db.unlock("heartbeat_unlock", conn, key=_HEARTBEAT_LOCK)
 
     def _round(self, source: str, only: set[int] | None) -> RoundReport:
         started = time.monotonic()
@@ -695,7 +762,7 @@ class Heartbeat:
             trace.extra["drifts"] = [d.to_dict() for d in report.drifts]
             trace.extra["plan"] = [s.to_dict() for s in report.plan]
             down = {d.instance_id for d in report.drifts if d.family == "down" and d.instance_id is not None}
-            self._write_counters(settle(observation, down, self.config))
+            self._write_counters(settle(observation, down | observation.busy, self.config))
             if report.plan:
                 with trace.span("heartbeat.act", **{"pideploy.steps": len(report.plan)}):
                     self._act(report, report.plan, self._fast_path(source, report.plan))
@@ -747,6 +814,12 @@ class Heartbeat:
         given); a dead container of a running row is inspected too, for its OOM flag.
         """
         now = self.clock()
+        # Busy first: a task that finishes after this read has written its rows before it
+        # finished, so the rows read next show where it left them.
+        busy = frozenset(
+            int(r["instance_id"])
+            for r in self.rt.db.all("heartbeat_busy_instances", space=tools.INSTANCE_LOCK_SPACE)
+        )
         if only is not None and len(only) <= TARGETED_LIST_MAX:
             # A targeted round (a `die` event, a verify) looks at its few instances only: listing
             # every container costs a fleet-sized call (0.4 s at 200 running instances) whose
@@ -757,11 +830,10 @@ class Heartbeat:
             containers, calls = self.rt.engine.list({LABEL_NAMESPACE: self.config.namespace}), 1
         rows = self.rt.db.all("instance_list_all")
         routes = self.rt.proxy.routes()
-        busy = frozenset(int(r["instance_id"]) for r in self.rt.db.all("heartbeat_busy_instances"))
         targets: dict[int, int] = {}
         for row in rows:
             iid = int(row["id"])
-            if row["status"] != "running" or (only is not None and iid not in only):
+            if row["status"] != "running" or iid in busy or (only is not None and iid not in only):
                 continue
             container = own_container(row, containers)
             if container is not None and container.running and row["port"]:
@@ -773,7 +845,7 @@ class Heartbeat:
                 if detail is not None:
                     containers = [detail if c.id == container.id else c for c in containers]
         probes = probe_all(targets, self.config.heartbeat_probe_timeout)
-        return Observation(now, containers, rows, routes, probes, busy, calls)
+        return Observation(now, containers, rows, routes, probes, busy, calls, self.rt.proxy.problem())
 
     # -- act -----------------------------------------------------------------
 
@@ -791,15 +863,15 @@ class Heartbeat:
         allowed |= {
             d.instance_id for d in report.drifts if d.family == "routes" and d.instance_id is not None
         }
+        nginx = ("routes", NGINX_DOWN)
         task = agent.TaskSpec(
             type="heartbeat",
             user_id=None,
             params={
                 "drifts": [
-                    d.to_dict() for d in report.drifts if d.instance_id in allowed or d.family == "routes"
+                    d.to_dict() for d in report.drifts if d.instance_id in allowed or d.family in nginx
                 ],
                 "plan": [s.to_dict() for s in steps],
-                "orphans": [d.to_dict() for d in report.drifts if d.kind == ORPHAN],
             },
             allowed_instances=frozenset(allowed),
         )
@@ -852,7 +924,8 @@ class Heartbeat:
         self._record_errors(report, str(ctx.trace.path))
         for drift in report.drifts:
             given_up = drift.instance_id in report.marked_error and drift.family in ("down", STUCK)
-            if drift.kind == ORPHAN or given_up or drift.key in still:
+            unlabelled = drift.kind == ORPHAN and drift.instance_id is None  # reported only
+            if given_up or unlabelled or drift.key in still:
                 report.unrepaired.append(drift)
                 row = now_rows.get(drift.instance_id or 0)
                 if drift.family == "down" and not given_up and row is not None and row["status"] == "running":
@@ -861,13 +934,27 @@ class Heartbeat:
                         report.retry_at[int(row["id"])] = due_at
             else:
                 report.repaired.append(drift)
-            # Orphans are reported, not acted on (every round, in its trace): no event. A route of
-            # no known instance is repaired like any other drift, so it is in the history too.
+            # A route of no known instance, and nginx itself, are in the history too. A stray
+            # container's removal is its own event (remove_stray_container writes it).
             known = drift.instance_id in now_rows
-            if drift.family != "down" and drift.kind != ORPHAN and (known or drift.family == "routes"):
+            recorded = known or drift.family in ("routes", NGINX_DOWN)
+            if drift.family != "down" and drift.kind not in (ORPHAN, STRAY) and recorded:
                 kind = "drift_unrepaired" if drift in report.unrepaired else "drift_repaired"
                 tools.record_event(
                     self.rt, ctx, drift.instance_id, kind, drift=drift.kind, evidence=drift.evidence
+                )
+            if drift.kind == NGINX_DOWN:
+                repaired = drift not in report.unrepaired
+                alert(
+                    self.config.alerts,
+                    "nginx_down",
+                    f"nginx was not serving the routes ({drift.evidence['problem']}): "
+                    + ("started again" if repaired else "still not serving"),
+                    severity="warning" if repaired else "critical",
+                    task_type="heartbeat",
+                    trace_file=str(ctx.trace.path),
+                    problem=drift.evidence["problem"],
+                    repaired=repaired,
                 )
 
     def _record_errors(self, report: RoundReport, trace_file: str) -> None:
@@ -924,8 +1011,9 @@ class Heartbeat:
             wake.set()
 
         threading.Thread(target=wake_on_stop, name="heartbeat-stop", daemon=True).start()
-        next_full = time.monotonic()
+        next_full = next_nginx_check = time.monotonic()
         retries: dict[int, float] = {}  # instance -> clock time its deferred recovery is due
+        nginx_left_down = False  # the last round could not repair nginx: wait for the next one
         while not stop.is_set():
             with self._pending_lock:
                 targeted, self._pending = self._pending, set()
@@ -933,6 +1021,11 @@ class Heartbeat:
                 self._full_round_requested = False
             targeted |= {iid for iid, due in retries.items() if due <= self.clock()}
             try:
+                if not full and time.monotonic() >= next_nginx_check:
+                    # nginx sends no events: a cheap look between rounds, so a dead one costs
+                    # every route seconds, not up to a whole interval.
+                    next_nginx_check = time.monotonic() + NGINX_CHECK_INTERVAL
+                    full = not nginx_left_down and bool(self.rt.proxy.problem())
                 if full:
                     next_full = time.monotonic() + self.config.heartbeat_interval
                     report = self.round("serve")
@@ -946,12 +1039,18 @@ class Heartbeat:
                 elif report is not None:
                     if report.only is None:
                         retries.clear()
+                        nginx_left_down = any(d.kind == NGINX_DOWN for d in report.unrepaired)
                     for iid in report.only or ():
                         retries.pop(iid, None)
                     retries.update(report.retry_at)
             except Exception:  # the loop must survive anything a round throws: logged with its traceback
                 logger.exception("heartbeat round failed", extra={"action": "heartbeat_round_failed"})
-            waits = [next_full - time.monotonic(), *(due - self.clock() for due in retries.values())]
+            now = time.monotonic()
+            waits = [
+                next_full - now,
+                next_nginx_check - now,
+                *(due - self.clock() for due in retries.values()),
+            ]
             wake.wait(max(0.0, min(waits)))
             wake.clear()
             if self._pending and not stop.is_set():

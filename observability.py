@@ -702,3 +702,6 @@ def setup_logging(fmt: str, level: str) -> None:
     handler._pideploy = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # The pool warns at every reconnection attempt; db.Health says once that the database is
+    # down and once that it is back.
+    logging.getLogger("psycopg.pool").setLevel(max(logging.ERROR, root.level))

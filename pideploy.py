@@ -428,6 +428,9 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
         except OSError as error:  # most often: another serve (or anything) already listens there
             raise InfraUnavailable(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
         threads = [threading.Thread(target=server.serve_forever, args=(0.5,), name="http", daemon=True)]
+        # Notices a database outage (and restarts an embedded cluster that died) within seconds.
+        watchdog = threading.Thread(target=rt.db.watch, args=(stop,), name="db-watch", daemon=True)
+        threads.append(watchdog)
         if not args.no_heartbeat:
             loop = heartbeat.Heartbeat(rt, config)
             threads.append(threading.Thread(target=loop.run, args=(stop,), name="heartbeat", daemon=True))
@@ -450,6 +453,7 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
         )
         while not stop.wait(1.0):
             pass
+        rt.db.health.suspect()  # wakes the watchdog, which sees `stop`
         server.shutdown()  # new requests go to another serve; the queue keeps what they submitted
         released = pool.shutdown(grace)
         for thread in threads[1:]:

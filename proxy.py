@@ -103,6 +103,10 @@ class Proxy(Protocol):
         """GET <url_for(key)>healthz through the proxy, concurrently; True if 200."""
         ...
 
+    def problem(self) -> str:
+        """Why nginx does not serve the live route map now; "" when it does."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -402,6 +406,26 @@ class NginxProxy:
     def check(self, keys: Iterable[str], timeout: float = 2.0) -> dict[str, bool]:
         return _check_all({key: self.url_for(key) + "healthz" for key in keys}, timeout)
 
+    def problem(self) -> str:
+        # Under the map's lock: an apply in progress (map written, reload pending) is not a fault.
+        with self._locked():
+            generation = parse_map(_read(self.map_path) or "")[1]
+            if self.prefix is not None and self._master_pid() is None:
+                orphans = self._orphaned_workers()
+                left = f"; orphaned workers {orphans} still answer with the last map" if orphans else ""
+                return f"the embedded nginx under {self.prefix} has no master process{left}"
+            status, body = _get(self.probe_url + GENERATION_PATH, 1.0)
+        if status is None:
+            return f"nothing answers at {self.probe_url} ({body})"
+        if status == 404 and self.prefix is None:
+            return ""  # an operator's nginx without SERVER_SNIPPET: it answers, and that is all we can tell
+        if status != 200 or body.strip() != generation:
+            return (
+                f"{self.probe_url}{GENERATION_PATH} answered {status} {body.strip()[:40]!r}; "
+                f"the map file is generation {generation!r}"
+            )
+        return ""
+
     def ensure_running(self) -> None:
         with self._locked():
             if self.prefix is None:
@@ -658,6 +682,7 @@ class NginxProxy:
             else:
                 logger.info("nginx reused", extra={"action": "nginx_reuse", "pid": pid, "reloaded": False})
             return
+        self._stop_orphaned_workers()
         self._check_listen_free()
         problem = self._test()
         if problem:
@@ -680,6 +705,47 @@ class NginxProxy:
         logger.info(
             "nginx started", extra={"action": "nginx_start", "pid": self._master_pid(), "listen": self.listen}
         )
+
+    def _orphaned_workers(self) -> list[int]:
+        """nginx processes of this prefix whose master is gone (killed with -9): they go on
+        serving the last map and hold the listening socket, so no new master could start."""
+        assert self.prefix is not None
+        log = str(self.prefix / "logs" / "error.log")
+        master = self._master_pid()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                title = (entry / "cmdline").read_bytes()
+                if not title.startswith(b"nginx: ") or b"master process" in title:
+                    continue
+                parent = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+                if master is not None and parent == master:
+                    continue
+                if any(os.readlink(fd) == log for fd in (entry / "fd").iterdir()):
+                    found.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue  # gone meanwhile, or not ours to read
+        return found
+
+    def _stop_orphaned_workers(self) -> None:
+        orphans = self._orphaned_workers()
+        if not orphans:
+            return
+        logger.warning(
+            "stopping nginx workers %s left by a master that died", orphans, extra={"action": "nginx_orphans"}
+        )
+        for pid in orphans:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while any(self._alive(pid) for pid in orphans) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for pid in orphans:
+            if self._alive(pid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
 
     def _check_listen_free(self) -> None:
         """nginx retries a busy port for ~2.5 s before it fails: find out at once."""
@@ -734,6 +800,9 @@ class MemoryProxy:
         urls = {key: f"http://127.0.0.1:{routes[key]}/healthz" if key in routes else "" for key in keys}
         found = _check_all({key: url for key, url in urls.items() if url}, timeout)
         return {key: found.get(key, False) for key in urls}
+
+    def problem(self) -> str:
+        return ""
 
     def close(self) -> None:
         pass

@@ -44,6 +44,10 @@ SELECT env.value FROM task, jsonb_each_text(
          ELSE '{}' END) AS env
 WHERE task.status IN ('queued', 'running');
 
+-- name: instance_list_routable
+-- The rows a route may belong to: running ones, and updating ones (which keep a live route).
+SELECT * FROM instance WHERE status IN ('running', 'updating') ORDER BY id;
+
 -- name: instance_insert
 INSERT INTO instance (user_id, name, status, image, config)
 VALUES (%(user_id)s, %(name)s, 'creating', %(image)s, %(config)s)
@@ -105,6 +109,9 @@ SELECT * FROM event WHERE user_id = %(user_id)s ORDER BY id DESC LIMIT %(limit)s
 
 -- name: event_list_all
 SELECT * FROM event ORDER BY id DESC LIMIT %(limit)s;
+
+-- name: event_last_of_kind
+SELECT * FROM event WHERE instance_id = %(instance_id)s AND kind = %(kind)s ORDER BY id DESC LIMIT 1;
 
 -- ======================================================================
 -- model cool-down
@@ -306,9 +313,14 @@ SELECT pg_try_advisory_lock(%(key)s) AS ok;
 SELECT pg_advisory_unlock(%(key)s) AS ok;
 
 -- name: heartbeat_busy_instances
--- Instances some unfinished task works on: a transitional status there is not stuck.
-SELECT DISTINCT instance_id FROM task
-WHERE status IN ('queued', 'running') AND instance_id IS NOT NULL;
+-- Instances some unfinished task is about, or whose per-instance lock someone holds (a tool at
+-- work, in any process on this database): the heartbeat leaves them to whoever it is.
+SELECT instance_id FROM task
+WHERE status IN ('queued', 'running') AND instance_id IS NOT NULL
+UNION
+SELECT objid::bigint FROM pg_locks
+WHERE locktype = 'advisory' AND classid = %(space)s::oid AND objsubid = 2 AND granted
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database());
 
 -- name: heartbeat_counters_set
 -- Recovery bookkeeping only: updated_at is left alone (it dates the last status change).

@@ -36,7 +36,7 @@ import heartbeat
 import tools
 from config import Config
 from db import Database, Row
-from errors import BadRequest, Conflict, NotFound, PiDeployError, RunCrashed
+from errors import BadRequest, Conflict, DatabaseError, NotFound, PiDeployError, RunCrashed
 
 logger = logging.getLogger(__name__)
 
@@ -484,27 +484,49 @@ class Wakeup:
 
 
 class Listener(threading.Thread):
-    """LISTENs on the queue's channel and wakes the workers; reconnects after errors."""
+    """LISTENs on the queue's channel and wakes the workers; reconnects with backoff after errors.
 
-    def __init__(self, db: Database, wakeup: Wakeup, stop: threading.Event, retry_s: float = 1.0) -> None:
+    A lost connection is logged once, and its return once: an outage of minutes is two lines,
+    and the database's watchdog is told at once (the workers poll meanwhile)."""
+
+    def __init__(
+        self,
+        db: Database,
+        wakeup: Wakeup,
+        stop: threading.Event,
+        retry_s: float = 1.0,
+        retry_max: float = 30.0,
+    ) -> None:
         super().__init__(name="task-listener", daemon=True)
-        self.db, self.wakeup, self.stop, self.retry_s = db, wakeup, stop, retry_s
+        self.db, self.wakeup, self.stop, self.retry_s, self.retry_max = db, wakeup, stop, retry_s, retry_max
 
     def run(self) -> None:
+        pause, lost_since = self.retry_s, None
         while not self.stop.is_set():
             try:
                 with self.db.listen_connection(CHANNEL) as conn:
+                    if lost_since is not None:
+                        logger.info(
+                            "task listener connected again after %.1fs",
+                            time.monotonic() - lost_since,
+                            extra={"action": "listener_back"},
+                        )
+                    pause, lost_since = self.retry_s, None
                     self.wakeup.notify()  # whatever was queued while we were not listening
                     while not self.stop.is_set():
                         for _ in conn.notifies(timeout=1.0):
                             self.wakeup.notify()
             except (PiDeployError, psycopg.Error) as error:
-                logger.warning(
-                    "task listener lost its connection (%s); polling until it is back",
-                    error,
-                    extra={"action": "listener_error"},
-                )
-                self.stop.wait(self.retry_s)
+                self.db.health.suspect()
+                if lost_since is None:
+                    lost_since = time.monotonic()
+                    logger.warning(
+                        "task listener lost its connection (%s); polling until it is back",
+                        str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__,
+                        extra={"action": "listener_error"},
+                    )
+                self.stop.wait(pause)
+                pause = min(self.retry_max, pause * 2)
 
 
 # ---------------------------------------------------------------------------
@@ -544,17 +566,21 @@ class Lease:
         return self.lost or self.cancel_requested or self.abort.is_set()
 
     def _renew(self) -> None:
+        failing = False
         while not self._done.wait(self.lease_s / 3):
             try:
                 state = self.queue.renew(self.task_id, self.worker, self.lease_s)
             except PiDeployError as error:  # the next renewal may work; the lease is still running
-                logger.warning(
-                    "cannot renew the lease of task %s: %s",
-                    self.task_id,
-                    error.message,
-                    extra={"action": "lease_renew_failed", "task_id": self.task_id},
-                )
+                if not failing:  # once per outage, not at every renewal
+                    logger.warning(
+                        "cannot renew the lease of task %s: %s",
+                        self.task_id,
+                        error.message,
+                        extra={"action": "lease_renew_failed", "task_id": self.task_id},
+                    )
+                failing = True
                 continue
+            failing = False
             if state is None:
                 self.lost = True
                 logger.warning(
@@ -612,6 +638,17 @@ class Worker(threading.Thread):
             try:
                 worked = self.step()
                 failures = 0
+            except DatabaseError as error:  # an outage: said once per streak, not at every retry
+                failures += 1
+                if failures == 1:
+                    logger.warning(
+                        "worker %s: %s; retrying with backoff",
+                        self.worker_id,
+                        error.message,
+                        extra={"action": "worker_db_unavailable"},
+                    )
+                self.stop.wait(min(self.backoff_max, 0.5 * 2**failures))
+                continue
             except Exception:  # the loop must outlive any one task or a database outage
                 failures += 1
                 logger.exception("worker %s failed", self.worker_id, extra={"action": "worker_error"})

@@ -42,7 +42,9 @@ from engine import LABEL_INSTANCE, LABEL_NAMESPACE, LABEL_USER, Container, Conta
 from errors import (
     Conflict,
     ContainerNotFound,
+    DatabaseError,
     EngineError,
+    EngineUnreachable,
     HealthCheckFailed,
     ImageNotFound,
     PiDeployError,
@@ -61,7 +63,8 @@ logger = logging.getLogger(__name__)
 PORT_PROBE_TIMEOUT = 0.3
 
 _ROUTE_LOCK = 8_700_002  # advisory lock: one read-then-apply of the route map at a time
-_INSTANCE_LOCK_SPACE = 8_700_100  # advisory lock space for per-instance locks
+INSTANCE_LOCK_SPACE = 8_700_100  # advisory lock space for per-instance locks
+_SYSTEM_LOCK_WAIT = 2.0  # a heartbeat finding an instance locked leaves it to whoever holds it
 CONFIG_FILE = "openclaw.json"
 
 
@@ -306,8 +309,8 @@ def _refuse_failed_create(rt: Runtime, row: Row, tool: str) -> None:
 def instance_lock(rt: Runtime, ctx: ToolContext, instance_id: int, wait: float = 60.0) -> Iterator[None]:
     """A per-instance lock across threads and processes (a session advisory lock)."""
     limit = time.monotonic() + ctx.remaining(wait)
-    with rt.db.pool.connection() as conn:
-        while not rt.db.one("instance_try_lock", conn, space=_INSTANCE_LOCK_SPACE, id=instance_id)["ok"]:  # type: ignore[index]
+    with rt.db.connection() as conn:
+        while not rt.db.one("instance_try_lock", conn, space=INSTANCE_LOCK_SPACE, id=instance_id)["ok"]:  # type: ignore[index]
             if time.monotonic() >= limit:
                 raise ToolError(
                     f"instance {instance_id} is busy with another operation", instance_id=instance_id
@@ -316,7 +319,7 @@ def instance_lock(rt: Runtime, ctx: ToolContext, instance_id: int, wait: float =
         try:
             yield
         finally:
-            rt.db.one("instance_unlock", conn, space=_INSTANCE_LOCK_SPACE, id=instance_id)
+            rt.db.unlock("instance_unlock", conn, space=INSTANCE_LOCK_SPACE, id=instance_id)
 
 
 @contextlib.contextmanager
@@ -468,6 +471,7 @@ def wait_healthy(rt: Runtime, ctx: ToolContext, container_id: str, port: int) ->
     limit = started + ctx.remaining(rt.config.health_timeout)
     url = f"http://127.0.0.1:{port}/healthz"
     next_state_check = started + 0.5
+    engine_trouble = ""
     with _step(ctx, "health.wait", **{"url.full": url}) as span:
         while True:
             healthy, last_probe = healthz(port)
@@ -478,8 +482,14 @@ def wait_healthy(rt: Runtime, ctx: ToolContext, container_id: str, port: int) ->
             now = time.monotonic()
             if now >= next_state_check:
                 next_state_check = now + 0.5
-                state = rt.engine.inspect(container_id)
-                if state is None or state.state in ("exited", "dead"):
+                try:
+                    state = rt.engine.inspect(container_id)
+                    gone = state is None or state.state in ("exited", "dead")
+                except EngineError as error:
+                    # The check only makes a dead container fail fast; the probe is the verdict,
+                    # and a container that answers is healthy whether or not the engine does.
+                    engine_trouble, state, gone = error.message, None, False
+                if gone:
                     logs = _tail_logs(rt, container_id)
                     code = state.exit_code if state else None
                     raise HealthCheckFailed(
@@ -488,8 +498,10 @@ def wait_healthy(rt: Runtime, ctx: ToolContext, container_id: str, port: int) ->
                         logs=logs,
                     )
             if now >= limit:
+                engine_note = f"; the engine did not answer: {engine_trouble}" if engine_trouble else ""
                 raise HealthCheckFailed(
-                    f"/healthz did not answer 200 within {rt.config.health_timeout:.0f}s (last probe: {last_probe})",
+                    f"/healthz did not answer 200 within {rt.config.health_timeout:.0f}s "
+                    f"(last probe: {last_probe}){engine_note}",
                     last_probe=last_probe,
                     logs=_tail_logs(rt, container_id),
                 )
@@ -527,6 +539,64 @@ def _clear_name(rt: Runtime, ctx: ToolContext, row: Row, keep: str | None) -> No
     for container in instance_containers(rt, row["id"]):
         if container.id != keep:
             _remove_quietly(rt, ctx, container.id)
+
+
+def recorded_container(row: Row | None, containers: Iterable[Container]) -> Container | None:
+    """The container the row records (engines may report ids in full or short form)."""
+    wanted = row["container_id"] if row is not None else None
+    if not wanted:
+        return None
+    for container in containers:
+        if container.id == wanted or container.id.startswith(wanted) or wanted.startswith(container.id):
+            return container
+    return None
+
+
+TRANSITIONAL = ("creating", "updating", "deleting")
+
+
+def stray_reason(row: Row | None, container: Container) -> str:
+    """Why a labelled container of this namespace is not wanted ("" when it is, or when that is
+    not for this rule to say). The rule the heartbeat and remove_stray_container share:
+
+    - no row: its instance was deleted (or never finished being made);
+    - the row does not record it: a leftover of a create or update that died half-way, or of
+      a task that gave up (an `error` row whose create failed records no container);
+    - a row in a transition (creating/updating/deleting) is its task's, or instance_rollback's,
+      to settle; the recorded container of an `error` row is kept for the operator to inspect."""
+    if row is None:
+        return "its instance has no row"
+    if row["status"] in TRANSITIONAL or recorded_container(row, [container]) is not None:
+        return ""
+    recorded = f"container {row['container_id'][:12]}" if row["container_id"] else "no container"
+    return f"instance {row['id']} is {row['status']} and records {recorded}"
+
+
+def wanted_routes(rows: Iterable[Row], keys: Mapping[int, str], live: Mapping[str, int]) -> dict[str, int]:
+    """The route map the rows call for: every running instance with a port, and an updating
+    instance's route kept as it is live (its port does not change; removing it mid-update
+    would only make it flap). `keys`: each row's route key (proxy.route_key)."""
+    routes: dict[str, int] = {}
+    for row in rows:
+        key, port = keys[row["id"]], row["port"]
+        if not port:
+            continue
+        if row["status"] == "running" or (row["status"] == "updating" and live.get(key) == int(port)):
+            routes[key] = int(port)
+    return routes
+
+
+def _refuse_if_busy(rt: Runtime, ctx: ToolContext, instance_id: int) -> None:
+    """A heartbeat leaves an instance to the task working on it (checked under its lock)."""
+    if not ctx.system:
+        return
+    pending = rt.db.all("task_unfinished_for_instance", instance_id=instance_id)
+    if pending:
+        raise ToolRefused(
+            f"instance {instance_id} is busy with task {pending[0]['id']} ({pending[0]['type']}); "
+            "a heartbeat leaves it to its task",
+            instance_id=instance_id,
+        )
 
 
 def create_and_start(rt: Runtime, ctx: ToolContext, spec: ContainerSpec) -> Container:
@@ -583,13 +653,15 @@ def snapshot(rt: Runtime, ctx: ToolContext) -> Result:
 
 
 def sync_routes(rt: Runtime, ctx: ToolContext) -> Result:
-    """Routes for exactly the running instances; verify the ones this context owns."""
+    """Routes for the running instances (an updating one keeps its live route: wanted_routes);
+    verify the running ones this context owns."""
     with _step(ctx, "nginx.sync") as span, rt.db.transaction() as conn:
         # Read and apply under one lock so two syncs cannot apply stale reads in the wrong order.
         rt.db.one("routes_lock", conn, key=_ROUTE_LOCK)
-        running = rt.db.all("instance_list_running", conn)
-        keys = {r["id"]: route_key(r, rt.config) for r in running}
-        routes = {keys[r["id"]]: int(r["port"]) for r in running if r["port"]}
+        rows = rt.db.all("instance_list_routable", conn)
+        running = [r for r in rows if r["status"] == "running"]
+        keys = {r["id"]: route_key(r, rt.config) for r in rows}
+        routes = wanted_routes(rows, keys, rt.proxy.routes())
         try:
             rt.proxy.apply(routes)
         except OSError as error:  # writing the map (disk full, permissions): nginx's trouble, say so
@@ -724,12 +796,16 @@ def _create(rt: Runtime, ctx: ToolContext, row: Row) -> Result:
             raise ProxyError(f"instance {row['id']} is not reachable through nginx")
     except Exception as raised:  # not only ours: a disk-full OSError must not skip the undo
         error = _as_tool_error(raised)
-        _undo_create(rt, ctx, row, container, storage, step, error)
+        not_undone = _undo_create(rt, ctx, row, container, storage, step, error)
+        undone = "undone: container, port and storage"
+        if not_undone:
+            undone = f"not undone: {'; '.join(not_undone)} (a heartbeat round removes it)"
         raise RolledBack(
-            f"create failed at step {step}: {error.message}; undone: container, port and storage",
+            f"create failed at step {step}: {error.message}; {undone}",
             step=step,
             cause=error.message,
             cause_class=error.error_class,
+            not_undone=not_undone,
         ) from error
     url = rt.proxy.url_for(route_key(row, rt.config))
     return {**public_row(row), "url": url, "health_wait_s": round(waited, 3)}
@@ -743,27 +819,68 @@ def _undo_create(
     storage: Path,
     step: str,
     error: PiDeployError,
-) -> None:
+) -> list[str]:
+    """Undo a create and mark the instance error. Every step is tried whatever failed before it;
+    what could not be undone (an engine that does not answer) is returned and recorded, and the
+    heartbeat removes the container left behind (an `error` row records no container)."""
+    not_undone: list[str] = []
     with _step(ctx, "rollback", **{"pideploy.failed_step": step}):
         if container is not None:
-            _remove_quietly(rt, ctx, container.id)
+            _attempt(
+                not_undone, f"remove container {container.id[:12]}", _remove_quietly, rt, ctx, container.id
+            )
+        else:  # the engine may have made one without telling us (a cut connection): by its name
+            _attempt(not_undone, "remove leftover containers", _clear_name, rt, ctx, row, None)
         remove_storage(rt, str(storage))
         current = rt.db.one("instance_get", id=row["id"]) or row
+        last_error = f"create failed at {step}: {error.message}"
+        detail: dict[str, Any] = {"step": step, "reason": error.message}
+        if not_undone:
+            last_error += f"; not undone: {'; '.join(not_undone)} (a heartbeat round removes it)"
+            detail["not_undone"] = not_undone
         _transition(
             rt,
             ctx,
             current,
             "create_failed",
-            {"step": step, "reason": error.message},
+            detail,
             status="error",
             container_id=None,
             port=None,
             storage_path=None,
-            last_error=f"create failed at {step}: {error.message}",
+            last_error=last_error,
         )
         if current["status"] == "running":
             with contextlib.suppress(PiDeployError):
                 sync_routes(rt, ctx)
+    return not_undone
+
+
+def _attempt(failed: list[str], what: str, action: Callable[..., object], *args: Any) -> bool:
+    """One step of an undo: a failure is written down and the undo goes on with its next step."""
+    try:
+        action(*args)
+    except Exception as raised:  # an undo must reach its last step whatever one step raised
+        message = _as_tool_error(raised).message
+        failed.append(f"{what}: {message}")
+        logger.warning(
+            "undo step failed: %s: %s",
+            what,
+            message,
+            exc_info=not isinstance(raised, PiDeployError),  # a bug: keep its traceback
+            extra={"action": "undo_step_failed"},
+        )
+        return False
+    return True
+
+
+def _reread(rt: Runtime, instance_id: int) -> Row:
+    """The row as it is now that we hold its lock: one deleted meanwhile is not acted on (a
+    stale copy would rebuild a container no row owns)."""
+    row = rt.db.one("instance_get", id=instance_id)
+    if row is None:
+        raise ToolError(f"instance {instance_id} no longer exists", instance_id=instance_id)
+    return row
 
 
 def instance_start(rt: Runtime, ctx: ToolContext, instance_id: int) -> Result:
@@ -771,7 +888,8 @@ def instance_start(rt: Runtime, ctx: ToolContext, instance_id: int) -> Result:
     if row is None:
         raise ToolError(f"no instance {instance_id}")
     with instance_lock(rt, ctx, instance_id):
-        row = rt.db.one("instance_get", id=instance_id) or row
+        row = _reread(rt, instance_id)
+        _refuse_if_busy(rt, ctx, instance_id)
         _refuse_failed_create(rt, row, "instance_start")
         return _start(rt, ctx, row)
 
@@ -849,7 +967,8 @@ def instance_stop(rt: Runtime, ctx: ToolContext, instance_id: int) -> Result:
     if row is None:
         raise ToolError(f"no instance {instance_id}")
     with instance_lock(rt, ctx, instance_id):
-        row = rt.db.one("instance_get", id=instance_id) or row
+        row = _reread(rt, instance_id)
+        _refuse_if_busy(rt, ctx, instance_id)
         _refuse_failed_create(rt, row, "instance_stop")  # a stop queued behind its create, which failed
         if ctx.system and row["status"] != "stopped":
             # A heartbeat only converges to the user's wish: it stops what the DB says is stopped.
@@ -923,8 +1042,9 @@ def instance_update(
     with update_lock(rt.config, instance_id, ctx), instance_lock(rt, ctx, instance_id):
         row = rt.db.one("instance_get", id=instance_id) or row
         _refuse_failed_create(rt, row, "instance_update")
-        if row["status"] == "updating":
-            row = _resume_interrupted_update(rt, ctx, row)
+        if row["status"] == "updating":  # an earlier attempt of this task died half-way
+            finish_interrupted_update(rt, ctx, row)
+            row = rt.db.one("instance_get", id=instance_id) or row
         if row["status"] not in ("running", "stopped", "error"):
             raise ToolRefused(f"instance {instance_id} is {row['status']}; it cannot be updated now")
         target_image = image or row["image"]
@@ -938,15 +1058,28 @@ def instance_update(
         return _update(rt, ctx, row, target_image, target_config)
 
 
-def _resume_interrupted_update(rt: Runtime, ctx: ToolContext, row: Row) -> Row:
-    """A crash left the instance `updating`: the row's container_id is still the old container."""
+def finish_interrupted_update(rt: Runtime, ctx: ToolContext, row: Row) -> str:
+    """An update whose task died half-way (a crash, an outage) left the instance `updating`:
+    roll it back from what the database and the engine say now. The row still records the
+    previous container, image and config (an update writes them only once it succeeded);
+    whether the instance ran before is in its update_started event."""
+    started = rt.db.one("event_last_of_kind", instance_id=row["id"], kind="update_started")
+    was_running = bool(started["detail"].get("was_running", True)) if started else True
+    storage = Path(row["storage_path"]) if row["storage_path"] else storage_for(rt, row["id"])
     old = _inspect(rt, ctx, row["container_id"])
-    _clear_name(rt, ctx, row, keep=old.id if old else None)
-    if old is not None and old.name != container_name(rt.config, row["id"]):
-        with _step(ctx, "engine.rename", **{"container.id": old.id}):
-            rt.engine.rename(old.id, container_name(rt.config, row["id"]))
-    status = "running" if old is not None else "error"
-    return _transition(rt, ctx, row, "update_resumed", {"old_container": bool(old)}, status=status)
+    return _roll_back_update(
+        rt,
+        ctx,
+        row,
+        old.id if old else None,
+        None,
+        storage,
+        lambda: render_config(rt, row, row["config"], storage),  # the config file may hold the new one
+        was_running,
+        "interrupted",
+        ToolError("the update's task ended before the update finished"),
+        old_name=old.name if old else None,
+    )
 
 
 def _update(rt: Runtime, ctx: ToolContext, row: Row, image: str, config: dict[str, Any]) -> Result:
@@ -956,11 +1089,18 @@ def _update(rt: Runtime, ctx: ToolContext, row: Row, image: str, config: dict[st
     storage = Path(row["storage_path"]) if row["storage_path"] else storage_for(rt, row["id"])
     config_file = storage / CONFIG_FILE
     previous_config = config_file.read_text() if config_file.exists() else None
+    # was_running lets whoever finishes an interrupted update put the instance back as it was.
     row = _transition(
-        rt, ctx, row, "update_started", {"from_image": old_image, "to_image": image}, status="updating"
+        rt,
+        ctx,
+        row,
+        "update_started",
+        {"from_image": old_image, "to_image": image, "was_running": was_running},
+        status="updating",
     )
     step = "stop"
     new: Container | None = None
+    old_name: str | None = container_name(rt.config, row["id"])
     try:
         if old_id is not None:
             old = _inspect(rt, ctx, old_id)
@@ -972,6 +1112,7 @@ def _update(rt: Runtime, ctx: ToolContext, row: Row, image: str, config: dict[st
                 step = "keep_old"
                 with _step(ctx, "engine.rename", **{"container.id": old_id}):
                     rt.engine.rename(old_id, f"{container_name(rt.config, row['id'])}-old")
+                old_name = f"{container_name(rt.config, row['id'])}-old"
             else:
                 old_id = None
         step = "config"
@@ -999,16 +1140,34 @@ def _update(rt: Runtime, ctx: ToolContext, row: Row, image: str, config: dict[st
         routes = sync_routes(rt, ctx)
     except Exception as raised:  # not only ours: a disk-full OSError must not skip the rollback
         error = _as_tool_error(raised)
-        _roll_back_update(rt, ctx, row, old_id, new, storage, previous_config, was_running, step, error)
+        restore = (
+            None if previous_config is None else functools.partial(_write_text, config_file, previous_config)
+        )
+        if step == "keep_old":  # the rename failed: whether the engine did it is unknown
+            old_name = None
+        outcome = _roll_back_update(
+            rt, ctx, row, old_id, new, storage, restore, was_running, step, error, old_name=old_name
+        )
         raise RolledBack(
-            f"update failed at step {step}: {error.message}; the previous container was restored",
+            f"update failed at step {step}: {error.message}; {outcome}",
             step=step,
             cause=error.message,
             cause_class=error.error_class,
         ) from error
-    if old_id is not None:  # only now, with the new one healthy, recorded and routed
-        _remove_quietly(rt, ctx, old_id)
-    return {**public_row(updated), "previous_image": old_image, "routed": row["id"] in routes["reachable"]}
+    result = {**public_row(updated), "previous_image": old_image, "routed": row["id"] in routes["reachable"]}
+    # Only now, with the new one healthy, recorded and routed. The update is done either way: an
+    # old container the engine would not remove is a stray the next heartbeat round removes.
+    left: list[str] = []
+    if old_id is not None and not _attempt(
+        left, "remove the previous container", _remove_quietly, rt, ctx, old_id
+    ):
+        record_event(rt, ctx, row["id"], "previous_container_left", container_id=old_id, reason=left[0])
+        result["note"] = f"{left[0]} (a heartbeat round removes it)"
+    return result
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.write_text(text)
 
 
 def _as_tool_error(raised: Exception) -> PiDeployError:
@@ -1022,43 +1181,71 @@ def _roll_back_update(
     old_id: str | None,
     new: Container | None,
     storage: Path,
-    previous_config: str | None,
+    restore_config: Callable[[], object] | None,
     was_running: bool,
     step: str,
     error: PiDeployError,
-) -> None:
+    *,
+    old_name: str | None,
+) -> str:
+    """Put the previous container back (under its name, started if it ran) and record the
+    outcome; returns it in words for the task's error. Every step is tried whatever failed
+    before it. When the previous container could not be brought back because a system failed
+    (the engine unreachable, say), the instance stays `updating` with what is left to do in its
+    last_error: no task works on it any more, so the next heartbeat round finishes the rollback
+    (instance_rollback). A previous container that no longer comes up healthy is an error."""
+    name = container_name(rt.config, row["id"])
+    not_undone: list[str] = []
     with _step(ctx, "rollback", **{"pideploy.failed_step": step}):
         if new is not None:
-            _remove_quietly(rt, ctx, new.id)
+            _attempt(not_undone, f"remove the new container {new.id[:12]}", _remove_quietly, rt, ctx, new.id)
         else:  # a failed create may still have left a container with the name
-            _clear_name(rt, ctx, row, keep=old_id)
-        if previous_config is not None:
-            (storage / CONFIG_FILE).write_text(previous_config)
-        status, last_error = ("running" if was_running else "stopped"), None
+            _attempt(not_undone, "remove leftover containers", _clear_name, rt, ctx, row, old_id)
+        if restore_config is not None:
+            _attempt(not_undone, "restore the config file", restore_config)
+        status = "running" if was_running else "stopped"
+        last_error: str | None = None
+        outcome = "the previous container was restored"
         if old_id is not None:
             try:
-                with _step(ctx, "engine.rename", **{"container.id": old_id}):
-                    rt.engine.rename(old_id, container_name(rt.config, row["id"]))
+                if old_name is None:  # unknown (Docker refuses a rename to the current name)
+                    found = _inspect(rt, ctx, old_id)
+                    old_name = found.name if found else None
+                if old_name != name:
+                    with _step(ctx, "engine.rename", **{"container.id": old_id}):
+                        rt.engine.rename(old_id, name)
                 if was_running:
                     with _step(ctx, "engine.start", **{"container.id": old_id}):
                         rt.engine.start(old_id)
                     wait_healthy(rt, ctx, old_id, row["port"])
             except PiDeployError as restore_error:
-                status, last_error = "error", f"update rollback failed: {restore_error.message}"
+                if isinstance(restore_error, EngineUnreachable | DatabaseError):  # an outage: try again later
+                    status = "updating"
+                    not_undone.append(f"restore the previous container: {restore_error.message}")
+                else:
+                    status, last_error = "error", f"update rollback failed: {restore_error.message}"
+                    outcome = f"the previous container could not be restored: {restore_error.message}"
         elif was_running:
             status, last_error = "error", "update failed and there was no previous container to restore"
-        _transition(
-            rt,
-            ctx,
-            row,
-            "update_rolled_back",
-            {"step": step, "reason": error.message},
-            status=status,
-            container_id=old_id,
-            last_error=last_error,
-        )
+            outcome = "there was no previous container to restore"
+        detail: dict[str, Any] = {"step": step, "reason": error.message}
+        if not_undone:
+            left = "; ".join(not_undone)
+            detail["not_undone"] = not_undone
+            finisher = (
+                "a heartbeat round finishes the rollback"
+                if status == "updating"
+                else "a heartbeat round removes what is left"
+            )
+            outcome = f"rollback incomplete, not undone: {left} ({finisher})"
+            last_error = "; ".join(
+                filter(None, [last_error, f"update failed at {step}: {error.message}; {outcome}"])
+            )
+        kind = "update_rollback_incomplete" if status == "updating" else "update_rolled_back"
+        _transition(rt, ctx, row, kind, detail, status=status, container_id=old_id, last_error=last_error)
         with contextlib.suppress(PiDeployError):
             sync_routes(rt, ctx)
+    return outcome
 
 
 def nginx_sync(rt: Runtime, ctx: ToolContext) -> Result:
@@ -1100,7 +1287,8 @@ def mark_error(rt: Runtime, ctx: ToolContext, instance_id: int, reason: str) -> 
     if row is None:
         raise ToolError(f"no instance {instance_id}")
     with instance_lock(rt, ctx, instance_id):
-        row = rt.db.one("instance_get", id=instance_id) or row
+        row = _reread(rt, instance_id)
+        _refuse_if_busy(rt, ctx, instance_id)
         # The round's plan was made from an earlier look: a user's stop since then stands, and
         # an instance already in error keeps the reason it has (a failed create's, say).
         if row["status"] in ("stopped", "error"):
@@ -1115,6 +1303,62 @@ def mark_error(rt: Runtime, ctx: ToolContext, instance_id: int, reason: str) -> 
     with contextlib.suppress(PiDeployError):
         sync_routes(rt, ctx)
     return public_row(row)
+
+
+def instance_rollback(rt: Runtime, ctx: ToolContext, instance_id: int) -> Result:
+    """Heartbeat only: settle a create or an update whose task ended half-way. A create is
+    undone (error, as its task reported); an update is rolled back to the previous container."""
+    if not ctx.system:
+        raise ToolRefused("only a heartbeat round settles an interrupted create or update")
+    if scoped_instance(rt, ctx, instance_id, "instance_rollback") is None:
+        raise ToolError(f"no instance {instance_id}")
+    with instance_lock(rt, ctx, instance_id, wait=_SYSTEM_LOCK_WAIT):
+        row = _reread(rt, instance_id)
+        _refuse_if_busy(rt, ctx, instance_id)
+        if row["status"] == "creating":
+            storage = Path(row["storage_path"]) if row["storage_path"] else storage_for(rt, instance_id)
+            reason = ToolError("the create's task ended before the create finished")
+            not_undone = _undo_create(rt, ctx, row, None, storage, "interrupted", reason)
+            outcome = f"not undone: {'; '.join(not_undone)}" if not_undone else "the create was undone"
+        elif row["status"] == "updating":
+            outcome = finish_interrupted_update(rt, ctx, row)
+        else:
+            raise ToolRefused(f"instance {instance_id} is {row['status']}: nothing was interrupted")
+        return {**public_row(_reread(rt, instance_id)), "outcome": outcome}
+
+
+def remove_stray_container(rt: Runtime, ctx: ToolContext, container_id: str) -> Result:
+    """Heartbeat only: remove a container of this namespace that no instance expects
+    (stray_reason), re-checked under the instance's lock with no task working on it."""
+    if not ctx.system:
+        raise ToolRefused("only a heartbeat round removes stray containers")
+    if not re.fullmatch(r"[0-9a-f]{12,64}", container_id):
+        raise ToolArgumentError(f"not a container id: {container_id!r}", tool="remove_stray_container")
+    found = _inspect(rt, ctx, container_id)
+    if found is None:
+        return {"container_id": container_id, "removed": False, "note": "already gone"}
+    label = found.labels.get(LABEL_INSTANCE, "")
+    if found.labels.get(LABEL_NAMESPACE) != rt.config.namespace or not label.isdigit():
+        raise ToolRefused(
+            f"container {found.name} is not an instance container of namespace {rt.config.namespace}",
+            container_id=found.id,
+        )
+    instance_id = int(label)
+    scoped_instance(rt, ctx, instance_id, "remove_stray_container")
+    with instance_lock(rt, ctx, instance_id, wait=_SYSTEM_LOCK_WAIT):
+        _refuse_if_busy(rt, ctx, instance_id)
+        row = rt.db.one("instance_get", id=instance_id)
+        reason = stray_reason(row, found)
+        if not reason:
+            raise ToolRefused(
+                f"container {found.name} belongs to instance {instance_id} ({row['status'] if row else '?'})",
+                container_id=found.id,
+                instance_id=instance_id,
+            )
+        _remove_quietly(rt, ctx, found.id)
+    detail = {"container_id": found.id, "name": found.name, "state": found.state, "reason": reason}
+    record_event(rt, ctx, instance_id, "stray_container_removed", **detail)
+    return {"instance_id": instance_id, "removed": True, **detail}
 
 
 def bash(rt: Runtime, ctx: ToolContext, command: str) -> Result:
@@ -1343,6 +1587,35 @@ TOOLS: dict[str, Tool] = {
             mark_error,
         ),
         Tool(
+            "instance_rollback",
+            "Heartbeat only: settle an instance left creating or updating by a task that ended "
+            "half-way (its drift is interrupted_transition): an interrupted create is undone and "
+            "marked error; an interrupted update is rolled back to the previous container, started "
+            "again if it ran before. Refused while a task works on the instance.",
+            _schema({"instance_id": _ID}, ["instance_id"]),
+            instance_rollback,
+        ),
+        Tool(
+            "remove_stray_container",
+            "Heartbeat only: remove a container of this deployment that no instance expects "
+            "(orphan_container or stray_container drift): its instance has no row, or the row "
+            "records another container. Never an instance's own container, never while a task "
+            "works on the instance.",
+            _schema(
+                {
+                    "container_id": {
+                        "type": "string",
+                        "minLength": 12,
+                        "maxLength": 64,
+                        "pattern": "^[0-9a-f]+$",
+                        "description": "The container id from the drift's evidence.",
+                    }
+                },
+                ["container_id"],
+            ),
+            remove_stray_container,
+        ),
+        Tool(
             "bash",
             "Read-only diagnostics through a gate: docker ps/inspect/logs, curl to loopback, ss, df, "
             "cat of piDeploy's own files, nginx -t (on its own). Anything that could change the machine "
@@ -1383,7 +1656,15 @@ TOOLSETS: dict[str, tuple[str, ...]] = {
     "instance_stop": ("instance_stop", "nginx_sync", *_DIAGNOSE),
     "instance_delete": ("instance_delete", "nginx_sync", *_DIAGNOSE),
     "instance_update": ("instance_update", "nginx_sync", *_DIAGNOSE),
-    "heartbeat": ("instance_start", "instance_stop", "nginx_sync", "mark_error", *_DIAGNOSE),
+    "heartbeat": (
+        "instance_start",
+        "instance_stop",
+        "instance_rollback",
+        "remove_stray_container",
+        "nginx_sync",
+        "mark_error",
+        *_DIAGNOSE,
+    ),
 }
 
 

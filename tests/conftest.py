@@ -296,3 +296,59 @@ def memory_world(database: db.Database, tmp_path: Path) -> Iterator[World]:
     world = make_world(MemoryEngine(), MemoryProxy(), database, tmp_path)
     yield world
     _cleanup(world)
+
+
+# ---------------------------------------------------------------------------
+# Faults: an engine outage in a window, a database restart
+# ---------------------------------------------------------------------------
+
+
+class EngineOutage:
+    """The real engine, with an outage: while `down`, every call goes to a DockerEngine on a
+    socket nobody serves (DOCKER_HOST pointed at a dead socket), so the errors are the real
+    ones ("container engine unreachable"). `after(method, n)` starts the outage at that
+    method's call number n + 1 (the first n succeed); `end()` brings the engine back."""
+
+    CALLS = frozenset(
+        {"version", "image_exists", "tag_image", "create", "start", "stop", "kill", "remove", "rename"}
+        | {"inspect", "list", "logs", "events"}
+    )
+
+    def __init__(self, real: DockerEngine, folder: Path) -> None:
+        self.real = real
+        self.dead = DockerEngine(f"unix://{folder}/no-engine.sock", timeout=2)
+        self.down = False
+        self._countdown: dict[str, int] = {}
+
+    def after(self, method: str, successes: int) -> None:
+        self._countdown[method] = successes
+
+    def begin(self) -> None:
+        self.down = True
+
+    def end(self) -> None:
+        self.down, self._countdown = False, {}
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.real, name)
+        if name not in self.CALLS:
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if name in self._countdown:
+                self._countdown[name] -= 1
+                if self._countdown[name] < 0:
+                    self.down = True
+            return getattr(self.dead if self.down else self.real, name)(*args, **kwargs)
+
+        return call
+
+
+def restart_cluster(cluster: db.EmbeddedPostgres) -> None:
+    """`pg_ctl restart -m fast`: every session ends, the server is back when this returns."""
+    bindir = db.find_server_bindir()
+    assert bindir is not None
+    out = cluster._pg(  # its own runner: the right user and folder
+        bindir, "pg_ctl", "restart", "-m", "fast", "-w", "-D", str(cluster.data), "-l", str(cluster.log_file)
+    )
+    assert out.returncode == 0, out.stderr

@@ -118,7 +118,7 @@ def chat_spans(outcome: agent.Outcome) -> list[dict[str, Any]]:
 def test_prompt_text_is_pinned_to_its_version() -> None:
     # Changing SYSTEM_PROMPT must come with a new PROMPT_VERSION: update both lines together.
     assert (agent.PROMPT_VERSION, hashlib.sha256(agent.SYSTEM_PROMPT.encode()).hexdigest()[:12]) == (
-        "2026-11-22.1",
+        "2026-12-01.1",
         agent.PROMPT_SHA,
     )
 
@@ -996,6 +996,27 @@ def test_a_crash_is_recorded_as_a_failed_run_then_raised(
     alerts = [json.loads(line) for line in w.rt.config.alerts.read_text().splitlines()]
     assert [(a["rule"], a["outcome"], a["task_id"]) for a in alerts] == [("high_turn_count", "failed", 77)]
     assert alerts[0]["trace_file"] == str(trace.path)
+
+
+def test_a_tool_that_loses_the_database_ends_the_run_for_the_queue_to_retry(
+    memory_world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A restarted Postgres mid-task is no failed tool for the model (or the playbook) to
+    # report: the run ends as a crash, which the queue tries again.
+    w = memory_world
+    iid = w.create("alpha")["instance_id"]
+
+    def lost(rt: tools.Runtime, ctx: tools.ToolContext, instance_id: int) -> dict[str, Any]:
+        raise DatabaseError("database unavailable: server closed the connection unexpectedly")
+
+    stop = dataclasses.replace(tools.TOOLS["instance_stop"], handler=lost)
+    monkeypatch.setitem(tools.TOOLS, "instance_stop", stop)
+    limits = agent.Limits(retries=0)
+    playbook = agent.Chain([], agent.MemoryCooldowns(), limits)
+    task = agent.TaskSpec(type="instance_stop", user_id="alice", params={}, instance_id=iid, id=78)
+    with pytest.raises(RunCrashed) as crash:
+        agent.run_task(task, w.rt, playbook, limits)
+    assert isinstance(crash.value.__cause__, DatabaseError) and crash.value.error_class == "infra_unavailable"
 
 
 # ---------------------------------------------------------------------------

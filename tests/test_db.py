@@ -1,8 +1,14 @@
 from __future__ import annotations
 
+import logging
+import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +16,7 @@ import pytest
 
 import db
 import errors
-from tests.conftest import ROOT, make_config, require_stack
+from tests.conftest import ROOT, make_config, require_stack, restart_cluster
 
 pytestmark = pytest.mark.stack
 
@@ -134,3 +140,120 @@ def test_missing_server_binaries_say_what_to_install(tmp_path: Path, monkeypatch
 def test_an_unreachable_database_is_one_clear_error_at_once() -> None:
     with pytest.raises(errors.DatabaseError, match=r"cannot connect to the database at .*Connection refused"):
         db.Database("postgresql://nobody@127.0.0.1:1/x")
+
+
+# ---------------------------------------------------------------------------
+# A restarted or dead server
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def own(tmp_path: Path, pg_home: Path) -> Iterator[db.Postgres]:
+    """A cluster of this test's own, to restart and kill."""
+    require_stack("PostgreSQL server binaries", db.find_server_bindir() is not None, db.INSTALL_HINT)
+    postgres = db.Postgres(make_config(tmp_path, home=pg_home))
+    yield postgres
+    postgres.close()
+
+
+def _until(what: str, check: Callable[[], bool], timeout: float = 20.0) -> None:
+    limit = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < limit, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_lock_whose_session_a_restart_ended_is_released_without_error(own: db.Postgres) -> None:
+    database, cluster = own.db, own.embedded
+    assert cluster is not None
+    with database.pool.connection() as conn:
+        assert database.one("instance_try_lock", conn, space=1, id=7)["ok"]  # type: ignore[index]
+        restart_cluster(cluster)
+        database.unlock("instance_unlock", conn, space=1, id=7)  # the server released it already
+    # Every pooled connection died with the restart: each is replaced before it is handed out.
+    assert [database.schema_version() for _ in range(3)] == [db.SCHEMA_VERSION] * 3
+    with database.pool.connection() as conn:
+        assert database.one("instance_try_lock", conn, space=1, id=7)["ok"]  # type: ignore[index]
+        database.unlock("instance_unlock", conn, space=1, id=7)
+
+
+def _kill_postmaster(cluster: db.EmbeddedPostgres) -> None:
+    pid = int((cluster.data / "postmaster.pid").read_text().split()[0])
+    os.kill(pid, signal.SIGKILL)  # as root the server runs as `postgres`: root may signal it
+    bindir = db.find_server_bindir()
+    assert bindir is not None
+    _until(
+        "the server to be gone",
+        lambda: cluster._pg(bindir, "pg_ctl", "status", "-D", str(cluster.data)).returncode != 0,
+    )
+
+
+def test_an_outage_is_said_once_answered_at_once_and_its_end_is_said_once(
+    own: db.Postgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    database, cluster = own.db, own.embedded
+    assert cluster is not None
+    caplog.set_level(logging.INFO, logger="db")
+    revive, database.revive = database.revive, None  # the restart comes later, by hand
+    stop = threading.Event()
+    watchdog = threading.Thread(target=database.watch, args=(stop,), daemon=True)
+    watchdog.start()
+    try:
+        _kill_postmaster(cluster)
+        with pytest.raises(errors.DatabaseError):
+            database.schema_version()  # a caller finds its connection gone: the watchdog probes
+        _until("the outage to be seen", lambda: database.health.down)
+        started = time.monotonic()
+        with pytest.raises(errors.DatabaseError, match=r"database unavailable: connection .*failed"):
+            database.ping()  # /healthz: at once, with the reason
+        assert time.monotonic() - started < 0.5
+        started = time.monotonic()
+        with pytest.raises(errors.DatabaseError, match="database unavailable"):
+            database.one("schema_version")  # any caller: after OUTAGE_WAIT, not the pool's 30 s
+        assert time.monotonic() - started < db.OUTAGE_WAIT + 2
+        time.sleep(3)  # probes go on meanwhile, with a growing pause, and say nothing new
+
+        assert revive is not None and revive()
+        _until("the watchdog to see it back", lambda: not database.health.down)
+        assert database.ping() == db.SCHEMA_VERSION
+    finally:
+        stop.set()
+        database.health.suspect()
+        watchdog.join(10)
+    said = [r.action for r in caplog.records if getattr(r, "action", "") in ("db_down", "db_up")]  # type: ignore[attr-defined]
+    assert said == ["db_down", "db_up"]
+
+
+def test_the_watchdog_starts_an_embedded_cluster_that_died(
+    own: db.Postgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    database, cluster = own.db, own.embedded
+    assert cluster is not None and database.revive is not None
+    caplog.set_level(logging.INFO, logger="db")
+    stop = threading.Event()
+    watchdog = threading.Thread(target=database.watch, args=(stop,), daemon=True)
+    watchdog.start()
+    try:
+        _kill_postmaster(cluster)
+        database.health.suspect()
+        _until(
+            "the cluster to be started again",
+            lambda: any(getattr(r, "action", "") == "pg_restart" for r in caplog.records),
+        )
+        _until("the database to answer", lambda: not database.health.down and database.probe() == "")
+        assert database.schema_version() == db.SCHEMA_VERSION
+    finally:
+        stop.set()
+        database.health.suspect()
+        watchdog.join(10)
+    assert [getattr(r, "action", "") for r in caplog.records].count("pg_restart") == 1
+
+
+def test_a_released_share_never_revives_the_cluster(tmp_path: Path, pg_home: Path) -> None:
+    # The last process out stops the cluster: its watchdog, still probing, must not start it again.
+    require_stack("PostgreSQL server binaries", db.find_server_bindir() is not None, db.INSTALL_HINT)
+    postgres = db.Postgres(make_config(tmp_path, home=pg_home))
+    assert postgres.embedded is not None
+    postgres.close()
+    assert postgres.embedded.revive() is False
+    assert not (pg_home / "pg" / "data" / "postmaster.pid").exists()

@@ -492,8 +492,10 @@ BROKEN = {
     ),
     "rollback": (
         "update-rolled-back",
-        "        _roll_back_update(rt, ctx, row, old_id, new, storage, previous_config, was_running, step, error)\n",
-        "        pass  # BROKEN: no rollback\n",
+        "        outcome = _roll_back_update(\n"
+        "            rt, ctx, row, old_id, new, storage, restore, was_running, step, error, old_name=old_name\n"
+        "        )\n",
+        '        outcome = "not rolled back"  # BROKEN: no rollback\n',
     ),
 }
 

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 import heartbeat as hb
+import tools
 from config import Config
 from engine import LABEL_INSTANCE, LABEL_NAMESPACE, LABEL_USER, Container
 
@@ -130,8 +131,9 @@ def test_a_running_row_without_its_container_is_missing() -> None:
 def test_another_container_of_the_instance_does_not_stand_in_for_its_own() -> None:
     stray = dataclasses.replace(container(1), id="f" * 64, name="pideploy-default-1-old")
     drifts = hb.diff(observe([row(1)], [stray]), CONFIG)
-    assert kinds(drifts) == [("container_missing", 1)]
-    assert drifts[0].evidence["other_containers"] == ["f" * 12]
+    assert kinds(drifts) == [("container_missing", 1), ("stray_container", 1)]
+    missing = next(d for d in drifts if d.kind == "container_missing")
+    assert missing.evidence["other_containers"] == ["f" * 12]
 
 
 def test_short_container_ids_match_full_ones() -> None:
@@ -150,9 +152,26 @@ def test_a_stopped_row_with_a_stopped_or_no_container_is_fine() -> None:
 
 
 def test_error_rows_are_left_alone() -> None:
-    # The heartbeat stops at `error` until an operator starts the instance again.
+    # The heartbeat stops at `error` until an operator starts the instance again: its recorded
+    # container stays, for the operator to inspect.
     obs = observe([row(1, "error")], [container(1, "exited", exit_code=3)])
     assert hb.diff(obs, CONFIG) == []
+
+
+def test_a_container_no_row_expects_is_a_stray() -> None:
+    # A create killed on its last attempt: the row is `error` and records no container, yet the
+    # container runs. Likewise an `-old` container an update could not remove, beside a running
+    # or stopped row's own.
+    killed_create = row(1, "error", container_id=None, port=None)
+    old = dataclasses.replace(container(2), id="e" * 64, name="pideploy-default-2-old", state="exited")
+    old3 = dataclasses.replace(old, id="d" * 64, labels={**old.labels, LABEL_INSTANCE: "3"})
+    rows = [killed_create, row(2), row(3, "stopped")]
+    drifts = hb.diff(observe(rows, [container(1), container(2), old, container(3, "exited"), old3]), CONFIG)
+    assert kinds(drifts) == [("stray_container", 1), ("stray_container", 2), ("stray_container", 3)]
+    by_id = {d.instance_id: d.evidence for d in drifts}
+    assert by_id[1]["container_id"] == container(1).id
+    assert by_id[1]["reason"] == "instance 1 is error and records no container"
+    assert by_id[2]["container_id"] == "e" * 64 and "records container c000" in by_id[2]["reason"]
 
 
 def test_a_labelled_container_without_a_row_is_an_orphan() -> None:
@@ -165,6 +184,50 @@ def test_an_instance_label_of_other_digits_is_no_instance() -> None:
     # str.isdigit() is true of "\u00b2" (a superscript two), which int() refuses: no crash.
     odd = dataclasses.replace(container(1), labels={LABEL_INSTANCE: "\u00b2", LABEL_NAMESPACE: "default"})
     assert kinds(hb.diff(observe([], [odd]), CONFIG)) == [("orphan_container", None)]
+
+
+def test_a_busy_instance_is_left_to_its_task() -> None:
+    # An unfinished task (or a held lock) owns the instance: its dead container, its extra
+    # container, its route and its transition are the task's, whatever they look like now.
+    other = dataclasses.replace(container(1), id="f" * 64, name="pideploy-default-1-old")
+    rows = [
+        row(1, "updating"),
+        row(2),
+        row(3, "stopped"),
+        row(4, "creating", updated_at=at(NOW - 3600)),
+        row(5, "deleting", updated_at=at(NOW - 3600)),
+    ]
+    containers = [container(1, "exited"), other, container(2, "exited"), container(3), container(4)]
+    routes = {key(1): 20001, key(3): 20003}  # 2's route is missing, 3's stale
+    obs = observe(rows, containers, routes=routes, busy=frozenset({1, 2, 3, 4, 5}))
+    assert hb.diff(obs, CONFIG) == []
+    # Not busy, the same world is full of drift.
+    assert kinds(hb.diff(observe(rows, containers, routes=routes), CONFIG)) == [
+        ("container_exited", 2),
+        ("interrupted_transition", 1),
+        ("interrupted_transition", 4),
+        ("route_missing", 2),
+        ("route_stale", 3),
+        ("stopped_but_running", 3),
+        ("stuck_transition", 5),
+    ]
+
+
+def test_an_updating_instance_keeps_its_live_route() -> None:
+    # Its port does not change in an update: removing the route mid-update only makes it flap.
+    rows = [row(1, "updating"), row(2, "updating")]
+    assert hb.diff(observe(rows, [], routes={key(1): 20001}, busy=frozenset({1, 2})), CONFIG) == []
+    keys = {i: key(i) for i in range(1, 5)}
+    assert tools.wanted_routes(rows, keys, {key(1): 20001, key(2): 29999}) == {key(1): 20001}
+    assert tools.wanted_routes([row(3, "stopped"), row(4)], keys, {key(3): 20003}) == {key(4): 20004}
+
+
+def test_nginx_not_serving_is_drift() -> None:
+    obs = dataclasses.replace(observe([row(1)], [container(1)]), proxy_problem="nothing answers at x")
+    drifts = hb.diff(obs, CONFIG)
+    assert kinds(drifts) == [("nginx_down", None)]
+    assert drifts[0].describe() == "nginx: nginx does not serve the route map: nothing answers at x"
+    assert steps(drifts, [row(1)]) == [("nginx_sync", None)]
 
 
 def test_a_running_instance_without_a_route() -> None:
@@ -199,17 +262,24 @@ def test_a_route_key_in_the_other_form_is_stale() -> None:
     assert f"{2:032x}" not in everything
 
 
-def test_a_transitional_status_is_stuck_only_when_old_and_idle() -> None:
+def test_a_transition_with_no_task_is_interrupted_and_a_deleting_one_stuck_only_when_old() -> None:
     old = at(NOW - CONFIG.stuck_timeout - 1)
     rows = [
-        row(1, "creating", updated_at=old),
+        row(1, "creating", updated_at=at(NOW - 60)),
         row(2, "updating", updated_at=old),  # a task is working on it
-        row(3, "deleting", updated_at=at(NOW - 5)),  # too recent
+        row(3, "updating", updated_at=at(NOW - 60)),
+        row(4, "updating", updated_at=at(NOW - 1)),  # too recent: its task or lock may not show yet
+        row(5, "deleting", updated_at=at(NOW - 60)),  # too recent for a delete
+        row(6, "deleting", updated_at=old),
     ]
     drifts = hb.diff(observe(rows, [], busy=frozenset({2})), CONFIG)
-    assert kinds(drifts) == [("stuck_transition", 1)]
-    assert drifts[0].evidence["status"] == "creating"
-    assert drifts[0].evidence["age_s"] == CONFIG.stuck_timeout + 1
+    assert kinds(drifts) == [
+        ("interrupted_transition", 1),
+        ("interrupted_transition", 3),
+        ("stuck_transition", 6),
+    ]
+    assert drifts[0].evidence["status"] == "creating" and drifts[0].evidence["age_s"] == 60
+    assert drifts[2].evidence["age_s"] == CONFIG.stuck_timeout + 1
 
 
 def test_drift_dicts_are_json() -> None:
@@ -282,7 +352,7 @@ def test_settle_writes_nothing_for_a_healthy_fleet_or_unprobed_or_skipped_rows()
 
 def steps(drifts: list[hb.Drift], rows: list[dict[str, Any]], now: float = NOW) -> list[tuple[str, Any]]:
     planned = hb.plan(drifts, {r["id"]: r for r in rows}, now, CONFIG)
-    return [(s.tool, s.arguments.get("instance_id")) for s in planned]
+    return [(s.tool, s.instance_id) for s in planned]
 
 
 def drift(kind: str, iid: int | None, **evidence: Any) -> hb.Drift:
@@ -337,27 +407,46 @@ def test_route_drifts_need_one_nginx_sync_last() -> None:
     assert steps(drifts, [row(1), row(2)]) == [("instance_start", 1), ("nginx_sync", None)]
 
 
-def test_orphans_get_no_step() -> None:
-    assert steps([drift("orphan_container", 9), drift("orphan_container", None)], []) == []
+def test_orphans_and_strays_are_removed_but_an_unlabelled_container_is_only_reported() -> None:
+    drifts = [
+        drift("orphan_container", 9, container_id="a" * 64),
+        drift("stray_container", 1, container_id="b" * 64),
+        drift("orphan_container", None, container_id="c" * 64),
+    ]
+    planned = hb.plan(drifts, {1: row(1, "error")}, NOW, CONFIG)
+    assert [(s.tool, s.instance_id, s.arguments) for s in planned] == [
+        ("remove_stray_container", 9, {"container_id": "a" * 64}),
+        ("remove_stray_container", 1, {"container_id": "b" * 64}),
+    ]
+
+
+def test_an_interrupted_transition_is_rolled_back() -> None:
+    interrupted = drift("interrupted_transition", 4, status="updating", age_s=30)
+    planned = hb.plan([interrupted], {4: row(4, "updating")}, NOW, CONFIG)
+    assert [(s.tool, s.arguments) for s in planned] == [("instance_rollback", {"instance_id": 4})]
 
 
 def test_a_stuck_instance_is_marked_error_with_the_reason() -> None:
-    stuck = drift("stuck_transition", 4, status="creating", age_s=900)
-    planned = hb.plan([stuck], {4: row(4, "creating")}, NOW, CONFIG)
+    stuck = drift("stuck_transition", 4, status="deleting", age_s=900)
+    planned = hb.plan([stuck], {4: row(4, "deleting")}, NOW, CONFIG)
     assert [(s.tool, s.instance_id) for s in planned] == [("mark_error", 4)]
-    assert planned[0].arguments["reason"] == "stuck: instance 4: creating for 900s with no task working on it"
+    assert planned[0].arguments["reason"] == "stuck: instance 4: deleting for 900s with no task working on it"
 
 
-def test_the_plan_orders_stops_starts_errors_then_routes() -> None:
+def test_the_plan_orders_strays_rollbacks_stops_starts_errors_then_routes() -> None:
     drifts = [
         drift("route_missing", 5),
         drift("stuck_transition", 4, status="deleting", age_s=700),
         drift("container_exited", 3),
+        drift("interrupted_transition", 6, status="updating"),
         drift("container_missing", 1),
         drift("stopped_but_running", 2),
+        drift("stray_container", 1, container_id="f" * 64),
     ]
-    rows = [row(1), row(2, "stopped"), row(3), row(4, "deleting"), row(5)]
+    rows = [row(1), row(2, "stopped"), row(3), row(4, "deleting"), row(5), row(6, "updating")]
     assert steps(drifts, rows) == [
+        ("remove_stray_container", 1),
+        ("instance_rollback", 6),
         ("instance_stop", 2),
         ("instance_start", 1),
         ("instance_start", 3),
@@ -422,7 +511,7 @@ def test_a_container_that_answers_then_dies_is_not_restarted_forever() -> None:
 def test_the_report_says_ok_only_without_unrepaired_drift() -> None:
     report = hb.RoundReport("cron", NOW)
     assert report.ok
-    orphan = drift("orphan_container", 9, name="pideploy-default-9", state="exited")
+    orphan = drift("orphan_container", None, name="pideploy-default-junk", state="exited")
     report.drifts, report.unrepaired = [orphan], [orphan]
     assert not report.ok
     text = report.render()

@@ -32,12 +32,14 @@ import pytest
 import agent
 import db
 import heartbeat as hb
+import tasks
 import tools
 from config import Config, ModelConfig
 from engine import LABEL_INSTANCE, LABEL_NAMESPACE, Container, DockerEngine
+from errors import RolledBack
 from evals.llm_server import ReplayServer
 from proxy import NginxProxy, proxy_from_config, render_map, route_key
-from tests.conftest import ROOT, free_port, make_config, nginx_binary, require_stack
+from tests.conftest import ROOT, EngineOutage, free_port, make_config, nginx_binary, require_stack
 
 pytestmark = pytest.mark.stack
 
@@ -110,14 +112,22 @@ class Stack:
 
     def through_nginx(self, iid: int, key: str | None = None) -> int:
         """GET /healthz through nginx at the instance's route (or at `key`)."""
-        url = self.proxy.url_for(key or self.key(iid)) + "healthz"
+        return self.get(iid, "healthz", key)[0]
+
+    def get(self, iid: int, path: str, key: str | None = None) -> tuple[int, str]:
         try:
-            with urllib.request.urlopen(url, timeout=3) as response:
-                return int(response.status)
+            with urllib.request.urlopen(
+                self.proxy.url_for(key or self.key(iid)) + path, timeout=3
+            ) as response:
+                return int(response.status), response.read().decode()
         except urllib.error.HTTPError as error:
-            return error.code
+            return error.code, ""
         except OSError:
-            return 0
+            return 0, ""
+
+    def with_settings(self, **changes: Any) -> None:
+        self.config = dataclasses.replace(self.config, **changes)
+        self.rt = dataclasses.replace(self.rt, config=self.config)
 
     def env(self, **settings: str) -> dict[str, str]:
         """The environment of a piDeploy process on this test's database, engine and nginx."""
@@ -464,16 +474,26 @@ def test_once_prints_what_it_found_and_exits_1_while_drift_is_left(stack: Stack)
     orphan = stack.engine.create(
         tools.container_spec(stack.rt, {**stack.row(iid), "id": 999_999}, stack.config.image, free_port(), {})
     )
+    unlabelled = stack.engine.create(
+        dataclasses.replace(
+            tools.container_spec(stack.rt, stack.row(iid), stack.config.image, free_port(), {}),
+            name=f"pideploy-{stack.config.namespace}-junk",
+            labels={LABEL_NAMESPACE: stack.config.namespace, LABEL_INSTANCE: "junk"},
+        )
+    )
     stack.kill(iid)
 
     first = stack.cli()
-    assert first.returncode == 1, first.stderr  # the orphan is reported, never removed
+    assert first.returncode == 1, first.stderr  # the unlabelled container is reported, never removed
     assert "repaired    container_exited" in first.stdout
+    assert "repaired    orphan_container     instance 999999" in first.stdout
     assert "UNREPAIRED  orphan_container" in first.stdout and "reported only" in first.stdout
     assert "action      instance_start" in first.stdout
-    assert any(c.id == orphan.id for c in stack.containers())
+    assert "action      remove_stray_container" in first.stdout
+    assert [c.id for c in stack.containers() if c.id in (orphan.id, unlabelled.id)] == [unlabelled.id]
+    assert stack.events(999_999) == ["stray_container_removed"]
 
-    stack.engine.remove(orphan.id)
+    stack.engine.remove(unlabelled.id)
     clean = stack.cli("--format", "json")
     assert clean.returncode == 0, clean.stderr
     assert json.loads(clean.stdout)["drifts"] == []
@@ -608,3 +628,236 @@ def test_a_die_event_round_restarts_without_asking_the_model(stack: Stack) -> No
     assert (report.model_calls, report.cost_usd) == (0, 0.0)
     assert [r["playbook"] for r in report.agent_runs] == [True]
     assert stack.through_nginx(iid) == 200
+
+
+# ---------------------------------------------------------------------------
+# Faults: an engine outage mid-create and mid-update, a create killed on its
+# last attempt, a task at work, a dead nginx
+# ---------------------------------------------------------------------------
+
+V2 = "localhost/pideploy-gateway:v2"
+NEVER_HEALTHY = {"env": {"GATEWAY_HEALTHZ_DELAY": "600"}}
+
+
+@pytest.fixture
+def outage(stack: Stack, tmp_path: Path) -> EngineOutage:
+    """The stack's tools and heartbeat on an engine that can go away (stack.engine stays the real one)."""
+    wrapped = EngineOutage(stack.engine, tmp_path)
+    stack.rt = dataclasses.replace(stack.rt, engine=wrapped)
+    stack.with_settings(health_timeout=3)
+    return wrapped
+
+
+def test_an_engine_outage_mid_create_is_undone_and_the_next_round_removes_what_is_left(
+    stack: Stack, outage: EngineOutage
+) -> None:
+    # The engine goes away once the container runs: at the health wait's first look at it.
+    outage.after("inspect", 0)
+    with pytest.raises(RolledBack) as failed:
+        tools.instance_create(stack.rt, stack.ctx(), "cut", NEVER_HEALTHY)
+    message = failed.value.message
+    assert message.startswith("create failed at step health: /healthz did not answer 200 within 3s")
+    assert "not undone: remove container" in message and "container engine unreachable" in message
+    [row] = stack.rt.db.all("instance_list_for_user", user_id="alice")
+    iid = int(row["id"])
+    # The row is settled (not `creating` until the stuck timeout) and says what is left.
+    assert (row["status"], row["container_id"], row["port"], row["storage_path"]) == (
+        "error",
+        None,
+        None,
+        None,
+    )
+    assert (
+        row["last_error"].startswith("create failed at health")
+        and "not undone: remove container" in row["last_error"]
+    )
+    assert not tools.storage_for(stack.rt, iid).exists()
+    [event] = [
+        e
+        for e in stack.rt.db.all("event_list_for_instance", instance_id=iid, limit=50)
+        if e["kind"] == "create_failed"
+    ]
+    assert "container engine unreachable" in event["detail"]["not_undone"][0]
+    [left] = stack.containers()
+    assert left.running and left.labels[LABEL_INSTANCE] == str(iid)
+
+    outage.end()
+    report = stack.heartbeat().round("cron")
+
+    assert [(d.kind, d.instance_id) for d in report.drifts] == [("stray_container", iid)]
+    assert report.ok and [(a["tool"], a["ok"]) for a in report.actions] == [("remove_stray_container", True)]
+    assert stack.containers() == []
+    assert stack.row(iid)["status"] == "error"
+    assert stack.events(iid)[-1] == "stray_container_removed"
+
+
+@pytest.mark.parametrize(
+    ("cut_at", "failed_step"),
+    [
+        ("remove", "health"),  # the new container never answers; the engine goes as the rollback starts
+        ("create", "container"),  # the engine goes before the new container is made
+        ("rename", "keep_old"),  # ... before the old one is put aside (whether it was is unknown)
+    ],
+)
+def test_an_engine_outage_mid_update_is_rolled_back_by_the_next_round(
+    stack: Stack, outage: EngineOutage, cut_at: str, failed_step: str
+) -> None:
+    iid = stack.create("alpha")
+    before = stack.row(iid)
+    name = tools.container_name(stack.config, iid)
+    outage.after(cut_at, 0)
+    with pytest.raises(RolledBack) as failed:
+        tools.instance_update(stack.rt, stack.ctx(), iid, image=V2, config=NEVER_HEALTHY)
+    message = failed.value.message
+    assert message.startswith(f"update failed at step {failed_step}:"), message
+    assert "rollback incomplete, not undone:" in message and "container engine unreachable" in message
+    assert (
+        "restore the previous container" in message and "a heartbeat round finishes the rollback" in message
+    )
+    row = stack.row(iid)
+    # Left `updating` with what is left to do; still on the old container, image and route.
+    assert (row["status"], row["container_id"], row["image"]) == (
+        "updating",
+        before["container_id"],
+        before["image"],
+    )
+    assert "restore the previous container" in row["last_error"]
+    assert stack.proxy.routes() == {str(iid): before["port"]}
+
+    outage.end()
+    clock = Clock()
+    clock.advance(hb.INTERRUPTED_GRACE + 1)
+    report = stack.heartbeat(clock=clock).round("cron")
+
+    assert [(d.kind, d.instance_id) for d in report.drifts] == [("interrupted_transition", iid)]
+    assert report.ok and [(a["tool"], a["ok"]) for a in report.actions] == [("instance_rollback", True)]
+    row = stack.row(iid)
+    assert (row["status"], row["container_id"], row["image"], row["last_error"]) == (
+        "running",
+        before["container_id"],
+        before["image"],
+        None,
+    )
+    [only] = stack.containers()
+    assert (only.id, only.name, only.running) == (before["container_id"], name, True)
+    assert stack.get(iid, "version") == (200, "v1")
+    assert stack.events(iid)[-3:] == ["update_rollback_incomplete", "update_rolled_back", "drift_repaired"]
+
+
+def test_a_create_whose_task_gave_up_leaves_a_container_the_round_removes(stack: Stack) -> None:
+    # What task_fail_exhausted leaves when the worker running a create's last attempt died
+    # after starting the container: the row `error` (recording no container), the container up.
+    queue = tasks.Queue(stack.rt.db, max_attempts=1)
+    row, submitted = queue.submit_create("alice", "lost", None, stack.config.image, None)
+    claimed = queue.claim("dead-worker", lease_s=0.5)
+    assert claimed is not None and claimed["id"] == submitted.task["id"]
+    ctx = tools.ToolContext.direct(stack.config.traces, "alice", "test", int(row["id"]))
+    row = tools.allocate_port(stack.rt, ctx, row)
+    lost = tools.create_and_start(
+        stack.rt, ctx, tools.container_spec(stack.rt, row, row["image"], row["port"], {})
+    )
+    time.sleep(0.6)
+    queue.sweep()
+    assert queue.get(submitted.task["id"])["status"] == "failed"
+    assert (stack.row(row["id"])["status"], stack.row(row["id"])["container_id"]) == ("error", None)
+
+    report = stack.heartbeat().round("cron")
+
+    assert [(d.kind, d.instance_id, d.evidence["container_id"]) for d in report.drifts] == [
+        ("stray_container", row["id"], lost.id)
+    ]
+    assert report.ok and stack.containers() == []
+    assert stack.events(row["id"])[-1] == "stray_container_removed"
+
+
+def test_a_round_during_an_update_leaves_the_instance_and_its_route_to_the_update(stack: Stack) -> None:
+    iid = stack.create("alpha")
+    port = stack.row(iid)["port"]
+    outcome: dict[str, Any] = {}
+
+    def update() -> None:
+        try:
+            slow = {"env": {"GATEWAY_HEALTHZ_DELAY": "3"}}
+            outcome["result"] = tools.instance_update(stack.rt, stack.ctx(), iid, image=V2, config=slow)
+        except Exception as error:  # reported by the assertion below
+            outcome["error"] = error
+
+    updater = threading.Thread(target=update)
+    updater.start()
+    wait_for("the update's health wait", lambda: len(stack.containers()) == 2, timeout=15)
+    clock = Clock()
+    clock.advance(3600)  # long past every grace and timeout: only "busy" keeps the round away
+    rounds, routes = [], []
+    while updater.is_alive():
+        rounds.append(stack.heartbeat(clock=clock).round("cron"))
+        routes.append(stack.proxy.routes().get(str(iid)))
+    updater.join()
+
+    assert "error" not in outcome, outcome
+    assert rounds and all(r.drifts == [] and r.actions == [] for r in rounds), [r.to_dict() for r in rounds]
+    assert set(routes) == {port}  # never removed, never flapping
+    assert stack.get(iid, "version") == (200, "v2")
+
+
+def test_a_crashed_instance_with_a_queued_task_is_left_to_that_task(stack: Stack) -> None:
+    iid = stack.create("alpha")
+    stack.kill(iid)
+    tasks.Queue(stack.rt.db).submit_action("alice", "instance_stop", iid)
+
+    report = stack.heartbeat().round("cron")
+
+    assert report.drifts == [] and report.actions == []
+    assert not _running(stack.engine.inspect(stack.row(iid)["container_id"]))
+    assert "started" not in stack.events(iid)[1:]
+
+
+def _nginx_master(stack: Stack) -> int:
+    return int((stack.config.home / "nginx" / "nginx.pid").read_text())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_a_dead_nginx_is_started_again_and_reported(stack: Stack, signum: int) -> None:
+    iid = stack.create("alpha")
+    master = _nginx_master(stack)
+    os.kill(master, signum)  # SIGKILL leaves its workers serving the old map, holding the port
+    wait_for("the master to die", lambda: not NginxProxy._alive(master))
+
+    report = stack.heartbeat().round("cron")
+
+    assert [(d.kind, d.instance_id) for d in report.drifts] == [("nginx_down", None)]
+    problem = report.drifts[0].evidence["problem"]
+    assert "has no master process" in problem
+    assert ("orphaned workers" in problem) == (signum == signal.SIGKILL)
+    assert report.ok and [(a["tool"], a["ok"]) for a in report.actions] == [("nginx_sync", True)]
+    assert _nginx_master(stack) != master and stack.through_nginx(iid) == 200
+    beta = stack.create("beta")  # the new master takes new routes
+    assert stack.through_nginx(beta) == 200
+    [line] = [json.loads(line) for line in stack.config.alerts.read_text().splitlines()]
+    assert (line["rule"], line["repaired"], line["severity"]) == ("nginx_down", True, "warning")
+    nginx_events = [e for e in stack.rt.db.all("event_list_all", limit=50) if e["instance_id"] is None]
+    assert [(e["kind"], e["detail"]["drift"]) for e in nginx_events] == [("drift_repaired", "nginx_down")]
+    assert stack.heartbeat().round("cron").drifts == []
+
+
+def test_serve_finds_a_dead_nginx_between_rounds(stack: Stack) -> None:
+    iid = stack.create("alpha")
+    beat = stack.heartbeat()  # interval 60 s: after the first round, only the quick look finds nginx
+    stop = threading.Event()
+    loop = threading.Thread(target=beat.run, args=(stop,), daemon=True)
+    loop.start()
+    try:
+        wait_for("the first full round", lambda: len(stack.rounds()) >= 1)
+        master = _nginx_master(stack)
+        workers = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+        for pid in (master, *map(int, workers)):
+            os.kill(pid, signal.SIGKILL)
+        assert stack.through_nginx(iid) == 0
+        wait_for(
+            "nginx to be started again",
+            lambda: stack.through_nginx(iid) == 200,
+            timeout=hb.NGINX_CHECK_INTERVAL + 10,
+        )
+    finally:
+        stop.set()
+        loop.join(timeout=15)
+    assert [r["source"] for r in stack.rounds()] == ["serve", "serve"] and stack.rounds()[-1]["repaired"] == 1

@@ -11,10 +11,12 @@ from __future__ import annotations
 import fcntl
 import http.server
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -287,6 +289,43 @@ def test_nginx_is_reused_by_a_second_proxy_on_the_same_prefix(nginx: NginxProxy,
     assert second.check(["r", "s"]) == {"r": True, "s": True}
     second.close()  # the default leaves nginx running
     assert nginx._master_pid() == pid
+
+
+def test_problem_is_empty_while_nginx_serves_the_live_map(px: MemoryProxy | NginxProxy, backend: int) -> None:
+    px.apply({"a": backend})
+    assert px.problem() == ""
+
+
+@pytest.mark.stack
+def test_nginx_killed_with_9_is_a_problem_until_a_new_master_replaces_its_workers(
+    nginx: NginxProxy, backend: int
+) -> None:
+    # A master killed with -9 leaves its workers serving the last map and holding the port:
+    # nothing can reload them, and a new master could not bind until they are gone.
+    nginx.apply({"a": backend})
+    master = nginx._master_pid()
+    assert master is not None
+    os.kill(master, signal.SIGKILL)
+    limit = time.monotonic() + 5
+    while NginxProxy._alive(master) and time.monotonic() < limit:
+        time.sleep(0.02)
+    assert fetch(nginx.url_for("a") + "healthz")[0] == 200  # an orphaned worker still answers
+    assert "has no master process; orphaned workers [" in nginx.problem()
+
+    nginx.apply({"a": backend, "b": backend})
+
+    assert nginx.problem() == ""
+    assert nginx._master_pid() not in (None, master)
+    assert nginx.check(["a", "b"]) == {"a": True, "b": True}
+
+
+@pytest.mark.stack
+def test_nginx_stopped_is_a_problem_until_started(nginx: NginxProxy, backend: int) -> None:
+    nginx.apply({"a": backend})
+    nginx.close(stop=True)
+    assert "has no master process" in nginx.problem() and "orphaned" not in nginx.problem()
+    nginx.ensure_running()
+    assert nginx.problem() == "" and nginx.check(["a"]) == {"a": True}
 
 
 @pytest.mark.stack

@@ -549,3 +549,80 @@ def test_a_second_serve_on_a_taken_port_says_so_in_one_line(site: Site) -> None:
         f"pideploy: error: cannot listen on {site.env['PIDEPLOY_LISTEN']}: Address already in use"
     ]
     assert site.call("GET", "/api/instances")[0] == 200  # the first one serves on
+
+
+# ---------------------------------------------------------------------------
+# Faults: serve killed on a task's last attempt, the database killed under serve
+# ---------------------------------------------------------------------------
+
+NEVER_HEALTHY = {"env": {"GATEWAY_HEALTHZ_DELAY": "600"}}
+ONE_ATTEMPT = {"PIDEPLOY_MAX_ATTEMPTS": "1"}
+QUICK_ROUNDS = {**ONE_ATTEMPT, "PIDEPLOY_HEARTBEAT_INTERVAL": "2"}
+
+
+def _row(site: Site, iid: int) -> dict[str, Any]:
+    return site.sql("SELECT * FROM instance WHERE id = %s", iid)[0]
+
+
+def test_a_create_killed_on_its_last_attempt_leaves_no_container(site: Site) -> None:
+    first = site.serve(log="first", **ONE_ATTEMPT)
+    status, created = site.call("POST", "/api/instances", {"name": "lost", "config": NEVER_HEALTHY})
+    assert status == 202, created
+    iid, task_id = created["instance_id"], created["task_id"]
+    wait_for("the health wait", lambda: site.task(task_id)["status"] == "running" and site.containers(iid))
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+
+    site.serve(log="second", **QUICK_ROUNDS)
+    task = site.wait_task(task_id, timeout=60)
+    assert task["status"] == "failed", task
+    wait_for("the heartbeat to remove the container", lambda: not site.containers(iid), timeout=60)
+    row = _row(site, iid)
+    assert row["status"] == "error" and row["container_id"] is None, row
+    kinds = [e["kind"] for e in site.sql("SELECT kind FROM event WHERE instance_id = %s ORDER BY id", iid)]
+    assert kinds[-1] == "stray_container_removed", kinds
+
+
+def test_an_update_killed_on_its_last_attempt_is_rolled_back_by_the_heartbeat(site: Site) -> None:
+    first = site.serve(log="first", **ONE_ATTEMPT)
+    status, created = site.call("POST", "/api/instances", {"name": "kept"})
+    assert status == 202 and site.wait_task(created["task_id"])["status"] == "succeeded", created
+    iid = created["instance_id"]
+    old = site.check_world(iid)
+    status, reply = site.call("POST", f"/api/instances/{iid}/update", {"config": NEVER_HEALTHY})
+    assert status == 202, reply
+    wait_for("the new container's health wait", lambda: len(site.containers(iid)) == 2)
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+
+    site.serve(log="second", **QUICK_ROUNDS)
+    assert site.wait_task(reply["task_id"], timeout=60)["status"] == "failed"
+    wait_for(
+        "the heartbeat to roll the update back", lambda: _row(site, iid)["status"] == "running", timeout=60
+    )
+    wait_for("one container", lambda: len(site.containers(iid)) == 1, timeout=30)
+    assert site.check_world(iid).id == old.id  # the old container, under its name, routed
+    assert _row(site, iid)["config"] == {}
+
+
+def test_serve_restarts_the_embedded_postgres_it_uses_when_it_dies(site: Site) -> None:
+    site.serve(log="serve")
+    postmaster = int((site.home / "pg" / "data" / "postmaster.pid").read_text().split()[0])
+    os.kill(postmaster, signal.SIGKILL)
+    wait_for("serve to see the database gone", lambda: '"db_down"' in site.log())
+
+    def created() -> dict[str, Any] | None:
+        status, reply = site.call("POST", "/api/instances", {"name": "after"})
+        return reply if status == 202 else None
+
+    reply = wait_for("serve to start the database again and take a task", created, timeout=60)
+    assert site.wait_task(reply["task_id"])["status"] == "succeeded"
+    site.check_world(reply["instance_id"])
+    actions = [json.loads(line).get("action") for line in site.log().splitlines() if line.startswith("{")]
+    said = [
+        line[:400] for line in site.log().splitlines() if '"action": "db_' in line or '"action": "pg_' in line
+    ]
+    assert (actions.count("db_down"), actions.count("pg_restart"), actions.count("db_up")) == (1, 1, 1), (
+        "\n".join(said)
+    )
+    assert actions.count("listener_error") == 1

@@ -6,6 +6,7 @@ hand-inserted task with the real loop (playbook) on MemoryEngine/MemoryProxy.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 import agent
+import db
 import tasks
 import tools
 from db import Database, Row
@@ -635,3 +637,30 @@ def test_an_invalid_user_is_refused_in_words_before_anything_is_written(
         queue.submit_create("bad user!", "x", None, "img", None)
     assert database.all("instance_list_all") == []
     assert sum(int(r["n"]) for r in database.all("metrics_tasks")) == 0
+
+
+def test_the_listener_says_once_that_it_lost_the_database_and_once_that_it_is_back(
+    tmp_path: Path, pg_home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    postgres = db.Postgres(make_config(tmp_path, home=pg_home))
+    cluster, bindir = postgres.embedded, db.find_server_bindir()
+    assert cluster is not None and bindir is not None
+    wakeup, stop = tasks.Wakeup(), threading.Event()
+    listener = tasks.Listener(postgres.db, wakeup, stop, retry_s=0.1)
+    caplog.set_level(logging.INFO, logger="tasks")
+    listener.start()
+    try:
+        wait_until(lambda: wakeup.token() > 0)  # listening
+        stopped = cluster._pg(bindir, "pg_ctl", "stop", "-m", "fast", "-w", "-D", str(cluster.data))
+        assert stopped.returncode == 0, stopped.stderr
+        time.sleep(3)  # thirty retries' worth at 0.1 s apiece
+        assert cluster.revive()
+        wait_until(
+            lambda: any(getattr(r, "action", "") == "listener_back" for r in caplog.records), timeout=60
+        )
+    finally:
+        stop.set()
+        listener.join(10)
+        postgres.close()
+    said = [getattr(r, "action", "") for r in caplog.records]
+    assert (said.count("listener_error"), said.count("listener_back")) == (1, 1)

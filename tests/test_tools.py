@@ -10,19 +10,23 @@ import contextlib
 import fcntl
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import db
+import tasks
 import tools
+from engine import DockerEngine
 from errors import (
     DatabaseError,
     ImageNotFound,
@@ -33,7 +37,15 @@ from errors import (
     ToolRefused,
 )
 from proxy import NginxProxy, route_instance
-from tests.conftest import World, make_config, make_config_like, require_stack
+from tests.conftest import (
+    World,
+    _cleanup,
+    make_config,
+    make_config_like,
+    make_world,
+    require_stack,
+    restart_cluster,
+)
 
 pytestmark = pytest.mark.stack
 V2 = "localhost/pideploy-gateway:v2"
@@ -1040,3 +1052,105 @@ def test_update_whose_route_nginx_rejects_restores_the_old_container(real_world:
     assert w.events(iid)[-1] == "update_rolled_back"
     tools.instance_start(w.rt, w.ctx(), iid)  # nginx fixed: the restored container serves v1
     assert w.through_nginx(iid, "version")[1] == "v1"
+
+
+# ---------------------------------------------------------------------------
+# Faults: a route kept through an update, a database restart mid-create, the
+# heartbeat's own tools
+# ---------------------------------------------------------------------------
+
+
+def test_another_task_s_route_sync_keeps_the_route_of_an_instance_being_updated(
+    docker_engine: DockerEngine, nginx: NginxProxy, database: db.Database, tmp_path: Path
+) -> None:
+    # Any task syncs the whole route map: one that runs while another instance is mid-update
+    # must not drop that instance's route (its port does not change in an update).
+    low = random.randrange(30_000, 32_500)  # ports of its own: the update frees and retakes one
+    w = make_world(docker_engine, nginx, database, tmp_path, port_range=f"{low}-{low + 99}")
+    try:
+        busy = w.create("busy")["instance_id"]
+        port = w.row(busy)["port"]  # type: ignore[index]
+        outcome: dict[str, Any] = {}
+
+        def update() -> None:
+            slow = {"env": {"GATEWAY_HEALTHZ_DELAY": "3"}}
+            try:
+                outcome["result"] = tools.instance_update(w.rt, w.ctx(), busy, image=V2, config=slow)
+            except ToolError as error:
+                outcome["error"] = error.message
+
+        updater = threading.Thread(target=update)
+        updater.start()
+        limit = time.monotonic() + 15
+        while len(w.containers(busy)) < 2 and time.monotonic() < limit:
+            time.sleep(0.05)
+        assert w.row(busy)["status"] == "updating"  # type: ignore[index]
+        other = w.create("other")["instance_id"]  # its create syncs every route
+        assert w.rt.proxy.routes() == {str(busy): port, str(other): w.row(other)["port"]}  # type: ignore[index]
+        updater.join(30)
+        assert "error" not in outcome, outcome
+        assert w.through_nginx(busy, "version") == (200, "v2")
+    finally:
+        _cleanup(w)
+
+
+def test_a_create_across_a_database_restart_succeeds(
+    docker_engine: DockerEngine, nginx: NginxProxy, tmp_path: Path, pg_home: Path
+) -> None:
+    # The instance lock is a session lock on a pooled connection: the restart ends that session
+    # (and every pooled one) while the create waits for its health check. The create's own
+    # writes go on fresh connections, and releasing the lock the server already dropped is no
+    # error: the create succeeds.
+    require_stack("PostgreSQL", db.find_server_bindir() is not None, db.INSTALL_HINT)
+    postgres = db.Postgres(make_config(tmp_path, home=pg_home))
+    assert postgres.embedded is not None
+    low = random.randrange(30_000, 32_500)
+    w = make_world(docker_engine, nginx, postgres.db, tmp_path, port_range=f"{low}-{low + 99}")
+    outcome: dict[str, Any] = {}
+
+    def create() -> None:
+        try:
+            outcome["result"] = w.create("across", env={"GATEWAY_HEALTHZ_DELAY": "3"})
+        except Exception as error:  # reported by the assertion below
+            outcome["error"] = error
+
+    try:
+        creator = threading.Thread(target=create)
+        creator.start()
+        limit = time.monotonic() + 15
+        while not w.containers() and time.monotonic() < limit:
+            time.sleep(0.05)
+        restart_cluster(postgres.embedded)
+        creator.join(30)
+        assert "error" not in outcome, outcome
+        iid = outcome["result"]["instance_id"]
+        assert w.row(iid)["status"] == "running"  # type: ignore[index]
+        assert w.through_nginx(iid) == (200, "ok")
+    finally:
+        _cleanup(w)
+        postgres.close()
+
+
+def test_the_heartbeat_s_own_tools_refuse_what_is_not_theirs(any_world: World) -> None:
+    w = any_world
+    iid = w.create("mine")["instance_id"]
+    own = w.row(iid)["container_id"]  # type: ignore[index]
+    system = w.ctx(None, allowed_instances=frozenset({iid}))
+    with pytest.raises(ToolRefused, match="only a heartbeat round"):
+        tools.remove_stray_container(w.rt, w.ctx(), own)
+    with pytest.raises(ToolRefused, match="only a heartbeat round"):
+        tools.instance_rollback(w.rt, w.ctx(), iid)
+    with pytest.raises(ToolRefused, match=f"belongs to instance {iid}"):
+        tools.remove_stray_container(w.rt, system, own)  # an instance's own container
+    with pytest.raises(ToolRefused, match="nothing was interrupted"):
+        tools.instance_rollback(w.rt, system, iid)
+    tasks.Queue(w.rt.db).submit_action("alice", "instance_stop", iid)
+    calls: list[Callable[[], object]] = [
+        lambda: tools.instance_stop(w.rt, system, iid),
+        lambda: tools.instance_start(w.rt, system, iid),
+        lambda: tools.mark_error(w.rt, system, iid, "no"),
+    ]
+    for call in calls:
+        with pytest.raises(ToolRefused, match="busy with task"):
+            call()
+    assert w.row(iid)["status"] == "running" and [c.id for c in w.containers(iid)] == [own]  # type: ignore[index]
