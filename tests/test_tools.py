@@ -1086,7 +1086,7 @@ def test_another_task_s_route_sync_keeps_the_route_of_an_instance_being_updated(
             time.sleep(0.05)
         assert w.row(busy)["status"] == "updating"  # type: ignore[index]
         other = w.create("other")["instance_id"]  # its create syncs every route
-        assert w.rt.proxy.routes() == {str(busy): port, str(other): w.row(other)["port"]}  # type: ignore[index]
+        assert w.rt.proxy.routes() == {w.route(busy): port, w.route(other): w.row(other)["port"]}  # type: ignore[index]
         updater.join(30)
         assert "error" not in outcome, outcome
         assert w.through_nginx(busy, "version") == (200, "v2")
