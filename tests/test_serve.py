@@ -9,6 +9,7 @@ test that drives the chain through the replay model server.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -622,7 +623,10 @@ def test_serve_restarts_the_embedded_postgres_it_uses_when_it_dies(site: Site) -
     said = [
         line[:400] for line in site.log().splitlines() if '"action": "db_' in line or '"action": "pg_' in line
     ]
-    assert (actions.count("db_down"), actions.count("pg_restart"), actions.count("db_up")) == (1, 1, 1), (
-        "\n".join(said)
-    )
-    assert actions.count("listener_error") == 1
+    # Each change of state is said once: down and up alternate (a restart attempt that comes too
+    # early, while the killed server is still going away, may make one more round of them).
+    states = [a for a in actions if a in ("db_down", "db_up")]
+    assert states[0] == "db_down" and states[-1] == "db_up", "\n".join(said)
+    assert all(a != b for a, b in itertools.pairwise(states)), "\n".join(said)
+    assert actions.count("pg_restart") >= 1 and len(states) <= 4, "\n".join(said)
+    assert 1 <= actions.count("listener_error") <= 2
