@@ -77,6 +77,7 @@ _INSTANCE_KEY = re.compile(r"([0-9]{1,18})(-[0-9a-f]+)?")
 GENERATION_KEY = ".generation"
 GENERATION_PATH = "/_pideploy/generation"
 CONFIRM_TIMEOUT = 10.0  # seconds for nginx to serve a new map after a reload or start
+RELOAD_SETTLE = 2.0  # seconds a served map may lag the file before it counts as nginx's fault
 # nginx's master sleeps 100 ms between starting new workers and stopping the old.
 EXTERNAL_RELOAD_PAUSE = 0.15
 MAP_HEADER = "# piDeploy routes: instance key -> 127.0.0.1 port. Written by proxy.py; do not edit.\n"
@@ -407,24 +408,32 @@ class NginxProxy:
         return _check_all({key: self.url_for(key) + "healthz" for key in keys}, timeout)
 
     def problem(self) -> str:
-        # Under the map's lock: an apply in progress (map written, reload pending) is not a fault.
-        with self._locked():
-            generation = parse_map(_read(self.map_path) or "")[1]
-            if self.prefix is not None and self._master_pid() is None:
-                orphans = self._orphaned_workers()
-                left = f"; orphaned workers {orphans} still answer with the last map" if orphans else ""
-                return f"the embedded nginx under {self.prefix} has no master process{left}"
-            status, body = _get(self.probe_url + GENERATION_PATH, 1.0)
-        if status is None:
-            return f"nothing answers at {self.probe_url} ({body})"
-        if status == 404 and self.prefix is None:
-            return ""  # an operator's nginx without SERVER_SNIPPET: it answers, and that is all we can tell
-        if status != 200 or body.strip() != generation:
-            return (
-                f"{self.probe_url}{GENERATION_PATH} answered {status} {body.strip()[:40]!r}; "
-                f"the map file is generation {generation!r}"
-            )
-        return ""
+        # A reload in progress (ours, or an operator's `nginx -s reload`) has old workers answer
+        # with the last map for a moment: only a mismatch that lasts RELOAD_SETTLE is a fault.
+        deadline = time.monotonic() + RELOAD_SETTLE
+        while True:
+            # Under the map's lock: an apply in progress (map written, reload pending) is not a fault.
+            with self._locked():
+                generation = parse_map(_read(self.map_path) or "")[1]
+                if self.prefix is not None and self._master_pid() is None:
+                    orphans = self._orphaned_workers()
+                    left = f"; orphaned workers {orphans} still answer with the last map" if orphans else ""
+                    return f"the embedded nginx under {self.prefix} has no master process{left}"
+                status, body = _get(self.probe_url + GENERATION_PATH, 1.0)
+            if status is None:
+                return f"nothing answers at {self.probe_url} ({body})"
+            if status == 404 and self.prefix is None:
+                return (
+                    ""  # an operator's nginx without SERVER_SNIPPET: it answers, and that is all we can tell
+                )
+            if status == 200 and body.strip() == generation:
+                return ""
+            if time.monotonic() >= deadline:
+                return (
+                    f"{self.probe_url}{GENERATION_PATH} answered {status} {body.strip()[:40]!r}; "
+                    f"the map file is generation {generation!r}"
+                )
+            time.sleep(0.1)
 
     def ensure_running(self) -> None:
         with self._locked():

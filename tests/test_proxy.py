@@ -320,6 +320,26 @@ def test_nginx_killed_with_9_is_a_problem_until_a_new_master_replaces_its_worker
 
 
 @pytest.mark.stack
+def test_a_reload_in_progress_is_no_problem_but_a_map_nginx_never_loads_is(
+    nginx: NginxProxy, backend: int
+) -> None:
+    # Right after a reload, old workers answer with the last map for a moment: not a fault (an
+    # operator's `nginx -s reload` made the heartbeat alert nginx_down). A map nginx never
+    # loads is one.
+    from proxy import render_map
+
+    nginx.apply({"a": backend})
+    nginx.map_path.write_text(render_map({"a": backend, "b": backend}, "never-loaded"))
+    assert "the map file is generation 'never-loaded'" in nginx.problem()
+    pid = nginx._master_pid()
+    assert pid is not None
+    for n in range(5):
+        nginx.map_path.write_text(render_map({"a": backend}, f"reloaded-{n}"))
+        os.kill(pid, signal.SIGHUP)
+        assert nginx.problem() == ""
+
+
+@pytest.mark.stack
 def test_nginx_stopped_is_a_problem_until_started(nginx: NginxProxy, backend: int) -> None:
     nginx.apply({"a": backend})
     nginx.close(stop=True)
