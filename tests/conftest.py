@@ -242,7 +242,7 @@ def make_world(engine: Engine, proxy: Proxy, database: db.Database, tmp_path: Pa
     low = random.randrange(20_000, 29_900, 100)
     base = {
         "namespace": f"t{uuid.uuid4().hex[:8]}",
-        "health_timeout": 10,
+        "health_timeout": 30,  # a bound, not a wait: a loaded machine can be slow to start one
         "stop_timeout": 3,
         "port_range": f"{low}-{low + 99}",
     }

@@ -171,7 +171,7 @@ def stack(
         namespace=f"hb{uuid.uuid4().hex[:8]}",
         port_range=f"{low}-{low + 199}",
         agent="off",
-        health_timeout=10,
+        health_timeout=30,  # a bound, not a wait: a loaded CI machine can take seconds to start one
         stop_timeout=2,
         nginx_bin=str(nginx_binary()),
         nginx_listen=f"127.0.0.1:{free_port()}",

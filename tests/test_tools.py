@@ -832,7 +832,7 @@ def test_an_update_waits_on_the_file_lock_in_the_configured_lock_dir(
     assert make_config(tmp_path).locks == make_config(tmp_path).home / "locks"  # the default: the data dir
     locks = tmp_path / "elsewhere" / "locks"
     configured = make_config(
-        tmp_path, namespace=w.rt.config.namespace, health_timeout=10, stop_timeout=3, lock_dir=locks
+        tmp_path, namespace=w.rt.config.namespace, health_timeout=30, stop_timeout=3, lock_dir=locks
     )  # PIDEPLOY_LOCK_DIR
     w.rt = tools.Runtime(configured, w.rt.db, w.rt.engine, w.rt.proxy)
     iid = w.create("locked")["instance_id"]
