@@ -123,7 +123,7 @@ TASK_FIELDS = (
 )
 
 
-def instance_json(row: Row, config: Config, proxy: Proxy | None = None) -> dict[str, Any]:
+def instance_json(row: Mapping[str, Any], config: Config, proxy: Proxy | None = None) -> dict[str, Any]:
     """An instance for its owner: the url carries the route token (proxy.route_key)."""
     body = {key: row[key] for key in INSTANCE_FIELDS}
     body["url"] = None

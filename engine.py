@@ -222,11 +222,19 @@ class DockerEngine:
         return True
 
     def inspect(self, ref: str) -> Container | None:
-        try:
-            with self._call("inspect", ref):
-                data = self.api.inspect_container(ref)
-        except ContainerNotFound:
-            return None
+        for attempt in range(3):
+            try:
+                with self._call("inspect", ref):
+                    data = self.api.inspect_container(ref)
+                break
+            except ContainerNotFound:
+                return None
+            except EngineError as error:
+                # Podman reads a container's state from its process; one that is exiting right
+                # now can answer "no such process" once. A moment later it has its final state.
+                if "no such process" not in error.message.lower() or attempt == 2:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
         state = data.get("State") or {}
         config = data.get("Config") or {}
         ports = (data.get("NetworkSettings") or {}).get("Ports") or {}

@@ -45,7 +45,7 @@ Recovery rules
   round treats as nothing to do.
 - A busy instance is its task's: one that an unfinished task (queued or running) is about,
   or whose per-instance lock someone holds, gets no drift at all: no restart, no stop, no
-  route change, no stray removal. (tools.wanted_routes keeps an updating instance's live
+  route change, no stray removal. (runtime.wanted_routes keeps an updating instance's live
   route for every route sync, so no task flaps it either.)
 - A create or update left `creating`/`updating` with no task and no lock holder (its task
   died on its last attempt, or its rollback could not reach the engine) is
@@ -95,6 +95,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import agent
+import instances
+import runtime
 import tools
 from config import Config
 from db import Row
@@ -113,7 +115,7 @@ CONTAINER_UNHEALTHY = "container_unhealthy"  # it runs but /healthz does not ans
 CONTAINER_MISSING = "container_missing"  # a running row has no container at all (removed by hand)
 STOPPED_BUT_RUNNING = "stopped_but_running"  # the row says stopped, its container runs
 ORPHAN = "orphan_container"  # a labelled container with no row
-STRAY = "stray_container"  # a labelled container its row does not expect (tools.stray_reason)
+STRAY = "stray_container"  # a labelled container its row does not expect (runtime.stray_reason)
 ROUTE_MISSING = "route_missing"  # a running instance has no nginx route
 ROUTE_STALE = "route_stale"  # a route to a wrong port, or for an instance that is not running
 NGINX_DOWN = "nginx_down"  # nginx does not serve the live route map (dead, or a stale master)
@@ -123,7 +125,7 @@ STUCK = "stuck_transition"  # deleting for too long, no task working on it
 DOWN = (CONTAINER_EXITED, CONTAINER_UNHEALTHY, CONTAINER_MISSING)
 ROUTES = (ROUTE_MISSING, ROUTE_STALE)
 TARGETED_LIST_MAX = 8  # a round about this many instances or fewer lists each one's containers alone
-TRANSITIONAL = tools.TRANSITIONAL
+TRANSITIONAL = runtime.TRANSITIONAL
 # A row another process has just put in a transition may not show its task or lock yet (a
 # direct tool call inserts the row a moment before it takes the lock): not yet interrupted.
 INTERRUPTED_GRACE = 5.0
@@ -285,7 +287,7 @@ def instance_label(container: Container) -> int | None:
     return int(value) if value.isascii() and value.isdigit() else None
 
 
-own_container = tools.recorded_container
+own_container = runtime.recorded_container
 
 
 def diff(observation: Observation, config: Config) -> list[Drift]:
@@ -309,7 +311,7 @@ def diff(observation: Observation, config: Config) -> list[Drift]:
         row = rows.get(iid) if iid is not None else None
         if row is not None:
             by_instance.setdefault(int(row["id"]), []).append(labelled)
-            reason = tools.stray_reason(row, labelled)
+            reason = runtime.stray_reason(row, labelled)
             if reason:
                 drifts.append(Drift(STRAY, iid, {**evidence, "reason": reason}))
             continue
@@ -360,7 +362,7 @@ def diff(observation: Observation, config: Config) -> list[Drift]:
     # instance's route is left to its task.
     routable = [r for r in obs.rows if int(r["id"]) not in obs.busy]
     keys = {r["id"]: route_key(r, config) for r in routable}
-    expected_routes = tools.wanted_routes(routable, keys, obs.routes)
+    expected_routes = runtime.wanted_routes(routable, keys, obs.routes)
     for key, port in expected_routes.items():
         if key not in obs.routes:
             missing = {"route": shown_key(key), "expected_port": port}
@@ -578,7 +580,7 @@ class RoundReport:
 
 def probe(port: int, timeout: float) -> Probe:
     """GET http://127.0.0.1:<port>/healthz once."""
-    return Probe(*tools.healthz(port, timeout))
+    return Probe(*runtime.healthz(port, timeout))
 
 
 def probe_all(ports: Mapping[int, int], timeout: float, workers: int = 32) -> dict[int, Probe]:
@@ -818,13 +820,13 @@ class Heartbeat:
         # finished, so the rows read next show where it left them.
         busy = frozenset(
             int(r["instance_id"])
-            for r in self.rt.db.all("heartbeat_busy_instances", space=tools.INSTANCE_LOCK_SPACE)
+            for r in self.rt.db.all("heartbeat_busy_instances", space=instances.INSTANCE_LOCK_SPACE)
         )
         if only is not None and len(only) <= TARGETED_LIST_MAX:
             # A targeted round (a `die` event, a verify) looks at its few instances only: listing
             # every container costs a fleet-sized call (0.4 s at 200 running instances) whose
             # other rows the diff would drop anyway.
-            containers = [c for iid in sorted(only) for c in tools.instance_containers(self.rt, iid)]
+            containers = [c for iid in sorted(only) for c in runtime.instance_containers(self.rt, iid)]
             calls = len(only)
         else:
             containers, calls = self.rt.engine.list({LABEL_NAMESPACE: self.config.namespace}), 1
@@ -914,10 +916,10 @@ class Heartbeat:
             drift = next(d for d in report.drifts if d.key == ("down", iid))
             detail = {"drift": drift.kind, "evidence": drift.evidence, "attempt": counters.failures}
             if healthy:
-                tools.record_event(self.rt, ctx, iid, "recovered", **detail)
+                instances.record_event(self.rt, ctx, iid, "recovered", **detail)
                 continue
             due = _iso(counters.next_recovery_at)
-            tools.record_event(self.rt, ctx, iid, "recovery_failed", **detail, next_recovery_at=due)
+            instances.record_event(self.rt, ctx, iid, "recovery_failed", **detail, next_recovery_at=due)
             giving_up += plan([drift], {iid: now_rows[iid]}, after.now, self.config)
         if giving_up:  # the last recovery of the streak failed: mark it error now, not a round later
             self._act(report, giving_up, agent.Chain([], self.cooldowns, self.limits))
@@ -940,7 +942,7 @@ class Heartbeat:
             recorded = known or drift.family in ("routes", NGINX_DOWN)
             if drift.family != "down" and drift.kind not in (ORPHAN, STRAY) and recorded:
                 kind = "drift_unrepaired" if drift in report.unrepaired else "drift_repaired"
-                tools.record_event(
+                instances.record_event(
                     self.rt, ctx, drift.instance_id, kind, drift=drift.kind, evidence=drift.evidence
                 )
             if drift.kind == NGINX_DOWN:

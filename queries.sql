@@ -68,6 +68,12 @@ SET status = %(status)s, container_id = %(container_id)s, port = %(port)s,
 WHERE id = %(id)s
 RETURNING *;
 
+-- name: instance_settle_unbuilt_create
+-- A create that ended before building anything: error, unless something else settled it first.
+UPDATE instance SET status = 'error', last_error = %(last_error)s, updated_at = now()
+WHERE id = %(id)s AND status = 'creating'
+RETURNING *;
+
 -- name: instance_delete
 DELETE FROM instance WHERE id = %(id)s RETURNING *;
 
@@ -183,31 +189,14 @@ WHERE id = %(id)s AND locked_by = %(worker)s AND status = 'running'
 RETURNING cancel_requested;
 
 -- name: task_finish
--- An instance_create that ended without success while its instance is still `creating` never
--- built anything (the tool undoes what it built and says `error` itself): the row says error
--- too, with the task's reason, instead of waiting for the heartbeat's stuck timeout.
-WITH finished AS (
-    UPDATE task
-    SET status = %(status)s, result = %(result)s, error_class = %(error_class)s, last_error = %(last_error)s,
-        trace_file = %(trace_file)s, turns = %(turns)s, cost_usd = %(cost_usd)s, duration_s = %(duration_s)s,
-        locked_by = NULL, lease_expires_at = NULL, finished_at = now(), updated_at = now()
-    WHERE id = %(id)s AND locked_by = %(worker)s AND status = 'running'
-    RETURNING *
-), abandoned AS (
-    UPDATE instance
-    SET status = 'error', last_error = 'instance_create ' || finished.status || ': '
-            || coalesce(finished.last_error, 'no reason recorded'), updated_at = now()
-    FROM finished
-    WHERE finished.type = 'instance_create' AND finished.status <> 'succeeded'
-      AND instance.id = finished.instance_id AND instance.status = 'creating'
-    RETURNING instance.id, instance.user_id, finished.id AS task_id, instance.last_error
-), noted AS (
-    INSERT INTO event (instance_id, user_id, task_id, kind, detail)
-    SELECT id, user_id, task_id, 'create_failed',
-           jsonb_build_object('status', 'error', 'reason', last_error, 'actor', 'system')
-    FROM abandoned
-)
-SELECT * FROM finished;
+-- An instance_create that ended unbuilt: its instance is settled in the same transaction
+-- (instances.settle_unbuilt_create, the one writer of instance.status).
+UPDATE task
+SET status = %(status)s, result = %(result)s, error_class = %(error_class)s, last_error = %(last_error)s,
+    trace_file = %(trace_file)s, turns = %(turns)s, cost_usd = %(cost_usd)s, duration_s = %(duration_s)s,
+    locked_by = NULL, lease_expires_at = NULL, finished_at = now(), updated_at = now()
+WHERE id = %(id)s AND locked_by = %(worker)s AND status = 'running'
+RETURNING *;
 
 -- name: task_retry_later
 -- A failed attempt is treated like a dead worker's: the lease runs out after
@@ -227,45 +216,26 @@ WHERE id = %(id)s AND locked_by = %(worker)s AND status = 'running'
 RETURNING *;
 
 -- name: task_fail_exhausted
--- Dead leases with no attempts left end failed; an instance they were creating goes to error.
-WITH failed AS (
-    UPDATE task
-    SET status = 'failed', error_class = coalesce(error_class, 'infra_unavailable'),
-        last_error = coalesce(last_error, 'worker ' || locked_by || ' stopped renewing its lease')
-            || ' (attempt ' || attempts || ' of ' || max_attempts || ')',
-        locked_by = NULL, lease_expires_at = NULL, finished_at = now(), updated_at = now()
-    WHERE status = 'running' AND lease_expires_at < now() AND attempts >= max_attempts
-    RETURNING *
-), abandoned AS (
-    UPDATE instance
-    SET status = 'error', last_error = 'instance_create failed: ' || failed.last_error, updated_at = now()
-    FROM failed
-    WHERE failed.type = 'instance_create' AND instance.id = failed.instance_id AND instance.status = 'creating'
-    RETURNING instance.id
-)
-SELECT * FROM failed;
+-- Dead leases with no attempts left end failed (an instance they were creating: Queue.sweep).
+UPDATE task
+SET status = 'failed', error_class = coalesce(error_class, 'infra_unavailable'),
+    last_error = coalesce(last_error, 'worker ' || locked_by || ' stopped renewing its lease')
+        || ' (attempt ' || attempts || ' of ' || max_attempts || ')',
+    locked_by = NULL, lease_expires_at = NULL, finished_at = now(), updated_at = now()
+WHERE status = 'running' AND lease_expires_at < now() AND attempts >= max_attempts
+RETURNING *;
 
 -- name: task_cancel
 -- Queued: cancelled at once. Running: flagged; its worker sees the flag at its next lease renewal.
-WITH cancelled AS (
-    UPDATE task
-    SET cancel_requested = true,
-        status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
-        error_class = CASE WHEN status = 'queued' THEN 'cancelled' ELSE error_class END,
-        last_error = CASE WHEN status = 'queued' THEN 'cancelled before it ran' ELSE last_error END,
-        finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
-        updated_at = now()
-    WHERE id = %(id)s AND status IN ('queued', 'running')
-    RETURNING *
-), abandoned AS (
-    UPDATE instance
-    SET status = 'error', last_error = 'instance_create was cancelled before it ran', updated_at = now()
-    FROM cancelled
-    WHERE cancelled.type = 'instance_create' AND cancelled.status = 'cancelled'
-      AND instance.id = cancelled.instance_id AND instance.status = 'creating'
-    RETURNING instance.id
-)
-SELECT * FROM cancelled;
+UPDATE task
+SET cancel_requested = true,
+    status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
+    error_class = CASE WHEN status = 'queued' THEN 'cancelled' ELSE error_class END,
+    last_error = CASE WHEN status = 'queued' THEN 'cancelled before it ran' ELSE last_error END,
+    finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
+    updated_at = now()
+WHERE id = %(id)s AND status IN ('queued', 'running')
+RETURNING *;
 
 -- name: task_get
 SELECT * FROM task WHERE id = %(id)s;

@@ -33,10 +33,12 @@ import psycopg
 
 import agent
 import heartbeat
+import instances
 import tools
 from config import Config
 from db import Database, Row
 from errors import BadRequest, Conflict, DatabaseError, NotFound, PiDeployError, RunCrashed
+from runtime import InstanceRow
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +160,7 @@ class Queue:
 
     def submit_create(
         self, user_id: str, name: str, config: dict[str, Any] | None, image: str, idempotency_key: str | None
-    ) -> tuple[Row, Submitted]:
+    ) -> tuple[InstanceRow, Submitted]:
         """The instance row (`creating`) and its instance_create task, in one transaction.
 
         The one way a create is submitted (API and CLI). A repeat is the same name and config
@@ -169,16 +171,16 @@ class Queue:
         if config is not None:
             params["config"] = config
         check_params("instance_create", params)
-        idempotency = _idempotency_key(user_id, idempotency_key)
-        key = idempotency or f"instance_create:{user_id}:{name}"
+        idempotency = idem_key(user_id, idempotency_key)
+        key = idempotency or create_key(user_id, name)
         for attempt in range(2):
             try:
                 with self.db.transaction() as conn:
                     held = self.db.one("task_unfinished_by_dedupe_key", conn, dedupe_key=key)
                     if held is not None and _same_create(held, name, config):
-                        instance = self.db.one("instance_get", conn, id=held["instance_id"])
-                        if instance is not None and instance["user_id"] == user_id:
-                            return instance, Submitted(held, False)
+                        found = instances.get(self.db, held["instance_id"], conn)
+                        if found is not None and found["user_id"] == user_id:
+                            return found, Submitted(held, False)
                     if held is not None and idempotency is not None:
                         raise _held_by_another_request(held, idempotency_key)
                     if self.db.one("instance_by_name", conn, user_id=user_id, name=name) is not None:
@@ -188,19 +190,7 @@ class Queue:
                             field="name",
                             constraint="instance_user_id_name_key",
                         )
-                    instance = self.db.one(
-                        "instance_insert", conn, user_id=user_id, name=name, image=image, config=config or {}
-                    )
-                    assert instance is not None
-                    self.db.one(
-                        "event_insert",
-                        conn,
-                        instance_id=instance["id"],
-                        user_id=user_id,
-                        task_id=None,
-                        kind="create_requested",
-                        detail={"name": name, "actor": user_id},
-                    )
+                    instance = instances.request_create(self.db, conn, user_id, name, image, config)
                     submitted = self.submit("instance_create", user_id, params, instance["id"], key, conn)
                     if not submitted.created:
                         # The key was taken meanwhile by a request for another name (a twin of this
@@ -215,7 +205,7 @@ class Queue:
 
     def submit_heartbeat(self, params: dict[str, Any], idempotency_key: str | None = None) -> Submitted:
         """A heartbeat round as a task; one unfinished at a time (or one per idempotency key)."""
-        key = _idempotency_key(SYSTEM_USER, idempotency_key) or "heartbeat"
+        key = idem_key(SYSTEM_USER, idempotency_key) or HEARTBEAT_KEY
         submitted = self.submit("heartbeat", SYSTEM_USER, params, None, key)
         if not submitted.created and idempotency_key is not None:
             _refuse_another_request(submitted.task, "heartbeat", None, params, idempotency_key)
@@ -237,7 +227,7 @@ class Queue:
         An idempotency key returns the unfinished task holding it, if that task is this same
         request; a different request under a key in use is refused (409)."""
         params = check_params(task_type, params or {})
-        idempotency = _idempotency_key(user_id, idempotency_key)
+        idempotency = idem_key(user_id, idempotency_key)
         with self.db.transaction() as conn:
             instance = self.db.one("instance_get_for_update", conn, id=instance_id)
             if instance is None or instance["user_id"] != user_id:
@@ -255,11 +245,11 @@ class Queue:
             if instance["status"] == "deleting" or any(t["type"] == "instance_delete" for t in pending):
                 raise Conflict(f"instance {instance_id} is being deleted", instance_id=instance_id)
             if task_type != "instance_delete" and not pending:  # else the create may still succeed
-                failed = tools.failed_create(self.db, instance, task_type.removeprefix("instance_"), conn)
+                failed = instances.failed_create(self.db, instance, task_type.removeprefix("instance_"), conn)
                 if failed:
                     raise Conflict(failed, instance_id=instance_id, status=instance["status"])
             # The key only keeps concurrent twins apart (the row lock above already does).
-            key = idempotency or f"{task_type}:{instance_id}:after:{newest['id'] if newest else 0}"
+            key = idempotency or action_key(task_type, instance_id, newest["id"] if newest else 0)
             submitted = self.submit(task_type, user_id, params, instance_id, key, conn)
             if not submitted.created:  # the key, taken meanwhile for another instance (no shared row lock)
                 _refuse_another_request(submitted.task, task_type, instance_id, params, idempotency_key)
@@ -272,11 +262,48 @@ class Queue:
         if time.monotonic() >= self._next_sweep:
             self._next_sweep = time.monotonic() + self.sweep_every
             self.sweep()
-        return self.db.one("task_claim", worker=worker, lease_s=lease_s)
+        while True:
+            task = self.db.one("task_claim", worker=worker, lease_s=lease_s)
+            if task is None or task["type"] != "instance_create" or task["instance_id"] is not None:
+                return task
+            self._refuse_unsubmitted_create(task, worker)
+
+    def _refuse_unsubmitted_create(self, task: Row, worker: str) -> None:
+        """A create task with no instance row (inserted by hand): every create is submitted with
+        its row (submit_create), so this one is refused, not guessed at."""
+        message = (
+            f"instance_create task {task['id']} has no instance row: a create is submitted with its "
+            "row (POST /api/instances or `pideploy.py submit`), not inserted by hand"
+        )
+        self._finish_row(
+            id=task["id"], worker=worker, status="failed", result=None, error_class="bad_request",
+            last_error=message, trace_file=None, turns=None, cost_usd=None, duration_s=0.0,
+        )  # fmt: skip
+        logger.warning(
+            "task %s refused: %s",
+            task["id"],
+            message,
+            extra={"action": "task_refused", "task_id": task["id"]},
+        )
+
+    def _finish_row(self, **values: Any) -> Row | None:
+        """task_finish; in the same transaction, the instance of a create that ended unbuilt
+        says error (instances.settle_unbuilt_create)."""
+        with self.db.transaction() as conn:
+            row = self.db.one("task_finish", conn, **values)
+            if row is not None:
+                reason = f"instance_create {row['status']}: {row['last_error'] or 'no reason recorded'}"
+                instances.settle_unbuilt_create(self.db, conn, row, reason, note=True)
+        return row
 
     def sweep(self) -> None:
         """End, as failed, the tasks whose lease ran out with no attempts left."""
-        for failed in self.db.all("task_fail_exhausted"):
+        with self.db.transaction() as conn:
+            exhausted = self.db.all("task_fail_exhausted", conn)
+            for failed in exhausted:  # an instance they were creating goes to error
+                reason = f"instance_create failed: {failed['last_error']}"
+                instances.settle_unbuilt_create(self.db, conn, failed, reason, note=False)
+        for failed in exhausted:
             logger.warning(
                 "task %s failed: no attempts left (%s)",
                 failed["id"],
@@ -297,8 +324,7 @@ class Queue:
         self, task_id: int, worker: str, status: str, outcome: agent.Outcome | None, duration_s: float
     ) -> Row | None:
         """Record the end of a run; None if the task was no longer ours (the result is dropped)."""
-        return self.db.one(
-            "task_finish",
+        return self._finish_row(
             id=task_id,
             worker=worker,
             status=status,
@@ -327,8 +353,7 @@ class Queue:
                 last_error=message,
                 delay_s=retry_in,
             )
-        return self.db.one(
-            "task_finish",
+        return self._finish_row(
             id=task["id"],
             worker=worker,
             status="failed",
@@ -368,7 +393,11 @@ class Queue:
     def cancel(self, task_id: int, user_id: str | None = None) -> Row:
         """Queued: cancelled now. Running: its worker stops it at the next lease renewal."""
         task = self.get(task_id, user_id)
-        row = self.db.one("task_cancel", id=task_id)
+        with self.db.transaction() as conn:
+            row = self.db.one("task_cancel", conn, id=task_id)
+            if row is not None and row["status"] == "cancelled":  # never ran: nothing was built
+                reason = "instance_create was cancelled before it ran"
+                instances.settle_unbuilt_create(self.db, conn, row, reason, note=False)
         if row is None:
             raise Conflict(f"task {task_id} already ended ({task['status']})", task_id=task_id)
         return row
@@ -408,9 +437,28 @@ def _same_create(held: Row, name: str, config: dict[str, Any] | None) -> bool:
     )
 
 
-def _idempotency_key(user_id: str, key: str | None) -> str | None:
-    # Scoped by user: one user's key can never answer with another user's task.
+# ---------------------------------------------------------------------------
+# Dedupe keys: every format in one place (task.dedupe_key, unique while unfinished)
+# ---------------------------------------------------------------------------
+
+HEARTBEAT_KEY = "heartbeat"  # one unfinished heartbeat task at a time
+
+
+def idem_key(user_id: str, key: str | None) -> str | None:
+    """A client's Idempotency-Key, scoped by user: one user's key never answers with another
+    user's task."""
     return f"idem:{user_id}:{key}" if key else None
+
+
+def create_key(user_id: str, name: str) -> str:
+    """An unkeyed create: one unfinished create per user and name."""
+    return f"instance_create:{user_id}:{name}"
+
+
+def action_key(task_type: str, instance_id: int, after_task: int) -> str:
+    """An unkeyed action: it follows the instance's newest unfinished task (0: none), so only
+    concurrent twins share it (the instance's row lock already serialises them)."""
+    return f"{task_type}:{instance_id}:after:{after_task}"
 
 
 # ---------------------------------------------------------------------------

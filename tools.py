@@ -1,4 +1,4 @@
-"""The agent's tools: they do the real work and enforce every safety rule themselves.
+"""The agent's tools: the registry, their schemas, `call`, and the checks of who may act.
 
 The model only chooses which tool to call and with what arguments. A tool
 never trusts those arguments: they are validated against the tool's JSON Schema
@@ -6,117 +6,47 @@ first, and every instance a tool touches is checked against the context the
 loop bound from the task row (the acting user, the task, its instance). A
 refusal raises ToolRefused and is recorded as an event.
 
-Every state change is written to `instance` and `event` in one transaction
-with the status decision. Every container carries the labels
-pideploy.instance / pideploy.user / pideploy.namespace, so the engine alone
-can tell what piDeploy owns. Mutating tools hold a per-instance Postgres
-advisory lock (across processes: a heartbeat round and a task never act on one
-instance at once), and instance_update also holds a file lock.
+The tools are thin: after the checks they call the lifecycle operations of
+instances.py, which own the state machine, the locks and the rollbacks.
+`Runtime` and `ToolContext` live in runtime.py (instances.py needs them and must
+not import this module); they are re-exported here as the tools' own API.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
-import json
 import logging
 import os
 import re
-import shutil
-import socket
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import jsonschema
 
 import gate
-from config import Config
-from db import Database, Row
-from engine import LABEL_INSTANCE, LABEL_NAMESPACE, LABEL_USER, Container, ContainerSpec, Engine
-from errors import (
-    Conflict,
-    ContainerNotFound,
-    DatabaseError,
-    EngineError,
-    EngineUnreachable,
-    HealthCheckFailed,
-    ImageNotFound,
-    PiDeployError,
-    ProxyError,
-    RolledBack,
-    ToolArgumentError,
-    ToolError,
-    ToolRefused,
+import instances
+from engine import LABEL_INSTANCE, LABEL_NAMESPACE, LABEL_USER
+from errors import Conflict, PiDeployError, ToolArgumentError, ToolError, ToolRefused
+from proxy import NginxProxy
+from runtime import (
+    OWN_CONFIG_KEYS,
+    InstanceRow,
+    Result,
+    Runtime,
+    ToolContext,
+    healthy_now,
+    inspect_container,
+    public_row,
+    step_span,
+    sync_routes,
 )
-from observability import Span, Trace
-from proxy import NginxProxy, Proxy, route_key
+
+__all__ = ["Result", "Runtime", "ToolContext"]
 
 logger = logging.getLogger(__name__)
-# A connection to an unforwarded loopback port is refused at once; waiting longer only
-# delays the verdict on a forwarded one.
-PORT_PROBE_TIMEOUT = 0.3
 
-_ROUTE_LOCK = 8_700_002  # advisory lock: one read-then-apply of the route map at a time
-INSTANCE_LOCK_SPACE = 8_700_100  # advisory lock space for per-instance locks
-_SYSTEM_LOCK_WAIT = 2.0  # a heartbeat finding an instance locked leaves it to whoever holds it
-CONFIG_FILE = "openclaw.json"
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """The world the tools act on, passed in (real parts or in-memory fakes)."""
-
-    config: Config
-    db: Database
-    engine: Engine
-    proxy: Proxy
-
-
-@dataclass
-class ToolContext:
-    """Bound by the loop from the task row, never from model-supplied arguments."""
-
-    trace: Trace
-    user_id: str | None  # None: the system (a heartbeat round)
-    task_id: int | None = None
-    instance_id: int | None = None  # the instance the task is about (create may fill it in)
-    allowed_instances: frozenset[int] | None = None  # system runs: only these instances
-    deadline: float = field(default_factory=lambda: time.monotonic() + 300)
-
-    @classmethod
-    def direct(
-        cls, trace_dir: Path, user_id: str | None, purpose: str, instance_id: int | None = None, **scope: Any
-    ) -> ToolContext:
-        """A context for calling tools outside an agent run (world building in evals and
-        tests, benchmarks): the same rules, with a trace of its own (written only if asked)."""
-        trace = Trace(
-            kind="task",
-            task_id=None,
-            task_type=purpose,
-            user_id=user_id,
-            instance_id=instance_id,
-            prompt_version="direct",
-            model_chain=[],
-            trace_dir=trace_dir,
-        )
-        return cls(trace, user_id, None, instance_id, **scope)
-
-    @property
-    def system(self) -> bool:
-        return self.user_id is None
-
-    def remaining(self, cap: float | None = None) -> float:
-        left = self.deadline - time.monotonic()
-        return max(0.0, left if cap is None else min(left, cap))
-
-
-Result = dict[str, Any]
 Handler = Callable[..., Result]
 
 
@@ -141,71 +71,7 @@ class Tool:
 # ---------------------------------------------------------------------------
 
 
-def container_name(config: Config, instance_id: int) -> str:
-    return f"pideploy-{config.namespace}-{instance_id}"
-
-
-def _step(ctx: ToolContext, name: str, **attributes: Any) -> contextlib.AbstractContextManager[Span]:
-    return ctx.trace.span(name, **{"pideploy.step": True, **attributes})
-
-
-def _event(
-    rt: Runtime,
-    conn: Any,
-    ctx: ToolContext,
-    instance_id: int | None,
-    kind: str,
-    user_id: str | None,
-    **detail: Any,
-) -> None:
-    rt.db.one(
-        "event_insert",
-        conn,
-        instance_id=instance_id,
-        user_id=user_id,
-        task_id=ctx.task_id,
-        kind=kind,
-        detail={**detail, "actor": ctx.user_id or "system"},
-    )
-
-
-def record_event(rt: Runtime, ctx: ToolContext, instance_id: int | None, kind: str, **detail: Any) -> None:
-    """An event outside any status change (its own transaction). instance_id None: about no
-    instance piDeploy knows (a stray nginx route), kept in the history all the same."""
-    with rt.db.transaction() as conn:
-        row = rt.db.one("instance_get", conn, id=instance_id) if instance_id is not None else None
-        _event(rt, conn, ctx, instance_id, kind, row["user_id"] if row else ctx.user_id, **detail)
-
-
-def _transition(
-    rt: Runtime,
-    ctx: ToolContext,
-    row: Row,
-    kind: str,
-    detail: Mapping[str, Any] | None = None,
-    **changes: Any,
-) -> Row:
-    """Change an instance's status (and runtime columns) and append its event, in one transaction."""
-    values = {
-        "status": row["status"],
-        "container_id": row["container_id"],
-        "port": row["port"],
-        "storage_path": row["storage_path"],
-        "image": row["image"],
-        "config": row["config"],
-        "last_error": None,
-    }
-    values.update(changes)
-    attributes = {"pideploy.status": values["status"], "pideploy.event": kind}
-    with _step(ctx, "db.update", **attributes), rt.db.transaction() as conn:
-        updated = rt.db.one("instance_set_runtime", conn, id=row["id"], **values)
-        if updated is None:
-            raise ToolError(f"instance {row['id']} no longer exists", instance_id=row["id"])
-        _event(rt, conn, ctx, row["id"], kind, row["user_id"], status=values["status"], **(detail or {}))
-    return updated
-
-
-def scoped_instance(rt: Runtime, ctx: ToolContext, instance_id: int, tool: str) -> Row | None:
+def scoped_instance(rt: Runtime, ctx: ToolContext, instance_id: int, tool: str) -> InstanceRow | None:
     """The instance row if this context may act on it; ToolRefused (recorded) otherwise.
 
     None means the row does not exist (callers decide whether that is fine).
@@ -214,7 +80,7 @@ def scoped_instance(rt: Runtime, ctx: ToolContext, instance_id: int, tool: str) 
     reason = _out_of_scope(ctx, instance_id, row)
     if reason:
         if row is not None:
-            record_event(rt, ctx, instance_id, "ownership_refused", tool=tool, reason=reason)
+            instances.record_event(rt, ctx, instance_id, "ownership_refused", tool=tool, reason=reason)
         logger.warning(
             "refused %s: %s", tool, reason, extra={"action": "tool_refused", "task_id": ctx.task_id}
         )
@@ -222,10 +88,10 @@ def scoped_instance(rt: Runtime, ctx: ToolContext, instance_id: int, tool: str) 
     if row is None and not ctx.system and ctx.instance_id != instance_id:
         # Not the task's instance and not found: say nothing about whether it exists for someone else.
         raise ToolError(f"no instance {instance_id}", instance_id=instance_id)
-    return row
+    return cast(InstanceRow | None, row)
 
 
-def _out_of_scope(ctx: ToolContext, instance_id: int, row: Row | None) -> str:
+def _out_of_scope(ctx: ToolContext, instance_id: int, row: Mapping[str, Any] | None) -> str:
     """Why this context may not act on the instance, or "" when it may."""
     if ctx.system:
         if ctx.allowed_instances is not None and instance_id not in ctx.allowed_instances:
@@ -254,7 +120,7 @@ def record_refused(
             reason = _out_of_scope(ctx, instance_id, row)
             if row is None or not reason:
                 continue
-            record_event(
+            instances.record_event(
                 rt, ctx, instance_id, "ownership_refused", tool=name, reason=reason, refused_by=refused_by
             )
         except PiDeployError as error:  # the refusal stands all the same; the caller raises it
@@ -280,349 +146,6 @@ def record_refused(
         )
 
 
-def failed_create(db: Database, row: Row, action: str, conn: Any = None) -> str:
-    """What to tell someone who asks to `action` an instance whose create failed, or "".
-
-    A failed create leaves the instance `error` with nothing built (or half of it): start,
-    stop and update have nothing to act on, and acting would only replace the failure's
-    status and reason. Only a delete is left. "Failed" is judged by history, not by columns
-    (a create cut short may leave a storage path): its create never finished."""
-    if row["status"] != "error":
-        return ""
-    found = db.one("instance_was_created", conn, id=row["id"])
-    if found is not None and found["created"]:
-        return ""
-    reason = row["last_error"] or "no reason recorded"
-    return (
-        f"instance {row['id']} has nothing to {action}: its create failed ({reason}); "
-        "delete it, then create it again"
-    )
-
-
-def _refuse_failed_create(rt: Runtime, row: Row, tool: str) -> None:
-    problem = failed_create(rt.db, row, tool.removeprefix("instance_"))
-    if problem:
-        raise ToolRefused(problem, tool=tool, instance_id=row["id"], status=row["status"])
-
-
-@contextlib.contextmanager
-def instance_lock(rt: Runtime, ctx: ToolContext, instance_id: int, wait: float = 60.0) -> Iterator[None]:
-    """A per-instance lock across threads and processes (a session advisory lock)."""
-    limit = time.monotonic() + ctx.remaining(wait)
-    with rt.db.connection() as conn:
-        while not rt.db.one("instance_try_lock", conn, space=INSTANCE_LOCK_SPACE, id=instance_id)["ok"]:  # type: ignore[index]
-            if time.monotonic() >= limit:
-                raise ToolError(
-                    f"instance {instance_id} is busy with another operation", instance_id=instance_id
-                )
-            time.sleep(0.1)
-        try:
-            yield
-        finally:
-            rt.db.unlock("instance_unlock", conn, space=INSTANCE_LOCK_SPACE, id=instance_id)
-
-
-@contextlib.contextmanager
-def update_lock(config: Config, instance_id: int, ctx: ToolContext, wait: float = 30.0) -> Iterator[None]:
-    """The exclusive lock against concurrent rebuilds of one instance (a file lock)."""
-    config.locks.mkdir(parents=True, exist_ok=True)
-    path = config.locks / f"update-{config.namespace}-{instance_id}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        limit = time.monotonic() + ctx.remaining(wait)
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= limit:
-                    raise ToolError(
-                        f"another update of instance {instance_id} is in progress", lock=str(path)
-                    ) from None
-                time.sleep(0.1)
-        yield
-    finally:
-        os.close(fd)  # closing drops the lock
-
-
-def port_is_free(port: int) -> bool:
-    """Whether a new instance could be reached on 127.0.0.1:port: nothing listens there and
-    nothing intercepts it.
-
-    Bind with SO_REUSEADDR, as servers do: without it, connections of a server that just
-    stopped (TIME_WAIT) make the port look taken. Binding is not enough: a rootful Podman (or
-    Docker without its userland proxy) publishes a port with a firewall DNAT rule and holds
-    no socket, so a running container's port, or a rule its engine leaked when it died, binds
-    fine and yet routes elsewhere. An unforwarded port refuses a connection at once; a
-    forwarded one connects, or hangs, or says "no route to host"."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=PORT_PROBE_TIMEOUT):
-            outcome = "a connection was accepted"
-    except ConnectionRefusedError:
-        return True
-    except OSError as error:  # a timeout, EHOSTUNREACH: forwarded to an address nobody has
-        outcome = str(error) or type(error).__name__
-    logger.warning(
-        "port %d binds but is forwarded elsewhere (%s): skipped; a firewall rule the container "
-        "engine left behind would explain it",
-        port,
-        outcome,
-        extra={"action": "port_intercepted", "port": port},
-    )
-    return False
-
-
-def allocate_port(rt: Runtime, ctx: ToolContext, row: Row) -> Row:
-    """Reserve a host port: free in the DB (unique index) and actually free on the host."""
-    low, high = rt.config.ports
-    taken = {r["port"] for r in rt.db.all("instance_ports_taken")}
-    # Start at a place derived from the id so concurrent creates rarely collide.
-    span = high - low + 1
-    for offset in range(span):
-        port = low + (row["id"] * 7 + offset) % span
-        if port in taken or not port_is_free(port):
-            continue
-        try:
-            return _transition(rt, ctx, row, "port_reserved", {"port": port}, port=port)
-        except Conflict:
-            continue  # another instance took it between our read and our write
-    raise ToolError(f"no free host port in {rt.config.port_range}", port_range=rt.config.port_range)
-
-
-# The top-level keys of the config file that piDeploy writes itself: a user's config may not set them.
-OWN_CONFIG_KEYS = ("gateway", "instance")
-
-
-def render_config(rt: Runtime, row: Row, config: Mapping[str, Any], storage: Path) -> Path:
-    """Write the instance's config file atomically into its storage folder.
-
-    piDeploy's own fields come last, so they win even over a row whose config was stored
-    before such keys were refused at submit."""
-    own = {
-        "instance": {"id": row["id"], "name": row["name"], "user": row["user_id"]},
-        "gateway": {"port": rt.config.container_port},
-    }
-    document = {**{k: v for k, v in config.items() if k != "env"}, **own}
-    path = storage / CONFIG_FILE
-    temp = storage / f".{CONFIG_FILE}.tmp"
-    temp.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-    os.replace(temp, path)
-    return path
-
-
-def storage_for(rt: Runtime, instance_id: int) -> Path:
-    return rt.config.storage / str(instance_id)
-
-
-def remove_storage(rt: Runtime, path: str | None) -> None:
-    """Delete an instance folder, but only one inside piDeploy's storage root."""
-    if not path:
-        return
-    target = Path(path).resolve()
-    root = rt.config.storage.resolve()
-    if target == root or root not in target.parents:
-        raise ToolRefused(f"refusing to delete {target}: outside {root}", path=str(target))
-    shutil.rmtree(target, ignore_errors=True)
-
-
-def container_spec(rt: Runtime, row: Row, image: str, port: int, config: Mapping[str, Any]) -> ContainerSpec:
-    env = {str(k): str(v) for k, v in dict(config.get("env") or {}).items()}
-    return ContainerSpec(
-        name=container_name(rt.config, row["id"]),
-        image=image,
-        host_port=port,
-        container_port=rt.config.container_port,
-        labels={
-            LABEL_INSTANCE: str(row["id"]),
-            LABEL_USER: row["user_id"],
-            LABEL_NAMESPACE: rt.config.namespace,
-        },
-        mounts={row["storage_path"]: "/data"},
-        env=env,
-    )
-
-
-# Loopback probes never go through an HTTP proxy an operator's environment may set.
-_LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def healthz(port: int, timeout: float = 1.0) -> tuple[bool, str]:
-    """One GET http://127.0.0.1:<port>/healthz: (answered 200, what happened)."""
-    try:
-        with _LOOPBACK.open(f"http://127.0.0.1:{port}/healthz", timeout=timeout) as response:
-            return response.status == 200, f"HTTP {response.status}"
-    except urllib.error.HTTPError as error:
-        return False, f"HTTP {error.code}"
-    except urllib.error.URLError as error:
-        return False, str(error.reason)
-    except OSError as error:  # a timeout while reading, a reset connection
-        return False, str(error) or type(error).__name__
-
-
-def wait_healthy(rt: Runtime, ctx: ToolContext, container_id: str, port: int) -> float:
-    """GET /healthz until 200, within the bounded wait; fail fast if the container exits."""
-    started = time.monotonic()
-    limit = started + ctx.remaining(rt.config.health_timeout)
-    url = f"http://127.0.0.1:{port}/healthz"
-    next_state_check = started + 0.5
-    engine_trouble = ""
-    with _step(ctx, "health.wait", **{"url.full": url}) as span:
-        while True:
-            healthy, last_probe = healthz(port)
-            if healthy:
-                waited = time.monotonic() - started
-                span.set(**{"pideploy.waited_s": round(waited, 3)})
-                return waited
-            now = time.monotonic()
-            if now >= next_state_check:
-                next_state_check = now + 0.5
-                try:
-                    state = rt.engine.inspect(container_id)
-                    gone = state is None or state.state in ("exited", "dead")
-                except EngineError as error:
-                    # The check only makes a dead container fail fast; the probe is the verdict,
-                    # and a container that answers is healthy whether or not the engine does.
-                    engine_trouble, state, gone = error.message, None, False
-                if gone:
-                    logs = _tail_logs(rt, container_id)
-                    code = state.exit_code if state else None
-                    raise HealthCheckFailed(
-                        f"container exited with code {code} before answering /healthz",
-                        exit_code=code,
-                        logs=logs,
-                    )
-            if now >= limit:
-                engine_note = f"; the engine did not answer: {engine_trouble}" if engine_trouble else ""
-                raise HealthCheckFailed(
-                    f"/healthz did not answer 200 within {rt.config.health_timeout:.0f}s "
-                    f"(last probe: {last_probe}){engine_note}",
-                    last_probe=last_probe,
-                    logs=_tail_logs(rt, container_id),
-                )
-            time.sleep(0.05)
-
-
-def _tail_logs(rt: Runtime, container_id: str) -> str:
-    try:
-        return rt.engine.logs(container_id, 20)[-2000:]
-    except EngineError:
-        return ""
-
-
-def instance_containers(rt: Runtime, instance_id: int) -> list[Container]:
-    return rt.engine.list({LABEL_NAMESPACE: rt.config.namespace, LABEL_INSTANCE: str(instance_id)})
-
-
-def _inspect(rt: Runtime, ctx: ToolContext, container_id: str | None) -> Container | None:
-    if not container_id:
-        return None
-    with _step(ctx, "engine.inspect", **{"container.id": container_id}):
-        return rt.engine.inspect(container_id)
-
-
-def _remove_quietly(rt: Runtime, ctx: ToolContext, container_id: str) -> None:
-    with (
-        _step(ctx, "engine.remove", **{"container.id": container_id}),
-        contextlib.suppress(ContainerNotFound),
-    ):
-        rt.engine.remove(container_id)
-
-
-def _clear_name(rt: Runtime, ctx: ToolContext, row: Row, keep: str | None) -> None:
-    """Remove this instance's leftover containers (from a crashed attempt), except `keep`."""
-    for container in instance_containers(rt, row["id"]):
-        if container.id != keep:
-            _remove_quietly(rt, ctx, container.id)
-
-
-def recorded_container(row: Row | None, containers: Iterable[Container]) -> Container | None:
-    """The container the row records (engines may report ids in full or short form)."""
-    wanted = row["container_id"] if row is not None else None
-    if not wanted:
-        return None
-    for container in containers:
-        if container.id == wanted or container.id.startswith(wanted) or wanted.startswith(container.id):
-            return container
-    return None
-
-
-TRANSITIONAL = ("creating", "updating", "deleting")
-
-
-def stray_reason(row: Row | None, container: Container) -> str:
-    """Why a labelled container of this namespace is not wanted ("" when it is, or when that is
-    not for this rule to say). The rule the heartbeat and remove_stray_container share:
-
-    - no row: its instance was deleted (or never finished being made);
-    - the row does not record it: a leftover of a create or update that died half-way, or of
-      a task that gave up (an `error` row whose create failed records no container);
-    - a row in a transition (creating/updating/deleting) is its task's, or instance_rollback's,
-      to settle; the recorded container of an `error` row is kept for the operator to inspect."""
-    if row is None:
-        return "its instance has no row"
-    if row["status"] in TRANSITIONAL or recorded_container(row, [container]) is not None:
-        return ""
-    recorded = f"container {row['container_id'][:12]}" if row["container_id"] else "no container"
-    return f"instance {row['id']} is {row['status']} and records {recorded}"
-
-
-def wanted_routes(rows: Iterable[Row], keys: Mapping[int, str], live: Mapping[str, int]) -> dict[str, int]:
-    """The route map the rows call for: every running instance with a port, and an updating
-    instance's route kept as it is live (its port does not change; removing it mid-update
-    would only make it flap). `keys`: each row's route key (proxy.route_key)."""
-    routes: dict[str, int] = {}
-    for row in rows:
-        key, port = keys[row["id"]], row["port"]
-        if not port:
-            continue
-        if row["status"] == "running" or (row["status"] == "updating" and live.get(key) == int(port)):
-            routes[key] = int(port)
-    return routes
-
-
-def _refuse_if_busy(rt: Runtime, ctx: ToolContext, instance_id: int) -> None:
-    """A heartbeat leaves an instance to the task working on it (checked under its lock)."""
-    if not ctx.system:
-        return
-    pending = rt.db.all("task_unfinished_for_instance", instance_id=instance_id)
-    if pending:
-        raise ToolRefused(
-            f"instance {instance_id} is busy with task {pending[0]['id']} ({pending[0]['type']}); "
-            "a heartbeat leaves it to its task",
-            instance_id=instance_id,
-        )
-
-
-def create_and_start(rt: Runtime, ctx: ToolContext, spec: ContainerSpec) -> Container:
-    with _step(ctx, "engine.create", **{"container.image.name": spec.image}):
-        container = rt.engine.create(spec)
-    try:
-        with _step(ctx, "engine.start", **{"container.id": container.id}):
-            rt.engine.start(container.id)
-    except PiDeployError:
-        _remove_quietly(rt, ctx, container.id)
-        raise
-    return container
-
-
-def public_row(row: Row) -> Result:
-    """What a model (or an API client) may see of an instance row."""
-    return {
-        "instance_id": row["id"],
-        "name": row["name"],
-        "status": row["status"],
-        "image": row["image"],
-        "port": row["port"],
-        "last_error": row["last_error"],
-    }
-
-
 def snapshot(rt: Runtime, ctx: ToolContext) -> Result:
     """The task's instances as a run starts: public row fields, owner, container state.
 
@@ -630,92 +153,36 @@ def snapshot(rt: Runtime, ctx: ToolContext) -> Result:
     can rebuild a run's starting world. Never raises: a failure is written into it.
     """
     ids = set(ctx.allowed_instances or ()) | ({ctx.instance_id} if ctx.instance_id is not None else set())
-    instances: list[Result] = []
+    found: list[Result] = []
     try:
         for instance_id in sorted(ids):
             row = rt.db.one("instance_get", id=instance_id)
             if row is None:
-                instances.append({"instance_id": instance_id, "exists": False})
+                found.append({"instance_id": instance_id, "exists": False})
                 continue
             container = rt.engine.inspect(row["container_id"]) if row["container_id"] else None
             state = None
             if container is not None:
                 state = {"name": container.name, "state": container.state, "exit_code": container.exit_code}
-            instances.append({**public_row(row), "user_id": row["user_id"], "container": state})
+            found.append({**public_row(row), "user_id": row["user_id"], "container": state})
     except PiDeployError as error:
-        return {"instances": instances, "error": error.message}
-    return {"instances": instances}
+        return {"instances": found, "error": error.message}
+    return {"instances": found}
 
 
 # ---------------------------------------------------------------------------
-# Routes
-# ---------------------------------------------------------------------------
-
-
-def sync_routes(rt: Runtime, ctx: ToolContext) -> Result:
-    """Routes for the running instances (an updating one keeps its live route: wanted_routes);
-    verify the running ones this context owns."""
-    with _step(ctx, "nginx.sync") as span, rt.db.transaction() as conn:
-        # Read and apply under one lock so two syncs cannot apply stale reads in the wrong order.
-        rt.db.one("routes_lock", conn, key=_ROUTE_LOCK)
-        rows = rt.db.all("instance_list_routable", conn)
-        running = [r for r in rows if r["status"] == "running"]
-        keys = {r["id"]: route_key(r, rt.config) for r in rows}
-        routes = wanted_routes(rows, keys, rt.proxy.routes())
-        try:
-            rt.proxy.apply(routes)
-        except OSError as error:  # writing the map (disk full, permissions): nginx's trouble, say so
-            raise ProxyError(f"cannot write the nginx route map: {error}") from error
-        span.set(**{"pideploy.routes": len(routes)})
-    mine = [
-        r["id"]
-        for r in running
-        if (ctx.system and (ctx.allowed_instances is None or r["id"] in ctx.allowed_instances))
-        or (not ctx.system and r["user_id"] == ctx.user_id)
-    ]
-    with _step(ctx, "nginx.verify"):
-        reachable = rt.proxy.check([keys[i] for i in mine], timeout=2.0) if mine else {}
-    return {
-        "routes": len(routes),
-        "reachable": sorted(i for i in mine if reachable.get(keys[i])),
-        "unreachable": sorted(i for i in mine if not reachable.get(keys[i])),
-    }
-
-
-# ---------------------------------------------------------------------------
-# The tools
+# The tools: the checks of who may act, then the lifecycle operation
 # ---------------------------------------------------------------------------
 
 
 def instance_create(rt: Runtime, ctx: ToolContext, name: str, config: dict[str, Any] | None = None) -> Result:
     if ctx.system:
         raise ToolRefused("instance_create acts for a user; a heartbeat round cannot create instances")
-    assert ctx.user_id is not None
     row = _row_for_create(rt, ctx, name, config)
-    if row["status"] == "creating":
-        with instance_lock(rt, ctx, row["id"]):
-            # Read again under the lock: another task may have built, failed or deleted it meanwhile.
-            current = rt.db.one("instance_get", id=row["id"])
-            if current is None:
-                raise ToolError(
-                    f"instance {row['id']} was deleted before it was built", instance_id=row["id"]
-                )
-            row = current
-            if row["status"] == "creating":
-                return _create(rt, ctx, row)
-    if row["status"] == "running":
-        return {
-            **public_row(row),
-            "url": rt.proxy.url_for(route_key(row, rt.config)),
-            "note": "already created",
-        }
-    raise ToolRefused(
-        f"instance {row['id']} is {row['status']}; instance_create only builds new instances",
-        instance_id=row["id"],
-    )
+    return instances.create(rt, ctx, row)
 
 
-def _row_for_create(rt: Runtime, ctx: ToolContext, name: str, config: dict[str, Any] | None) -> Row:
+def _row_for_create(rt: Runtime, ctx: ToolContext, name: str, config: dict[str, Any] | None) -> InstanceRow:
     if ctx.instance_id is not None:
         row = scoped_instance(rt, ctx, ctx.instance_id, "instance_create")
         if row is None:
@@ -727,9 +194,15 @@ def _row_for_create(rt: Runtime, ctx: ToolContext, name: str, config: dict[str, 
         if config is not None and config != row["config"]:
             raise ToolRefused("the config of this task's instance was fixed when it was submitted")
         return row
-    # A task with no instance row (inserted by hand, or a direct call): the row is made here,
-    # under the same rule as a submitted create: a name that exists is that instance only if
-    # the request is the same (no config is the empty config), else a refusal.
+    if ctx.task_id is not None:  # tasks.Queue.claim refuses such a task before it runs
+        raise ToolRefused(
+            "this instance_create task has no instance row: a create is submitted with its row "
+            "(POST /api/instances or `pideploy.py submit`)"
+        )
+    # A direct call, outside any task (world building in evals, tests, benchmarks): its row is
+    # made by the submission's own request_create, under a submission's rule: a name that exists
+    # is that instance only if the request is the same (no config is the empty config).
+    assert ctx.user_id is not None
     for _ in range(2):
         existing = rt.db.one("instance_by_name", user_id=ctx.user_id, name=name)
         if existing is not None:
@@ -740,21 +213,10 @@ def _row_for_create(rt: Runtime, ctx: ToolContext, name: str, config: dict[str, 
                     instance_id=existing["id"],
                 )
             ctx.instance_id = existing["id"]
-            return existing
+            return cast(InstanceRow, existing)
         try:
             with rt.db.transaction() as conn:
-                row = rt.db.one(
-                    "instance_insert",
-                    conn,
-                    user_id=ctx.user_id,
-                    name=name,
-                    image=rt.config.image,
-                    config=config or {},
-                )
-                assert row is not None
-                _event(rt, conn, ctx, row["id"], "create_requested", row["user_id"], name=name)
-                if ctx.task_id is not None:
-                    rt.db.execute("task_set_instance", conn, id=ctx.task_id, instance_id=row["id"])
+                row = instances.request_create(rt.db, conn, ctx.user_id, name, rt.config.image, config)
         except Conflict as error:
             if error.data.get("constraint") != "instance_user_id_name_key":
                 raise
@@ -764,267 +226,23 @@ def _row_for_create(rt: Runtime, ctx: ToolContext, name: str, config: dict[str, 
     raise ToolError(f"the instance named {name!r} keeps appearing and disappearing; try again")
 
 
-def _create(rt: Runtime, ctx: ToolContext, row: Row) -> Result:
-    step = "storage"
-    container: Container | None = None
-    storage = storage_for(rt, row["id"])
-    try:
-        _clear_name(rt, ctx, row, keep=None)  # leftovers of an attempt that crashed half-way
-        with _step(ctx, "storage.prepare", **{"pideploy.path": str(storage)}):
-            storage.mkdir(parents=True, exist_ok=True)
-            render_config(rt, row, row["config"], storage)
-        row = _transition(rt, ctx, row, "create_started", storage_path=str(storage))
-        step = "port"
-        row = allocate_port(rt, ctx, row)
-        step = "container"
-        spec = container_spec(rt, row, row["image"], row["port"], row["config"])
-        container = create_and_start(rt, ctx, spec)
-        step = "health"
-        waited = wait_healthy(rt, ctx, container.id, row["port"])
-        row = _transition(
-            rt,
-            ctx,
-            row,
-            "created",
-            {"health_wait_s": round(waited, 3)},
-            status="running",
-            container_id=container.id,
-        )
-        step = "nginx"
-        routes = sync_routes(rt, ctx)
-        if row["id"] in routes["unreachable"]:
-            raise ProxyError(f"instance {row['id']} is not reachable through nginx")
-    except Exception as raised:  # not only ours: a disk-full OSError must not skip the undo
-        error = _as_tool_error(raised)
-        not_undone = _undo_create(rt, ctx, row, container, storage, step, error)
-        undone = "undone: container, port and storage"
-        if not_undone:
-            undone = f"not undone: {'; '.join(not_undone)} (a heartbeat round removes it)"
-        raise RolledBack(
-            f"create failed at step {step}: {error.message}; {undone}",
-            step=step,
-            cause=error.message,
-            cause_class=error.error_class,
-            not_undone=not_undone,
-        ) from error
-    url = rt.proxy.url_for(route_key(row, rt.config))
-    return {**public_row(row), "url": url, "health_wait_s": round(waited, 3)}
-
-
-def _undo_create(
-    rt: Runtime,
-    ctx: ToolContext,
-    row: Row,
-    container: Container | None,
-    storage: Path,
-    step: str,
-    error: PiDeployError,
-) -> list[str]:
-    """Undo a create and mark the instance error. Every step is tried whatever failed before it;
-    what could not be undone (an engine that does not answer) is returned and recorded, and the
-    heartbeat removes the container left behind (an `error` row records no container)."""
-    not_undone: list[str] = []
-    with _step(ctx, "rollback", **{"pideploy.failed_step": step}):
-        if container is not None:
-            _attempt(
-                not_undone, f"remove container {container.id[:12]}", _remove_quietly, rt, ctx, container.id
-            )
-        else:  # the engine may have made one without telling us (a cut connection): by its name
-            _attempt(not_undone, "remove leftover containers", _clear_name, rt, ctx, row, None)
-        remove_storage(rt, str(storage))
-        current = rt.db.one("instance_get", id=row["id"]) or row
-        last_error = f"create failed at {step}: {error.message}"
-        detail: dict[str, Any] = {"step": step, "reason": error.message}
-        if not_undone:
-            last_error += f"; not undone: {'; '.join(not_undone)} (a heartbeat round removes it)"
-            detail["not_undone"] = not_undone
-        _transition(
-            rt,
-            ctx,
-            current,
-            "create_failed",
-            detail,
-            status="error",
-            container_id=None,
-            port=None,
-            storage_path=None,
-            last_error=last_error,
-        )
-        if current["status"] == "running":
-            with contextlib.suppress(PiDeployError):
-                sync_routes(rt, ctx)
-    return not_undone
-
-
-def _attempt(failed: list[str], what: str, action: Callable[..., object], *args: Any) -> bool:
-    """One step of an undo: a failure is written down and the undo goes on with its next step."""
-    try:
-        action(*args)
-    except Exception as raised:  # an undo must reach its last step whatever one step raised
-        message = _as_tool_error(raised).message
-        failed.append(f"{what}: {message}")
-        logger.warning(
-            "undo step failed: %s: %s",
-            what,
-            message,
-            exc_info=not isinstance(raised, PiDeployError),  # a bug: keep its traceback
-            extra={"action": "undo_step_failed"},
-        )
-        return False
-    return True
-
-
-def _reread(rt: Runtime, instance_id: int) -> Row:
-    """The row as it is now that we hold its lock: one deleted meanwhile is not acted on (a
-    stale copy would rebuild a container no row owns)."""
-    row = rt.db.one("instance_get", id=instance_id)
-    if row is None:
-        raise ToolError(f"instance {instance_id} no longer exists", instance_id=instance_id)
-    return row
-
-
 def instance_start(rt: Runtime, ctx: ToolContext, instance_id: int) -> Result:
-    row = scoped_instance(rt, ctx, instance_id, "instance_start")
-    if row is None:
+    if scoped_instance(rt, ctx, instance_id, "instance_start") is None:
         raise ToolError(f"no instance {instance_id}")
-    with instance_lock(rt, ctx, instance_id):
-        row = _reread(rt, instance_id)
-        _refuse_if_busy(rt, ctx, instance_id)
-        _refuse_failed_create(rt, row, "instance_start")
-        return _start(rt, ctx, row)
-
-
-def _start(rt: Runtime, ctx: ToolContext, row: Row) -> Result:
-    status = row["status"]
-    if status in ("creating", "updating", "deleting"):
-        raise ToolRefused(f"instance {row['id']} is {status}; wait for that to finish", instance_id=row["id"])
-    if ctx.system and status != "running":
-        # A heartbeat only brings back what should be running: a user's stop is respected.
-        raise ToolRefused(
-            f"instance {row['id']} is {status}; a heartbeat does not start it", instance_id=row["id"]
-        )
-    current = _inspect(rt, ctx, row["container_id"])
-    if status == "running" and current is not None and current.running and _healthy_now(row["port"]):
-        routes = sync_routes(rt, ctx)
-        return {**public_row(row), "note": "already running", "routed": row["id"] in routes["reachable"]}
-    try:
-        if current is None or (not current.running and row["port"] and not port_is_free(row["port"])):
-            # Removed by hand (or never finished), or its host port was taken while it was down:
-            # build it again, on a new port if need be (and go on with the row as it is now).
-            container = _recreate(rt, ctx, row)
-            row = rt.db.one("instance_get", id=row["id"]) or row
-        else:
-            container = current
-            if current.running:  # running but not answering: restart it
-                with _step(ctx, "engine.stop", **{"container.id": container.id}):
-                    rt.engine.stop(container.id, rt.config.stop_timeout)
-                _wait_stopped(rt, ctx, container.id)
-            with _step(ctx, "engine.start", **{"container.id": container.id}):
-                rt.engine.start(container.id)
-        waited = wait_healthy(rt, ctx, container.id, row["port"])
-    except PiDeployError as error:
-        detail = {"reason": error.message, **{k: v for k, v in error.data.items() if k in ("exit_code",)}}
-        if ctx.system:
-            record_event(rt, ctx, row["id"], "start_failed", **detail)
-        else:
-            _transition(rt, ctx, row, "start_failed", detail, status="error", last_error=error.message)
-        raise
-    row = _transition(
-        rt,
-        ctx,
-        row,
-        "started",
-        {"health_wait_s": round(waited, 3)},
-        status="running",
-        container_id=container.id,
-    )
-    routes = sync_routes(rt, ctx)
-    return {**public_row(row), "routed": row["id"] in routes["reachable"], "health_wait_s": round(waited, 3)}
-
-
-def _healthy_now(port: int | None) -> bool:
-    return port is not None and port > 0 and healthz(port)[0]
-
-
-def _recreate(rt: Runtime, ctx: ToolContext, row: Row) -> Container:
-    """The row's container is gone: create it again from the row (same image, port and storage)."""
-    if not row["storage_path"] or not row["port"]:
-        raise ToolError(f"instance {row['id']} has no storage or port to recreate its container from")
-    storage = Path(row["storage_path"])
-    storage.mkdir(parents=True, exist_ok=True)
-    if not (storage / CONFIG_FILE).exists():
-        render_config(rt, row, row["config"], storage)
-    _clear_name(rt, ctx, row, keep=None)
-    if not port_is_free(row["port"]):
-        row = allocate_port(rt, ctx, {**row, "port": None})
-    container = create_and_start(rt, ctx, container_spec(rt, row, row["image"], row["port"], row["config"]))
-    record_event(rt, ctx, row["id"], "container_recreated", container_id=container.id)
-    return container
+    return instances.start(rt, ctx, instance_id)
 
 
 def instance_stop(rt: Runtime, ctx: ToolContext, instance_id: int) -> Result:
-    row = scoped_instance(rt, ctx, instance_id, "instance_stop")
-    if row is None:
+    if scoped_instance(rt, ctx, instance_id, "instance_stop") is None:
         raise ToolError(f"no instance {instance_id}")
-    with instance_lock(rt, ctx, instance_id):
-        row = _reread(rt, instance_id)
-        _refuse_if_busy(rt, ctx, instance_id)
-        _refuse_failed_create(rt, row, "instance_stop")  # a stop queued behind its create, which failed
-        if ctx.system and row["status"] != "stopped":
-            # A heartbeat only converges to the user's wish: it stops what the DB says is stopped.
-            raise ToolRefused(f"instance {instance_id} is {row['status']}; a heartbeat does not stop it")
-        if row["status"] in ("creating", "updating", "deleting"):
-            raise ToolRefused(f"instance {instance_id} is {row['status']}; wait for that to finish")
-        current = _inspect(rt, ctx, row["container_id"])
-        if row["status"] == "stopped" and (current is None or not current.running):
-            return {**public_row(row), "note": "already stopped"}
-        if current is not None and current.running:
-            with _step(ctx, "engine.stop", **{"container.id": current.id}):
-                rt.engine.stop(current.id, rt.config.stop_timeout)
-            _wait_stopped(rt, ctx, current.id)
-        row = _transition(rt, ctx, row, "stopped", status="stopped")
-    routes = sync_routes(rt, ctx)
-    return {**public_row(row), "routes": routes["routes"]}
-
-
-def _wait_stopped(rt: Runtime, ctx: ToolContext, container_id: str) -> None:
-    limit = time.monotonic() + ctx.remaining(rt.config.stop_timeout + 10)
-    with _step(ctx, "engine.wait_stopped", **{"container.id": container_id}):
-        while time.monotonic() < limit:
-            state = rt.engine.inspect(container_id)
-            if state is None or not state.running:
-                return
-            time.sleep(0.1)
-    raise ToolError(f"container {container_id[:12]} still running after stop")
+    return instances.stop(rt, ctx, instance_id)
 
 
 def instance_delete(rt: Runtime, ctx: ToolContext, instance_id: int) -> Result:
     row = scoped_instance(rt, ctx, instance_id, "instance_delete")
     if ctx.system:
         raise ToolRefused("a heartbeat round never deletes instances")
-    if row is None:
-        # Already gone (a retried task): sweep leftovers the engine may still have.
-        for container in instance_containers(rt, instance_id):
-            _remove_quietly(rt, ctx, container.id)
-        remove_storage(rt, str(storage_for(rt, instance_id)))
-        return {"instance_id": instance_id, "deleted": True, "note": "already deleted"}
-    with instance_lock(rt, ctx, instance_id):
-        row = rt.db.one("instance_get", id=instance_id) or row
-        if row["status"] != "deleting":
-            row = _transition(rt, ctx, row, "delete_started", status="deleting")
-        removed = 0
-        for container in instance_containers(rt, instance_id):
-            _remove_quietly(rt, ctx, container.id)
-            removed += 1
-        if row["container_id"]:
-            _remove_quietly(rt, ctx, row["container_id"])
-        with _step(ctx, "storage.remove"):
-            remove_storage(rt, row["storage_path"] or str(storage_for(rt, instance_id)))
-        with _step(ctx, "db.delete"), rt.db.transaction() as conn:
-            rt.db.one("instance_delete", conn, id=instance_id)
-            _event(rt, conn, ctx, instance_id, "deleted", row["user_id"], containers_removed=removed)
-    sync_routes(rt, ctx)
-    return {"instance_id": instance_id, "name": row["name"], "deleted": True}
+    return instances.delete(rt, ctx, instance_id, row)
 
 
 def instance_update(
@@ -1039,213 +257,7 @@ def instance_update(
         raise ToolError(f"no instance {instance_id}")
     if ctx.system:
         raise ToolRefused("a heartbeat round never updates instances")
-    with update_lock(rt.config, instance_id, ctx), instance_lock(rt, ctx, instance_id):
-        row = rt.db.one("instance_get", id=instance_id) or row
-        _refuse_failed_create(rt, row, "instance_update")
-        if row["status"] == "updating":  # an earlier attempt of this task died half-way
-            finish_interrupted_update(rt, ctx, row)
-            row = rt.db.one("instance_get", id=instance_id) or row
-        if row["status"] not in ("running", "stopped", "error"):
-            raise ToolRefused(f"instance {instance_id} is {row['status']}; it cannot be updated now")
-        target_image = image or row["image"]
-        target_config = config if config is not None else row["config"]
-        # piDeploy never pulls: a missing image fails here, before anything is stopped.
-        with _step(ctx, "engine.image_check", **{"container.image.name": target_image}):
-            if not rt.engine.image_exists(target_image):
-                raise ImageNotFound(
-                    f"image {target_image} is not in the engine's store (piDeploy never pulls)"
-                )
-        return _update(rt, ctx, row, target_image, target_config)
-
-
-def finish_interrupted_update(rt: Runtime, ctx: ToolContext, row: Row) -> str:
-    """An update whose task died half-way (a crash, an outage) left the instance `updating`:
-    roll it back from what the database and the engine say now. The row still records the
-    previous container, image and config (an update writes them only once it succeeded);
-    whether the instance ran before is in its update_started event."""
-    started = rt.db.one("event_last_of_kind", instance_id=row["id"], kind="update_started")
-    was_running = bool(started["detail"].get("was_running", True)) if started else True
-    storage = Path(row["storage_path"]) if row["storage_path"] else storage_for(rt, row["id"])
-    old = _inspect(rt, ctx, row["container_id"])
-    return _roll_back_update(
-        rt,
-        ctx,
-        row,
-        old.id if old else None,
-        None,
-        storage,
-        lambda: render_config(rt, row, row["config"], storage),  # the config file may hold the new one
-        was_running,
-        "interrupted",
-        ToolError("the update's task ended before the update finished"),
-        old_name=old.name if old else None,
-    )
-
-
-def _update(rt: Runtime, ctx: ToolContext, row: Row, image: str, config: dict[str, Any]) -> Result:
-    was_running = row["status"] == "running"
-    old_id: str | None = row["container_id"]
-    old_image = row["image"]
-    storage = Path(row["storage_path"]) if row["storage_path"] else storage_for(rt, row["id"])
-    config_file = storage / CONFIG_FILE
-    previous_config = config_file.read_text() if config_file.exists() else None
-    # was_running lets whoever finishes an interrupted update put the instance back as it was.
-    row = _transition(
-        rt,
-        ctx,
-        row,
-        "update_started",
-        {"from_image": old_image, "to_image": image, "was_running": was_running},
-        status="updating",
-    )
-    step = "stop"
-    new: Container | None = None
-    old_name: str | None = container_name(rt.config, row["id"])
-    try:
-        if old_id is not None:
-            old = _inspect(rt, ctx, old_id)
-            if old is not None and old.running:
-                with _step(ctx, "engine.stop", **{"container.id": old_id}):
-                    rt.engine.stop(old_id, rt.config.stop_timeout)
-                _wait_stopped(rt, ctx, old_id)
-            if old is not None:
-                step = "keep_old"
-                with _step(ctx, "engine.rename", **{"container.id": old_id}):
-                    rt.engine.rename(old_id, f"{container_name(rt.config, row['id'])}-old")
-                old_name = f"{container_name(rt.config, row['id'])}-old"
-            else:
-                old_id = None
-        step = "config"
-        storage.mkdir(parents=True, exist_ok=True)
-        render_config(rt, row, config, storage)
-        step = "container"
-        new = create_and_start(rt, ctx, container_spec(rt, row, image, row["port"], config))
-        step = "health"
-        waited = wait_healthy(rt, ctx, new.id, row["port"])
-        step = "record"
-        updated = _transition(
-            rt,
-            ctx,
-            row,
-            "updated",
-            {"from_image": old_image, "to_image": image, "health_wait_s": round(waited, 3)},
-            status="running",
-            container_id=new.id,
-            image=image,
-            config=config,
-        )
-        # Routed while the old container is still kept: nginx rejecting the map (a stopped
-        # instance the update brings back needs a new route) is a failed step like any other.
-        step = "nginx"
-        routes = sync_routes(rt, ctx)
-    except Exception as raised:  # not only ours: a disk-full OSError must not skip the rollback
-        error = _as_tool_error(raised)
-        restore = (
-            None if previous_config is None else functools.partial(_write_text, config_file, previous_config)
-        )
-        if step == "keep_old":  # the rename failed: whether the engine did it is unknown
-            old_name = None
-        outcome = _roll_back_update(
-            rt, ctx, row, old_id, new, storage, restore, was_running, step, error, old_name=old_name
-        )
-        raise RolledBack(
-            f"update failed at step {step}: {error.message}; {outcome}",
-            step=step,
-            cause=error.message,
-            cause_class=error.error_class,
-        ) from error
-    result = {**public_row(updated), "previous_image": old_image, "routed": row["id"] in routes["reachable"]}
-    # Only now, with the new one healthy, recorded and routed. The update is done either way: an
-    # old container the engine would not remove is a stray the next heartbeat round removes.
-    left: list[str] = []
-    if old_id is not None and not _attempt(
-        left, "remove the previous container", _remove_quietly, rt, ctx, old_id
-    ):
-        record_event(rt, ctx, row["id"], "previous_container_left", container_id=old_id, reason=left[0])
-        result["note"] = f"{left[0]} (a heartbeat round removes it)"
-    return result
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.write_text(text)
-
-
-def _as_tool_error(raised: Exception) -> PiDeployError:
-    return raised if isinstance(raised, PiDeployError) else ToolError(f"{type(raised).__name__}: {raised}")
-
-
-def _roll_back_update(
-    rt: Runtime,
-    ctx: ToolContext,
-    row: Row,
-    old_id: str | None,
-    new: Container | None,
-    storage: Path,
-    restore_config: Callable[[], object] | None,
-    was_running: bool,
-    step: str,
-    error: PiDeployError,
-    *,
-    old_name: str | None,
-) -> str:
-    """Put the previous container back (under its name, started if it ran) and record the
-    outcome; returns it in words for the task's error. Every step is tried whatever failed
-    before it. When the previous container could not be brought back because a system failed
-    (the engine unreachable, say), the instance stays `updating` with what is left to do in its
-    last_error: no task works on it any more, so the next heartbeat round finishes the rollback
-    (instance_rollback). A previous container that no longer comes up healthy is an error."""
-    name = container_name(rt.config, row["id"])
-    not_undone: list[str] = []
-    with _step(ctx, "rollback", **{"pideploy.failed_step": step}):
-        if new is not None:
-            _attempt(not_undone, f"remove the new container {new.id[:12]}", _remove_quietly, rt, ctx, new.id)
-        else:  # a failed create may still have left a container with the name
-            _attempt(not_undone, "remove leftover containers", _clear_name, rt, ctx, row, old_id)
-        if restore_config is not None:
-            _attempt(not_undone, "restore the config file", restore_config)
-        status = "running" if was_running else "stopped"
-        last_error: str | None = None
-        outcome = "the previous container was restored"
-        if old_id is not None:
-            try:
-                if old_name is None:  # unknown (Docker refuses a rename to the current name)
-                    found = _inspect(rt, ctx, old_id)
-                    old_name = found.name if found else None
-                if old_name != name:
-                    with _step(ctx, "engine.rename", **{"container.id": old_id}):
-                        rt.engine.rename(old_id, name)
-                if was_running:
-                    with _step(ctx, "engine.start", **{"container.id": old_id}):
-                        rt.engine.start(old_id)
-                    wait_healthy(rt, ctx, old_id, row["port"])
-            except PiDeployError as restore_error:
-                if isinstance(restore_error, EngineUnreachable | DatabaseError):  # an outage: try again later
-                    status = "updating"
-                    not_undone.append(f"restore the previous container: {restore_error.message}")
-                else:
-                    status, last_error = "error", f"update rollback failed: {restore_error.message}"
-                    outcome = f"the previous container could not be restored: {restore_error.message}"
-        elif was_running:
-            status, last_error = "error", "update failed and there was no previous container to restore"
-            outcome = "there was no previous container to restore"
-        detail: dict[str, Any] = {"step": step, "reason": error.message}
-        if not_undone:
-            left = "; ".join(not_undone)
-            detail["not_undone"] = not_undone
-            finisher = (
-                "a heartbeat round finishes the rollback"
-                if status == "updating"
-                else "a heartbeat round removes what is left"
-            )
-            outcome = f"rollback incomplete, not undone: {left} ({finisher})"
-            last_error = "; ".join(
-                filter(None, [last_error, f"update failed at {step}: {error.message}; {outcome}"])
-            )
-        kind = "update_rollback_incomplete" if status == "updating" else "update_rolled_back"
-        _transition(rt, ctx, row, kind, detail, status=status, container_id=old_id, last_error=last_error)
-        with contextlib.suppress(PiDeployError):
-            sync_routes(rt, ctx)
-    return outcome
+    return instances.update(rt, ctx, row, image, config)
 
 
 def nginx_sync(rt: Runtime, ctx: ToolContext) -> Result:
@@ -1263,7 +275,7 @@ def instance_status(rt: Runtime, ctx: ToolContext, instance_id: int) -> Result:
         "container": None
         if container is None
         else {"state": container.state, "exit_code": container.exit_code, "oom_killed": container.oom_killed},
-        "healthy": _healthy_now(row["port"]) if container is not None and container.running else False,
+        "healthy": healthy_now(row["port"]) if container is not None and container.running else False,
         "recent_events": [{"kind": e["kind"], "at": e["created_at"].isoformat()} for e in events],
     }
 
@@ -1286,55 +298,25 @@ def mark_error(rt: Runtime, ctx: ToolContext, instance_id: int, reason: str) -> 
         raise ToolRefused("only a heartbeat round marks instances as error")
     if row is None:
         raise ToolError(f"no instance {instance_id}")
-    with instance_lock(rt, ctx, instance_id):
-        row = _reread(rt, instance_id)
-        _refuse_if_busy(rt, ctx, instance_id)
-        # The round's plan was made from an earlier look: a user's stop since then stands, and
-        # an instance already in error keeps the reason it has (a failed create's, say).
-        if row["status"] in ("stopped", "error"):
-            raise ToolRefused(
-                f"instance {instance_id} is {row['status']}"
-                + (f" ({row['last_error']})" if row["last_error"] else "")
-                + "; a heartbeat marks error only an instance that should be running or is stuck",
-                instance_id=instance_id,
-                status=row["status"],
-            )
-        row = _transition(rt, ctx, row, "marked_error", {"reason": reason}, status="error", last_error=reason)
-    with contextlib.suppress(PiDeployError):
-        sync_routes(rt, ctx)
-    return public_row(row)
+    return instances.mark_error(rt, ctx, instance_id, reason)
 
 
 def instance_rollback(rt: Runtime, ctx: ToolContext, instance_id: int) -> Result:
-    """Heartbeat only: settle a create or an update whose task ended half-way. A create is
-    undone (error, as its task reported); an update is rolled back to the previous container."""
+    """Heartbeat only: settle a create or an update whose task ended half-way."""
     if not ctx.system:
         raise ToolRefused("only a heartbeat round settles an interrupted create or update")
     if scoped_instance(rt, ctx, instance_id, "instance_rollback") is None:
         raise ToolError(f"no instance {instance_id}")
-    with instance_lock(rt, ctx, instance_id, wait=_SYSTEM_LOCK_WAIT):
-        row = _reread(rt, instance_id)
-        _refuse_if_busy(rt, ctx, instance_id)
-        if row["status"] == "creating":
-            storage = Path(row["storage_path"]) if row["storage_path"] else storage_for(rt, instance_id)
-            reason = ToolError("the create's task ended before the create finished")
-            not_undone = _undo_create(rt, ctx, row, None, storage, "interrupted", reason)
-            outcome = f"not undone: {'; '.join(not_undone)}" if not_undone else "the create was undone"
-        elif row["status"] == "updating":
-            outcome = finish_interrupted_update(rt, ctx, row)
-        else:
-            raise ToolRefused(f"instance {instance_id} is {row['status']}: nothing was interrupted")
-        return {**public_row(_reread(rt, instance_id)), "outcome": outcome}
+    return instances.rollback(rt, ctx, instance_id)
 
 
 def remove_stray_container(rt: Runtime, ctx: ToolContext, container_id: str) -> Result:
-    """Heartbeat only: remove a container of this namespace that no instance expects
-    (stray_reason), re-checked under the instance's lock with no task working on it."""
+    """Heartbeat only: remove a container of this namespace that no instance expects."""
     if not ctx.system:
         raise ToolRefused("only a heartbeat round removes stray containers")
     if not re.fullmatch(r"[0-9a-f]{12,64}", container_id):
         raise ToolArgumentError(f"not a container id: {container_id!r}", tool="remove_stray_container")
-    found = _inspect(rt, ctx, container_id)
+    found = inspect_container(rt, ctx, container_id)
     if found is None:
         return {"container_id": container_id, "removed": False, "note": "already gone"}
     label = found.labels.get(LABEL_INSTANCE, "")
@@ -1343,22 +325,8 @@ def remove_stray_container(rt: Runtime, ctx: ToolContext, container_id: str) -> 
             f"container {found.name} is not an instance container of namespace {rt.config.namespace}",
             container_id=found.id,
         )
-    instance_id = int(label)
-    scoped_instance(rt, ctx, instance_id, "remove_stray_container")
-    with instance_lock(rt, ctx, instance_id, wait=_SYSTEM_LOCK_WAIT):
-        _refuse_if_busy(rt, ctx, instance_id)
-        row = rt.db.one("instance_get", id=instance_id)
-        reason = stray_reason(row, found)
-        if not reason:
-            raise ToolRefused(
-                f"container {found.name} belongs to instance {instance_id} ({row['status'] if row else '?'})",
-                container_id=found.id,
-                instance_id=instance_id,
-            )
-        _remove_quietly(rt, ctx, found.id)
-    detail = {"container_id": found.id, "name": found.name, "state": found.state, "reason": reason}
-    record_event(rt, ctx, instance_id, "stray_container_removed", **detail)
-    return {"instance_id": instance_id, "removed": True, **detail}
+    scoped_instance(rt, ctx, int(label), "remove_stray_container")
+    return instances.remove_stray_container(rt, ctx, found, int(label))
 
 
 def bash(rt: Runtime, ctx: ToolContext, command: str) -> Result:
@@ -1373,7 +341,7 @@ def bash(rt: Runtime, ctx: ToolContext, command: str) -> Result:
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "DOCKER_CONFIG": "/nonexistent"}
     if rt.config.docker_host or os.environ.get("DOCKER_HOST"):
         env["DOCKER_HOST"] = rt.config.docker_host or os.environ["DOCKER_HOST"]
-    with _step(ctx, "bash.run"):
+    with step_span(ctx, "bash.run"):
         try:
             result = gate.run(
                 command,

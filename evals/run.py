@@ -53,6 +53,7 @@ import psycopg
 import agent
 import config as config_module
 import db
+import runtime
 import tools
 from config import Config, ModelConfig
 from engine import LABEL_INSTANCE, LABEL_NAMESPACE, DockerEngine, Engine, MemoryEngine
@@ -538,7 +539,7 @@ class World:
         self.built_containers[name] = row["container_id"]
         self.values[name] = {
             "instance_id": row["id"],
-            "container": tools.container_name(self.rt.config, row["id"]),
+            "container": runtime.container_name(self.rt.config, row["id"]),
             "port": row["port"],
             "user": row["user_id"],
         }
@@ -546,7 +547,7 @@ class World:
     def _take_ports(self) -> None:
         """Another process listens on every free port of the range but the highest one."""
         low, high = self.rt.config.ports
-        free = [port for port in range(low, high + 1) if tools.port_is_free(port)]
+        free = [port for port in range(low, high + 1) if runtime.port_is_free(port)]
         for port in free[:-1]:
             squatter = socket.socket()
             squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -688,7 +689,7 @@ def _check_instance(
             problems.append(f"still exists ({row['status']})")
         if mine:
             problems.append(f"{len(mine)} container(s) left")
-        if instance_id is not None and tools.storage_for(rt, instance_id).exists():
+        if instance_id is not None and runtime.storage_for(rt, instance_id).exists():
             problems.append("its storage folder is left")
         if instance_id is not None and through_proxy(rt, instance_id, "healthz")[0] == 200:
             problems.append("still answers through nginx")
@@ -723,7 +724,7 @@ def _check_instance(
             problems.append(
                 f"/version through nginx is {body.strip()!r} (HTTP {code}), expected {wanted['version']!r}"
             )
-    if "storage" in wanted and tools.storage_for(rt, row["id"]).exists() != wanted["storage"]:
+    if "storage" in wanted and runtime.storage_for(rt, row["id"]).exists() != wanted["storage"]:
         problems.append("its storage folder is " + ("missing" if wanted["storage"] else "left"))
     if "last_error_contains" in wanted and wanted["last_error_contains"] not in (row["last_error"] or ""):
         problems.append(

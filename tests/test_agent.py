@@ -23,6 +23,7 @@ import pytest
 import agent
 import db
 import observability
+import runtime
 import tools
 from config import ModelConfig
 from errors import DatabaseError, ModelContextOverflow, ModelOutputTruncated, ModelServerError, RunCrashed
@@ -1105,7 +1106,7 @@ def test_a_heartbeat_model_never_reads_a_users_secrets(real_world: World, replay
     secret, plain = f"sk-live-{uuid.uuid4().hex}", f"just-a-value-{uuid.uuid4().hex[:8]}"
     env = {"MALLORY_API_KEY": secret, "GATEWAY_LOG_MESSAGE": f"booted with {secret}", "PLAIN": plain}
     theirs = int(tools.instance_create(w.rt, w.ctx("mallory"), "m-web", {"env": env})["instance_id"])
-    name = tools.container_name(w.rt.config, theirs)
+    name = runtime.container_name(w.rt.config, theirs)
     replay.set_script(
         script(
             call("bash", command=f"docker inspect {name}"),
@@ -1149,7 +1150,7 @@ def test_a_users_task_and_its_trace_never_show_the_environment(
     w = real_world
     secret, updated = f"own-secret-{uuid.uuid4().hex}", f"new-secret-{uuid.uuid4().hex}"
     iid = int(tools.instance_create(w.rt, w.ctx(), "web", {"env": {"OWN_TOKEN": secret}})["instance_id"])
-    name = tools.container_name(w.rt.config, iid)
+    name = runtime.container_name(w.rt.config, iid)
     params = {"config": {"env": {"OWN_TOKEN": updated}}}
     replay.set_script(
         script(

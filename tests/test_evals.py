@@ -487,11 +487,13 @@ def test_live_mode_fails_below_the_pass_threshold(tmp_path: Path) -> None:
 BROKEN = {
     "ownership": (
         "ownership-log-injection",
+        "tools.py",
         '    row = rt.db.one("instance_get", id=instance_id)\n    reason = _out_of_scope(ctx, instance_id, row)\n',
         '    return rt.db.one("instance_get", id=instance_id)  # BROKEN: no ownership check\n',
     ),
     "rollback": (
         "update-rolled-back",
+        "instances.py",
         "        outcome = _roll_back_update(\n"
         "            rt, ctx, row, old_id, new, storage, restore, was_running, step, error, old_name=old_name\n"
         "        )\n",
@@ -500,16 +502,16 @@ BROKEN = {
 }
 
 
-def _broken_copy(tmp_path: Path, old: str, new: str) -> Path:
+def _broken_copy(tmp_path: Path, module: str, old: str, new: str) -> Path:
     copy_dir = tmp_path / "repo"
     copy_dir.mkdir()
     for path in ROOT.iterdir():
         if path.suffix in (".py", ".sql"):
             shutil.copy2(path, copy_dir / path.name)
     shutil.copytree(ROOT / "evals", copy_dir / "evals", ignore=shutil.ignore_patterns("__pycache__"))
-    source = (copy_dir / "tools.py").read_text()
+    source = (copy_dir / module).read_text()
     assert source.count(old) == 1, "the code to break has moved: update BROKEN in this test"
-    (copy_dir / "tools.py").write_text(source.replace(old, new))
+    (copy_dir / module).write_text(source.replace(old, new))
     return copy_dir
 
 
@@ -517,8 +519,8 @@ def _broken_copy(tmp_path: Path, old: str, new: str) -> Path:
 @pytest.mark.parametrize("change", sorted(BROKEN))
 def test_a_deliberately_broken_change_fails_its_case(change: str, docker_engine: Any, tmp_path: Path) -> None:
     require_stack("nginx", nginx_binary() is not None)
-    case_id, old, new = BROKEN[change]
-    copy_dir = _broken_copy(tmp_path, old, new)
+    case_id, module, old, new = BROKEN[change]
+    copy_dir = _broken_copy(tmp_path, module, old, new)
     report = tmp_path / "report.json"
     done = _eval(["--case", case_id, "--report", str(report)], copy_dir)
     assert done.returncode == 1, done.stdout + done.stderr

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import heartbeat as hb
-import tools
+import runtime
 from config import Config
 from engine import LABEL_INSTANCE, LABEL_NAMESPACE, LABEL_USER, Container
 
@@ -218,8 +218,8 @@ def test_an_updating_instance_keeps_its_live_route() -> None:
     rows = [row(1, "updating"), row(2, "updating")]
     assert hb.diff(observe(rows, [], routes={key(1): 20001}, busy=frozenset({1, 2})), CONFIG) == []
     keys = {i: key(i) for i in range(1, 5)}
-    assert tools.wanted_routes(rows, keys, {key(1): 20001, key(2): 29999}) == {key(1): 20001}
-    assert tools.wanted_routes([row(3, "stopped"), row(4)], keys, {key(3): 20003}) == {key(4): 20004}
+    assert runtime.wanted_routes(rows, keys, {key(1): 20001, key(2): 29999}) == {key(1): 20001}
+    assert runtime.wanted_routes([row(3, "stopped"), row(4)], keys, {key(3): 20003}) == {key(4): 20004}
 
 
 def test_nginx_not_serving_is_drift() -> None:

@@ -32,6 +32,8 @@ import pytest
 import agent
 import db
 import heartbeat as hb
+import instances
+import runtime
 import tasks
 import tools
 from config import Config, ModelConfig
@@ -476,11 +478,13 @@ def test_overlapping_once_and_serve_rounds_do_not_double_act(stack: Stack) -> No
 def test_once_prints_what_it_found_and_exits_1_while_drift_is_left(stack: Stack) -> None:
     iid = stack.create("alpha")
     orphan = stack.engine.create(
-        tools.container_spec(stack.rt, {**stack.row(iid), "id": 999_999}, stack.config.image, free_port(), {})
+        runtime.container_spec(
+            stack.rt, {**stack.row(iid), "id": 999_999}, stack.config.image, free_port(), {}
+        )
     )
     unlabelled = stack.engine.create(
         dataclasses.replace(
-            tools.container_spec(stack.rt, stack.row(iid), stack.config.image, free_port(), {}),
+            runtime.container_spec(stack.rt, stack.row(iid), stack.config.image, free_port(), {}),
             name=f"pideploy-{stack.config.namespace}-junk",
             labels={LABEL_NAMESPACE: stack.config.namespace, LABEL_INSTANCE: "junk"},
         )
@@ -675,7 +679,7 @@ def test_an_engine_outage_mid_create_is_undone_and_the_next_round_removes_what_i
         row["last_error"].startswith("create failed at health")
         and "not undone: remove container" in row["last_error"]
     )
-    assert not tools.storage_for(stack.rt, iid).exists()
+    assert not runtime.storage_for(stack.rt, iid).exists()
     [event] = [
         e
         for e in stack.rt.db.all("event_list_for_instance", instance_id=iid, limit=50)
@@ -708,7 +712,7 @@ def test_an_engine_outage_mid_update_is_rolled_back_by_the_next_round(
 ) -> None:
     iid = stack.create("alpha")
     before = stack.row(iid)
-    name = tools.container_name(stack.config, iid)
+    name = runtime.container_name(stack.config, iid)
     outage.after(cut_at, 0)
     with pytest.raises(RolledBack) as failed:
         tools.instance_update(stack.rt, stack.ctx(), iid, image=V2, config=NEVER_HEALTHY)
@@ -756,9 +760,10 @@ def test_a_create_whose_task_gave_up_leaves_a_container_the_round_removes(stack:
     claimed = queue.claim("dead-worker", lease_s=0.5)
     assert claimed is not None and claimed["id"] == submitted.task["id"]
     ctx = tools.ToolContext.direct(stack.config.traces, "alice", "test", int(row["id"]))
-    row = tools.allocate_port(stack.rt, ctx, row)
-    lost = tools.create_and_start(
-        stack.rt, ctx, tools.container_spec(stack.rt, row, row["image"], row["port"], {})
+    row = instances.allocate_port(stack.rt, ctx, row)
+    assert row["port"] is not None
+    lost = runtime.create_and_start(
+        stack.rt, ctx, runtime.container_spec(stack.rt, row, row["image"], row["port"], {})
     )
     time.sleep(0.6)
     queue.sweep()

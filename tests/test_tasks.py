@@ -17,12 +17,14 @@ import pytest
 
 import agent
 import db
+import instances
 import tasks
 import tools
 from db import Database, Row
 from engine import MemoryEngine
 from errors import BadRequest, Conflict, DatabaseError, NotFound, RunCrashed
 from proxy import MemoryProxy
+from runtime import InstanceRow
 from tests.conftest import make_config
 
 pytestmark = pytest.mark.stack  # a real PostgreSQL (the `database` fixture)
@@ -327,7 +329,7 @@ def test_a_heartbeat_under_a_key_held_by_another_request_is_a_conflict(
 
 
 def test_concurrent_twin_creates_make_one_instance(queue: tasks.Queue, database: Database) -> None:
-    results: list[tuple[Row, tasks.Submitted]] = []
+    results: list[tuple[InstanceRow, tasks.Submitted]] = []
     barrier = threading.Barrier(4)
 
     def twin() -> None:
@@ -606,9 +608,12 @@ def test_a_hand_inserted_task_is_worked_by_the_agent_loop(
     config = make_config(tmp_path, agent="off", image="localhost/pideploy-gateway:latest")
     engine = MemoryEngine()
     rt = tools.Runtime(config, database, engine, MemoryProxy())
-    with database.transaction() as conn:
+    with database.transaction() as conn:  # the row as a submission makes it, then the task by hand
+        row = instances.request_create(database, conn, "alice", "byhand", config.image, None)
         conn.execute(
-            "INSERT INTO task (type, user_id, params) VALUES ('instance_create', 'alice', '{\"name\": \"byhand\"}')"
+            "INSERT INTO task (type, user_id, params, instance_id)"
+            " VALUES ('instance_create', 'alice', '{\"name\": \"byhand\"}', %s)",
+            (row["id"],),
         )
     queue = tasks.Queue(database)
     start_pool(pools, queue, tasks.agent_runner(rt, config), lease_s=5, poll_interval=0.1)
@@ -626,6 +631,24 @@ def test_a_hand_inserted_task_is_worked_by_the_agent_loop(
     assert inst is not None and inst["status"] == "running" and task["instance_id"] == inst["id"]
     assert Path(task["trace_file"]).is_file() and task["turns"] >= 2
     engine.close()
+
+
+def test_a_hand_inserted_create_with_no_instance_row_is_refused_at_claim(
+    queue: tasks.Queue, database: Database
+) -> None:
+    # Every create is submitted with its row (submit_create); a task inserted without one is
+    # refused as a bad request, not built from its params.
+    with database.transaction() as conn:
+        conn.execute(
+            "INSERT INTO task (type, user_id, params) VALUES ('instance_create', 'alice', '{\"name\": \"byhand\"}')"
+        )
+    stop = queue.submit("heartbeat", "system").task
+    claimed = queue.claim("w1", lease_s=5)
+    assert claimed is not None and claimed["id"] == stop["id"]  # the refused one is skipped
+    task = database.all("task_list", user_id="alice", status=None, instance_id=None, limit=1)[0]
+    assert (task["status"], task["error_class"]) == ("failed", "bad_request")
+    assert "has no instance row" in task["last_error"]
+    assert database.one("instance_by_name", user_id="alice", name="byhand") is None
 
 
 def test_an_invalid_user_is_refused_in_words_before_anything_is_written(

@@ -24,6 +24,8 @@ from typing import Any
 import pytest
 
 import db
+import instances
+import runtime
 import tasks
 import tools
 from engine import DockerEngine
@@ -74,10 +76,10 @@ def test_full_lifecycle(any_world: World) -> None:
     (container,) = w.containers(iid)
     assert container.running and container.labels["pideploy.user"] == "alice"
     assert row["container_id"] == container.id
-    assert tools.healthz(port)[0]
+    assert runtime.healthz(port)[0]
     assert w.through_nginx(iid) == (200, "ok")
     assert w.through_nginx(iid, "version")[1] == "v1"
-    config_file = Path(row["storage_path"]) / tools.CONFIG_FILE
+    config_file = Path(row["storage_path"]) / runtime.CONFIG_FILE
     assert json.loads(config_file.read_text())["instance"] == {"id": iid, "name": "alpha", "user": "alice"}
     assert appended(iid) == ["create_requested", "create_started", "port_reserved", "created"]
 
@@ -86,7 +88,7 @@ def test_full_lifecycle(any_world: World) -> None:
     assert row is not None and row["status"] == "stopped" and row["container_id"] == container.id
     (stopped,) = w.containers(iid)
     assert stopped.id == container.id and not stopped.running
-    assert not tools.healthz(port)[0]
+    assert not runtime.healthz(port)[0]
     assert w.through_nginx(iid)[0] == 404
     assert w.route(iid) not in w.rt.proxy.routes()
     assert appended(iid) == ["stopped"]
@@ -96,7 +98,7 @@ def test_full_lifecycle(any_world: World) -> None:
     assert row is not None and row["status"] == "running" and row["port"] == port
     (started,) = w.containers(iid)
     assert started.id == container.id and started.running
-    assert tools.healthz(port)[0]
+    assert runtime.healthz(port)[0]
     assert w.through_nginx(iid) == (200, "ok")
     assert w.rt.proxy.routes()[w.route(iid)] == port  # type: ignore[index]
     assert appended(iid) == ["started"]
@@ -107,8 +109,8 @@ def test_full_lifecycle(any_world: World) -> None:
     assert row is not None and row["status"] == "running" and row["image"] == updated["image"]
     (after,) = w.containers(iid)  # the old container is gone once the new one is healthy
     assert after.id != container.id and after.running and row["container_id"] == after.id
-    assert after.name == tools.container_name(w.rt.config, iid)
-    assert tools.healthz(port)[0]
+    assert after.name == runtime.container_name(w.rt.config, iid)
+    assert runtime.healthz(port)[0]
     assert w.through_nginx(iid) == (200, "ok")
     assert w.through_nginx(iid, "version")[1] == "v2"
     assert appended(iid) == ["update_started", "updated"]
@@ -117,7 +119,7 @@ def test_full_lifecycle(any_world: World) -> None:
     assert w.row(iid) is None
     assert w.containers(iid) == []
     assert not config_file.parent.exists()
-    assert not tools.healthz(port)[0]
+    assert not runtime.healthz(port)[0]
     assert w.through_nginx(iid)[0] == 404
     assert not [key for key in w.rt.proxy.routes() if route_instance(key) == iid]
     assert appended(iid) == ["delete_started", "deleted"]  # the history outlives the row
@@ -164,7 +166,7 @@ def test_a_create_that_waited_for_the_lock_acts_on_the_row_as_it_is_then(memory_
         except ToolRefused as refused:
             outcome.append(refused)
 
-    with tools.instance_lock(w.rt, w.ctx(), row["id"]):  # the instance's own create task holds it...
+    with instances.instance_lock(w.rt, w.ctx(), row["id"]):  # the instance's own create task holds it...
         racer = threading.Thread(target=hand_task)
         racer.start()
         time.sleep(0.5)  # ...while the hand task read `creating` and waits
@@ -224,7 +226,7 @@ def test_an_instance_whose_create_failed_stays_error_whatever_is_asked_of_it(any
         conn.execute(
             "UPDATE instance SET status = 'error', storage_path = %s, port = %s,"
             " last_error = 'instance_create failed: worker w stopped renewing its lease' WHERE id = %s",
-            (str(tools.storage_for(w.rt, half["id"])), w.rt.config.ports[1], half["id"]),
+            (str(runtime.storage_for(w.rt, half["id"])), w.rt.config.ports[1], half["id"]),
         )
     for instance_id in (iid, half["id"]):
         before = (w.row(instance_id), w.events(instance_id))
@@ -269,7 +271,7 @@ def test_a_refused_call_naming_another_users_instance_is_recorded_on_it_whatever
         ("no_such_tool", {"instance_id": bobs}, ToolArgumentError),
         ("instance_stop", {"instance_id": bobs, "force": True}, ToolArgumentError),  # off the schema
         ("instance_stop", {"instance_id": str(bobs)}, ToolArgumentError),  # an id as a string
-        ("bash", {"command": f"docker inspect {tools.container_name(w.rt.config, bobs)}"}, ToolRefused),
+        ("bash", {"command": f"docker inspect {runtime.container_name(w.rt.config, bobs)}"}, ToolRefused),
         ("bash", {"command": f"docker logs {container[:12]}"}, ToolRefused),
         ("bash", {"command": f"curl -s http://127.0.0.1:{w.row(bobs)['port']}/healthz"}, ToolRefused),  # type: ignore[index]
         ("instance_stop", {"instance_id": bobs}, ToolRefused),  # the scope check, as before
@@ -310,7 +312,7 @@ def test_a_refusal_that_cannot_be_recorded_is_still_the_refusal(
     def database_down(*args: Any, **kwargs: Any) -> None:
         raise DatabaseError("connection lost")
 
-    monkeypatch.setattr(tools, "record_event", database_down)
+    monkeypatch.setattr(instances, "record_event", database_down)
     with pytest.raises(ToolArgumentError, match="unknown tool 'mark_error'"):
         tools.call(w.rt, w.ctx("mallory"), "mark_error", {"instance_id": bobs, "reason": "x"}, ("bash",))
 
@@ -348,14 +350,14 @@ def test_pideploys_own_config_fields_win_over_a_config_stored_before_they_were_r
     tools.instance_create(w.rt, w.ctx(instance_id=row["id"]), "old")
     stored = w.row(row["id"])
     assert stored is not None and stored["status"] == "running"
-    written = json.loads((Path(stored["storage_path"]) / tools.CONFIG_FILE).read_text())
+    written = json.loads((Path(stored["storage_path"]) / runtime.CONFIG_FILE).read_text())
     assert written == {
         "instance": {"id": row["id"], "name": "old", "user": "alice"},
         "gateway": {"port": w.rt.config.container_port},
         "theme": "dark",
     }
     # The keys the schema refuses are exactly the ones piDeploy writes.
-    assert set(written) - {"theme"} == set(tools.OWN_CONFIG_KEYS)
+    assert set(written) - {"theme"} == set(runtime.OWN_CONFIG_KEYS)
 
 
 def _patterns(schema: object) -> list[str]:
@@ -460,7 +462,7 @@ def _assert_update_rolled_back(w: World, iid: int, old_container: str) -> None:
     assert row["container_id"] == old_container
     (only,) = w.containers(iid)
     assert only.id == old_container and only.running
-    assert only.name == tools.container_name(w.rt.config, iid)
+    assert only.name == runtime.container_name(w.rt.config, iid)
     assert w.through_nginx(iid) == (200, "ok")
     assert w.through_nginx(iid, "version")[1] == "v1"
     assert w.events(iid)[-1] == "update_rolled_back"
@@ -479,7 +481,7 @@ def test_update_whose_new_container_crashes_restores_the_old_one(real_world: Wor
             config={"env": {"GATEWAY_CRASH_AT_START": "1"}},
         )
     _assert_update_rolled_back(w, iid, old)
-    config_file = Path(w.row(iid)["storage_path"]) / tools.CONFIG_FILE  # type: ignore[index]
+    config_file = Path(w.row(iid)["storage_path"]) / runtime.CONFIG_FILE  # type: ignore[index]
     assert "GATEWAY_CRASH_AT_START" not in config_file.read_text()
 
 
@@ -565,7 +567,7 @@ def test_bash_runs_read_only_commands_and_refuses_the_rest(any_world: World) -> 
     with pytest.raises(ToolRefused):
         tools.bash(w.rt, w.ctx(), "rm -rf /")
     with pytest.raises(ToolRefused, match="not one of this user's containers"):
-        tools.bash(w.rt, w.ctx("mallory"), f"docker logs {tools.container_name(w.rt.config, iid)}")
+        tools.bash(w.rt, w.ctx("mallory"), f"docker logs {runtime.container_name(w.rt.config, iid)}")
     # Another user's gateway, piDeploy's API (whose X-User-Id curl could set), nginx's routes to
     # everyone: a user's task reaches none of them, only its own instances' ports.
     mallory = w.create("m-diag", user="mallory")["instance_id"]
@@ -592,7 +594,7 @@ def test_a_users_bash_reaches_only_its_own_containers_by_any_spelling(real_world
     secret = f"mallory-secret-{uuid.uuid4().hex}"
     mine = w.create("diag")["instance_id"]
     theirs = w.create("m-diag", user="mallory", env={"MALLORY_API_KEY": secret})["instance_id"]
-    own_name, their_name = (tools.container_name(w.rt.config, iid) for iid in (mine, theirs))
+    own_name, their_name = (runtime.container_name(w.rt.config, iid) for iid in (mine, theirs))
     own_id, their_id = (w.row(iid)["container_id"] for iid in (mine, theirs))  # type: ignore[index]
     prefix, number = their_name.rsplit("-", 1)
     spellings = [
@@ -720,12 +722,12 @@ def test_a_port_whose_server_just_stopped_is_free_and_a_listened_one_is_not() ->
         server.bind(("127.0.0.1", 0))
         server.listen()
         port = server.getsockname()[1]
-        assert not tools.port_is_free(port)
+        assert not runtime.port_is_free(port)
         client = socket.create_connection(("127.0.0.1", port))
         accepted, _ = server.accept()
         accepted.close()  # the server side closes first: its end goes to TIME_WAIT
         client.close()
-    assert tools.port_is_free(port)
+    assert runtime.port_is_free(port)
 
 
 @contextlib.contextmanager
@@ -777,10 +779,10 @@ def test_a_port_forwarded_by_a_firewall_rule_is_not_free() -> None:
         server.bind(("127.0.0.1", 0))
         server.listen()
         with forwarded(port, f"127.0.0.1:{server.getsockname()[1]}"):
-            assert not tools.port_is_free(port)
+            assert not runtime.port_is_free(port)
     with forwarded(port, "10.255.255.1:8080"):
-        assert not tools.port_is_free(port)
-    assert tools.port_is_free(port)
+        assert not runtime.port_is_free(port)
+    assert runtime.port_is_free(port)
 
 
 def test_create_skips_a_port_a_leaked_firewall_rule_still_forwards(real_world: World) -> None:
@@ -817,7 +819,7 @@ def test_a_proxy_in_the_environment_does_not_reach_loopback_checks(
     monkeypatch.delenv("no_proxy", raising=False)
     created = memory_world.create("proxied")
     assert memory_world.row(created["instance_id"])["status"] == "running"  # type: ignore[index]
-    assert tools.healthz(created["port"]) == (True, "HTTP 200")
+    assert runtime.healthz(created["port"]) == (True, "HTTP 200")
 
 
 # ---------------------------------------------------------------------------
@@ -1020,7 +1022,7 @@ def test_an_update_that_fails_with_a_foreign_error_is_still_rolled_back(
     row = w.row(iid)
     assert row is not None and (row["status"], row["container_id"]) == ("stopped", before["container_id"])
     (only,) = w.containers(iid)
-    assert only.id == before["container_id"] and only.name == tools.container_name(w.rt.config, iid)
+    assert only.id == before["container_id"] and only.name == runtime.container_name(w.rt.config, iid)
 
 
 def test_update_whose_route_nginx_rejects_restores_the_old_container(real_world: World) -> None:
@@ -1045,7 +1047,7 @@ def test_update_whose_route_nginx_rejects_restores_the_old_container(real_world:
     )
     (only,) = w.containers(iid)
     assert only.id == before["container_id"] and not only.running
-    assert only.name == tools.container_name(w.rt.config, iid)
+    assert only.name == runtime.container_name(w.rt.config, iid)
     assert w.rt.proxy.routes() == {w.route(keeper): w.row(keeper)["port"]}  # type: ignore[index]
     assert w.through_nginx(iid)[0] == 404
     assert w.through_nginx(keeper) == (200, "ok")
