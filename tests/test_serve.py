@@ -224,9 +224,16 @@ def test_hand_inserted_tasks_are_worked_by_two_serves_sharing_the_queue(site: Si
     site.serve(log="a")
     site.serve(log="b", PIDEPLOY_LISTEN=f"127.0.0.1:{free_port()}")
     names = ["hand-1", "hand-2", "hand-3", "hand-4"]
-    for name in names:  # as the design's integration test asks: straight into the table
+    image = os.environ.get("PIDEPLOY_IMAGE") or "localhost/pideploy-gateway:latest"
+    for name in names:  # as the design's integration test asks: straight into the tables
+        # A create task carries its instance row, as a submission makes it (a create task with
+        # none is refused at claim: tests/test_tasks.py).
         site.sql(
-            "INSERT INTO task (type, user_id, params) VALUES ('instance_create', 'alice', %s)",
+            "WITH made AS (INSERT INTO instance (user_id, name, image) VALUES ('alice', %s, %s) RETURNING id)"
+            " INSERT INTO task (type, user_id, params, instance_id)"
+            " SELECT 'instance_create', 'alice', %s, id FROM made",
+            name,
+            image,
             json.dumps({"name": name}),
         )
     ids = [r["id"] for r in site.sql("SELECT id FROM task ORDER BY id")]
