@@ -95,6 +95,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import agent
+import models
 import tools
 from config import Config
 from db import Row
@@ -657,7 +658,7 @@ class Heartbeat:
         rt: tools.Runtime,
         config: Config,
         *,
-        chain: agent.Chain | None = None,
+        chain: models.Chain | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         lock_wait: float | None = None,
@@ -665,8 +666,8 @@ class Heartbeat:
     ) -> None:
         self.rt, self.config = rt, config
         self.limits = agent.Limits.from_config(config, heartbeat=True)
-        self.cooldowns = agent.DatabaseCooldowns(rt.db)
-        self.chain = chain or agent.Chain.from_config(config, self.cooldowns, self.limits)
+        self.cooldowns = models.DatabaseCooldowns(rt.db)
+        self.chain = chain or models.Chain.from_config(config, self.cooldowns, self.limits)
         self.clock, self.sleep = clock, sleep
         # Waiting longer than half an interval for another round would only delay the next one.
         self.lock_wait = min(30.0, config.heartbeat_interval / 2) if lock_wait is None else lock_wait
@@ -849,14 +850,14 @@ class Heartbeat:
 
     # -- act -----------------------------------------------------------------
 
-    def _fast_path(self, source: str, steps: list[Step]) -> agent.Chain | None:
+    def _fast_path(self, source: str, steps: list[Step]) -> models.Chain | None:
         """A `die` event whose only repair is to start the container again needs no model:
         the playbook does it at once (a model's turns would cost seconds of downtime)."""
         if source == "event" and all(s.tool == "instance_start" for s in steps):
-            return agent.Chain([], self.cooldowns, self.limits)
+            return models.Chain([], self.cooldowns, self.limits)
         return None
 
-    def _act(self, report: RoundReport, steps: list[Step], chain: agent.Chain | None = None) -> None:
+    def _act(self, report: RoundReport, steps: list[Step], chain: models.Chain | None = None) -> None:
         """Hand the drift report and the plan to the agent; the playbook if the model cannot."""
         chain = chain or self.chain
         allowed = {s.instance_id for s in steps if s.instance_id is not None}
@@ -882,11 +883,11 @@ class Heartbeat:
                 outcome.error_class,
                 extra={"action": "heartbeat_playbook_fallback", "trace_file": outcome.trace_file},
             )
-            self._run(report, task, agent.Chain([], self.cooldowns, self.limits))
+            self._run(report, task, models.Chain([], self.cooldowns, self.limits))
 
-    def _run(self, report: RoundReport, task: agent.TaskSpec, chain: agent.Chain) -> agent.Outcome:
+    def _run(self, report: RoundReport, task: agent.TaskSpec, chain: models.Chain) -> agent.Outcome:
         trace = agent.new_trace(task, self.config, chain)
-        outcome = agent.run_task(task, self.rt, chain, self.limits, trace=trace)
+        outcome = agent.run_task(task, agent.ToolsEnvironment(self.rt), chain, self.limits, trace=trace)
         run = _Run(outcome, trace)
         report.agent_runs.append(run.summary())
         report.actions.extend(run.actions())
@@ -920,7 +921,7 @@ class Heartbeat:
             tools.record_event(self.rt, ctx, iid, "recovery_failed", **detail, next_recovery_at=due)
             giving_up += plan([drift], {iid: now_rows[iid]}, after.now, self.config)
         if giving_up:  # the last recovery of the streak failed: mark it error now, not a round later
-            self._act(report, giving_up, agent.Chain([], self.cooldowns, self.limits))
+            self._act(report, giving_up, models.Chain([], self.cooldowns, self.limits))
         self._record_errors(report, str(ctx.trace.path))
         for drift in report.drifts:
             given_up = drift.instance_id in report.marked_error and drift.family in ("down", STUCK)

@@ -33,6 +33,7 @@ import psycopg
 
 import agent
 import heartbeat
+import models
 import tools
 from config import Config
 from db import Database, Row
@@ -435,7 +436,7 @@ def spec_from_row(task: Row) -> agent.TaskSpec:
 def agent_runner(rt: tools.Runtime, config: Config) -> Runner:
     """The real runner: one chain per worker, the agent loop for each task."""
     limits = agent.Limits.from_config(config)
-    chain = agent.Chain.from_config(config, agent.DatabaseCooldowns(rt.db), limits)
+    chain = models.Chain.from_config(config, models.DatabaseCooldowns(rt.db), limits)
 
     def run(task: Row, cancelled: Cancelled) -> agent.Outcome:
         if task["type"] == "heartbeat":
@@ -452,7 +453,9 @@ def agent_runner(rt: tools.Runtime, config: Config) -> Runner:
                 0,
                 report.trace_file or "",
             )
-        return agent.run_task(spec_from_row(task), rt, chain, limits, cancelled=cancelled)
+        return agent.run_task(
+            spec_from_row(task), agent.ToolsEnvironment(rt), chain, limits, cancelled=cancelled
+        )
 
     return run
 

@@ -28,6 +28,7 @@ from typing import Any
 import agent
 import config as config_module
 import db
+import models
 import tasks
 import tools
 from engine import LABEL_NAMESPACE, DockerEngine, Engine, MemoryEngine
@@ -199,7 +200,7 @@ def _running_at(database: db.Database, instance_id: int) -> float:
 
 def _context(rt: tools.Runtime, name: str) -> tools.ToolContext:
     spec = agent.TaskSpec("instance_create", "bench", {"name": name})
-    chain = agent.Chain([], agent.MemoryCooldowns(), agent.Limits())
+    chain = models.Chain([], models.MemoryCooldowns(), agent.Limits())
     return tools.ToolContext(agent.new_trace(spec, rt.config, chain), "bench")
 
 

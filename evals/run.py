@@ -53,6 +53,7 @@ import psycopg
 import agent
 import config as config_module
 import db
+import models
 import tools
 from config import Config, ModelConfig
 from engine import LABEL_INSTANCE, LABEL_NAMESPACE, DockerEngine, Engine, MemoryEngine
@@ -554,7 +555,7 @@ class World:
             squatter.listen()
             self.held.append(squatter)
 
-    def run_task(self, step: dict[str, Any], chain: agent.Chain, limits: agent.Limits) -> StepResult:
+    def run_task(self, step: dict[str, Any], chain: models.Chain, limits: agent.Limits) -> StepResult:
         task = step["task"]
         instance = task.get("instance")
         spec = agent.TaskSpec(
@@ -564,7 +565,7 @@ class World:
             instance_id=self.ids[instance] if instance else None,
         )
         started = time.monotonic()
-        outcome = agent.run_task(spec, self.rt, chain, limits)
+        outcome = agent.run_task(spec, agent.ToolsEnvironment(self.rt), chain, limits)
         seconds = time.monotonic() - started
         trace = json.loads(Path(outcome.trace_file).read_text())
         return StepResult(
@@ -989,17 +990,17 @@ def run_case(case: dict[str, Any], site: Site, attempt: int = 1, operator: Confi
             world.build(case["world"])
             replay = None
             if operator is not None:
-                models = list(operator.models if operator.agent == "on" else ())
+                configs = list(operator.models if operator.agent == "on" else ())
             else:
                 script = fill_world(case["recorded_turns"], world.values)
                 replay = cleanup.enter_context(ReplayServer(script))
-                models = replay_models(case, replay.url)
-            config = dataclasses.replace(config, models=tuple(models))
+                configs = replay_models(case, replay.url)
+            config = dataclasses.replace(config, models=tuple(configs))
             world.rt = dataclasses.replace(world.rt, config=config)
             limits = dataclasses.replace(agent.Limits.from_config(config), **case.get("limits", {}))
-            links = [agent.Link(agent.OpenAIChat(m), m) for m in models]
+            links = [models.Link(models.OpenAIChat(m), m) for m in configs]
             sleep = time.sleep if live else (lambda _: None)  # replayed backoff is not worth waiting for
-            chain = agent.Chain(links, agent.MemoryCooldowns(), limits, sleep=sleep)
+            chain = models.Chain(links, models.MemoryCooldowns(), limits, sleep=sleep)
             setup_s = time.monotonic() - started
             steps = _run_steps(case, world, chain, limits)
             world_problems = check_world(world, case["expect"]["world"])
@@ -1016,7 +1017,7 @@ def run_case(case: dict[str, Any], site: Site, attempt: int = 1, operator: Confi
 
 
 def _run_steps(
-    case: dict[str, Any], world: World, chain: agent.Chain, limits: agent.Limits
+    case: dict[str, Any], world: World, chain: models.Chain, limits: agent.Limits
 ) -> list[StepResult]:
     import heartbeat  # here: a replay of task cases needs nothing of it
 

@@ -32,6 +32,7 @@ import pytest
 import agent
 import db
 import heartbeat as hb
+import models
 import tasks
 import tools
 from config import Config, ModelConfig
@@ -386,7 +387,7 @@ class _NeverCalled:
 
     def complete(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], max_tokens: int, timeout: float
-    ) -> agent.Completion:
+    ) -> models.Completion:
         self.calls += 1
         raise AssertionError("a healthy round must not call a model")
 
@@ -421,7 +422,7 @@ def test_a_healthy_fleet_costs_one_engine_call_and_no_model_call(stack: Stack) -
     model = _NeverCalled()
     config = ModelConfig("never", "http://127.0.0.1:9/v1", "never", "NEVER_KEY", output_usd_per_mtok=1.0)
     limits = agent.Limits.from_config(stack.config, heartbeat=True)
-    chain = agent.Chain([agent.Link(model, config)], agent.MemoryCooldowns(), limits)
+    chain = models.Chain([models.Link(model, config)], models.MemoryCooldowns(), limits)
     before = dict(stack.engine.calls)
 
     report = stack.heartbeat(chain=chain).round("cron")
@@ -557,7 +558,7 @@ def test_retention_prunes_old_traces_and_rounds_at_most_hourly(stack: Stack) -> 
 # ---------------------------------------------------------------------------
 
 
-def _replay_chain(stack: Stack, server: ReplayServer, usd_per_mtok: float) -> agent.Chain:
+def _replay_chain(stack: Stack, server: ReplayServer, usd_per_mtok: float) -> models.Chain:
     model = ModelConfig(
         "replay",
         server.url,
@@ -568,7 +569,7 @@ def _replay_chain(stack: Stack, server: ReplayServer, usd_per_mtok: float) -> ag
         api_key="test",
     )
     limits = agent.Limits.from_config(stack.config, heartbeat=True)
-    return agent.Chain([agent.Link(agent.OpenAIChat(model), model)], agent.MemoryCooldowns(), limits)
+    return models.Chain([models.Link(models.OpenAIChat(model), model)], models.MemoryCooldowns(), limits)
 
 
 START = {
