@@ -17,7 +17,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -524,19 +524,26 @@ def verify_outcome(task: TaskSpec, rt: tools.Runtime) -> str:
     """The tools never trust the model: check the world the task promised. "" when it holds."""
     if task.type == "heartbeat":
         return ""
-    instance_id = task.instance_id
-    if task.type == "instance_create" and instance_id is None and task.user_id:
+    if task.type == "instance_create" and task.instance_id is None and task.user_id:
         row = rt.db.one("instance_by_name", user_id=task.user_id, name=task.params.get("name", ""))
     else:
-        row = rt.db.one("instance_get", id=instance_id) if instance_id is not None else None
+        row = rt.db.one("instance_get", id=task.instance_id) if task.instance_id is not None else None
+    return outcome_problem(task, row)
+
+
+def outcome_problem(task: TaskSpec, row: Mapping[str, Any] | None) -> str:
+    """Whether the task's instance row (None: there is none) is what the task promised: ""
+    when it is, else what is wrong. Every environment's `verify` applies this one rule."""
     expected = {
         "instance_create": "running",
         "instance_start": "running",
         "instance_stop": "stopped",
         "instance_update": "running",
     }.get(task.type)
+    if task.type == "heartbeat":
+        return ""
     if task.type == "instance_delete":
-        return f"instance {instance_id} still exists ({row['status']})" if row is not None else ""
+        return f"instance {task.instance_id} still exists ({row['status']})" if row is not None else ""
     if row is None:
         return "the instance does not exist"
     if row["status"] != expected:
