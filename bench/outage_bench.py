@@ -205,7 +205,8 @@ class Serve:
 
     def routed(self, iid: int, path: str = "healthz") -> str | None:
         try:
-            url = f"http://{self.env['PIDEPLOY_NGINX_LISTEN']}/i/{iid}/{path}"
+            key = f"{iid}-{self.row(iid)['route_token']}"  # routes carry the instance's token
+            url = f"http://{self.env['PIDEPLOY_NGINX_LISTEN']}/i/{key}/{path}"
             with _NO_PROXY.open(url, timeout=3) as reply:
                 return reply.read().decode().strip() if reply.status == 200 else None
         except OSError:
