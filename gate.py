@@ -200,6 +200,11 @@ def _check_scope(
         _check_containers(commands, containers)
 
 
+# ---------------------------------------------------------------------------
+# who runs the command: nginx's pin, a user's ports and containers
+# ---------------------------------------------------------------------------
+
+
 def _check_nginx(commands: list[list[str]], pin: NginxPin) -> None:
     """nginx runs against piDeploy's own configuration or the compiled-in default, never a file
     a caller names: a configuration can `load_module` any .so, and nginx -t loads it as root
@@ -274,6 +279,11 @@ _HOST_WIDE = {
     "systemctl": "shows every service's processes (the engine's, with container ids)",
     "journalctl": "reads the whole machine's journal (the engine's events, containers' logs)",
 }
+
+
+# ---------------------------------------------------------------------------
+# the parse walk
+# ---------------------------------------------------------------------------
 
 
 def _roots(read_roots: Sequence[Path]) -> tuple[Path, ...]:
