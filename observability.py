@@ -61,15 +61,10 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-import docker.errors
-import httpx2
-import openai
-import psycopg
-import requests.exceptions
 
 from config import Config
 from errors import ERROR_CLASSES, PiDeployError
@@ -88,6 +83,13 @@ def classify(error: BaseException) -> str:
     """The error class (one of errors.ERROR_CLASSES) a failure is counted under."""
     if isinstance(error, PiDeployError):
         return error.error_class if error.error_class in ERROR_CLASSES else "tool_execution_error"
+    # Imported here, not at the top: the CLI's listings load this module and none of these.
+    import docker.errors
+    import httpx2
+    import openai
+    import psycopg
+    import requests.exceptions
+
     if isinstance(error, openai.RateLimitError):
         return "llm_rate_limited"
     if isinstance(error, (openai.APITimeoutError, httpx2.TimeoutException)):
@@ -542,6 +544,24 @@ def prune_traces(trace_dir: Path, before: float) -> int:
                 os.unlink(entry.path)
                 removed += 1
     return removed
+
+
+# ---------------------------------------------------------------------------
+# How a run ended (an agent run or a heartbeat round as a task): what the queue records
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    status: str  # "succeeded" | "failed"
+    result: dict[str, Any] | None
+    error_class: str | None
+    error: str | None
+    turns: int
+    cost_usd: float
+    tokens: int
+    trace_file: str
+    playbook: bool = False
 
 
 # ---------------------------------------------------------------------------

@@ -28,16 +28,18 @@ from typing import Any
 import agent
 import config as config_module
 import db
+import pideploy
 import tasks
 import tools
 from engine import LABEL_NAMESPACE, DockerEngine, Engine, MemoryEngine
 from errors import PiDeployError
 from evals.llm_server import ReplayServer
+from observability import Outcome
 from proxy import MemoryProxy, NginxProxy, Proxy
 
 NOOP_TASKS = 300
 LATENCY_RUNS = 5
-NOOP = agent.Outcome("succeeded", {}, None, None, 0, 0.0, 0, "")
+NOOP = Outcome("succeeded", {}, None, None, 0, 0.0, 0, "")
 
 REPLAY_SCRIPT = {
     "conversations": [
@@ -152,7 +154,7 @@ def latency(database: db.Database, base: config_module.Config) -> None:
                 names.append(f"direct-{i}")
                 direct.append(_direct_create(rt, names[-1]))
             queue = tasks.Queue(database)
-            pool = tasks.WorkerPool(queue, lambda: tasks.agent_runner(rt, config), 1, poll_interval=0.5)
+            pool = tasks.WorkerPool(queue, lambda: pideploy.task_runner(rt, config), 1, poll_interval=0.5)
             pool.start()
             queued: list[tuple[float, float]] = []
             pickup: list[float] = []

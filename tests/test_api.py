@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 import api
+import pideploy
 import tasks
 import tools
 from config import Config
@@ -117,7 +118,7 @@ def _service(database: Database, tmp_path: Path, token: str, root: Path) -> Iter
     server = api.make_server(api.Api(config, database, queue, proxy, root=root), "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, args=(0.1,), daemon=True)
     thread.start()
-    pool = tasks.WorkerPool(queue, lambda: tasks.agent_runner(rt, config), 2, lease_s=10, poll_interval=0.1)
+    pool = tasks.WorkerPool(queue, lambda: pideploy.task_runner(rt, config), 2, lease_s=10, poll_interval=0.1)
     started: list[bool] = []
 
     def start_workers() -> None:

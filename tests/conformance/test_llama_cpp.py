@@ -21,6 +21,7 @@ import agent
 import tools
 from config import ModelConfig
 from errors import ModelContextOverflow, ModelServerError
+from observability import Outcome
 from tests.conformance.conftest import KillAtRequest, LlamaServer, record_calls
 from tests.conftest import World
 from tests.test_serve import Site, wait_for
@@ -48,7 +49,7 @@ def llama_model(url: str, **compat: Any) -> ModelConfig:
     )
 
 
-def run(w: World, task: agent.TaskSpec, model: ModelConfig, limits: agent.Limits = LIMITS) -> agent.Outcome:
+def run(w: World, task: agent.TaskSpec, model: ModelConfig, limits: agent.Limits = LIMITS) -> Outcome:
     chain = agent.Chain([agent.Link(agent.OpenAIChat(model), model)], agent.MemoryCooldowns(), limits)
     return agent.run_task(task, w.rt, chain, limits)
 
