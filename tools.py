@@ -31,11 +31,10 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import jsonschema
 
-import gate
 from config import Config
 from db import Database, Row
 from engine import LABEL_INSTANCE, LABEL_NAMESPACE, LABEL_USER, Container, ContainerSpec, Engine
@@ -56,6 +55,9 @@ from errors import (
 )
 from observability import Span, Trace
 from proxy import NginxProxy, Proxy, route_key
+
+if TYPE_CHECKING:
+    import gate  # imported by the bash tool: bashlex is a tenth of a second the CLI need not pay
 
 logger = logging.getLogger(__name__)
 # A connection to an unforwarded loopback port is refused at once; waiting longer only
@@ -1362,6 +1364,8 @@ def remove_stray_container(rt: Runtime, ctx: ToolContext, container_id: str) -> 
 
 
 def bash(rt: Runtime, ctx: ToolContext, command: str) -> Result:
+    import gate
+
     ports: set[int] | None = None  # a heartbeat may connect anywhere on loopback
     containers: Callable[[], gate.Containers] | None = None  # ... and name any container
     if not ctx.system:
@@ -1409,6 +1413,8 @@ def secret_values(rt: Runtime) -> set[str]:
 
 def nginx_pin(rt: Runtime) -> gate.NginxPin:
     """The only -p/-c nginx may run with: those of the proxy's own test command."""
+    import gate
+
     return (
         gate.NginxPin.from_command(rt.proxy.test_cmd) if isinstance(rt.proxy, NginxProxy) else gate.NginxPin()
     )
@@ -1417,6 +1423,8 @@ def nginx_pin(rt: Runtime) -> gate.NginxPin:
 def read_roots(rt: Runtime, ctx: ToolContext) -> list[Path]:
     """What bash may read: a heartbeat sees nginx's files, traces and alerts; a user's task
     only that user's instance folders (never the database files or other users' traces)."""
+    import gate
+
     if ctx.system:
         return [rt.config.home / "nginx", rt.config.traces, rt.config.alerts, *gate.DEFAULT_READ_ROOTS]
     own = rt.db.all("instance_list_for_user", user_id=ctx.user_id)
@@ -1450,6 +1458,8 @@ def _own_containers(rt: Runtime, ctx: ToolContext) -> gate.Containers:
     """Every container of the engine (what any word of a docker command could name) and which
     are this user's: labelled with this deployment's namespace, one of the user's instances in
     the database, and the user. One engine call, made only when a command names containers."""
+    import gate
+
     instances = {str(r["id"]) for r in rt.db.all("instance_list_for_user", user_id=ctx.user_id)}
     every = rt.engine.list({})
     own = {
