@@ -57,7 +57,6 @@ import os
 import re
 import secrets
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -68,6 +67,7 @@ from typing import Any
 
 from config import Config
 from errors import ERROR_CLASSES, PiDeployError
+from localio import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -467,7 +467,7 @@ class Trace:
         """Write (or rewrite) the trace file atomically. Never raises: a failure is logged."""
         try:
             text = json.dumps(self.to_dict(), indent=1, default=str)
-            _write_atomic(self._path, text.encode())
+            write_atomic(self._path, text.encode(), mode=0o600)
         except Exception:  # called from a `finally`: the run's own outcome must survive a bad trace
             logger.exception(
                 "cannot write trace %s",
@@ -498,27 +498,6 @@ def _plain(value: Any, depth: int = 0) -> Any:
     if isinstance(value, BaseException):
         return f"{type(value).__name__}: {value}"
     return str(value)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 # Names Trace gives its files (and its temp files): what prune_traces may delete, and nothing else

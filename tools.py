@@ -53,6 +53,7 @@ from errors import (
     ToolError,
     ToolRefused,
 )
+from localio import LOOPBACK, write_atomic
 from observability import Span, Trace
 from proxy import NginxProxy, Proxy, route_key
 
@@ -412,9 +413,7 @@ def render_config(rt: Runtime, row: Row, config: Mapping[str, Any], storage: Pat
     }
     document = {**{k: v for k, v in config.items() if k != "env"}, **own}
     path = storage / CONFIG_FILE
-    temp = storage / f".{CONFIG_FILE}.tmp"
-    temp.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-    os.replace(temp, path)
+    write_atomic(path, json.dumps(document, indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -450,14 +449,10 @@ def container_spec(rt: Runtime, row: Row, image: str, port: int, config: Mapping
     )
 
 
-# Loopback probes never go through an HTTP proxy an operator's environment may set.
-_LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
 def healthz(port: int, timeout: float = 1.0) -> tuple[bool, str]:
     """One GET http://127.0.0.1:<port>/healthz: (answered 200, what happened)."""
     try:
-        with _LOOPBACK.open(f"http://127.0.0.1:{port}/healthz", timeout=timeout) as response:
+        with LOOPBACK.open(f"http://127.0.0.1:{port}/healthz", timeout=timeout) as response:
             return response.status == 200, f"HTTP {response.status}"
     except urllib.error.HTTPError as error:
         return False, f"HTTP {error.code}"
@@ -1143,7 +1138,7 @@ def _update(rt: Runtime, ctx: ToolContext, row: Row, image: str, config: dict[st
     except Exception as raised:  # not only ours: a disk-full OSError must not skip the rollback
         error = _as_tool_error(raised)
         restore = (
-            None if previous_config is None else functools.partial(_write_text, config_file, previous_config)
+            None if previous_config is None else functools.partial(write_atomic, config_file, previous_config)
         )
         if step == "keep_old":  # the rename failed: whether the engine did it is unknown
             old_name = None
@@ -1166,10 +1161,6 @@ def _update(rt: Runtime, ctx: ToolContext, row: Row, image: str, config: dict[st
         record_event(rt, ctx, row["id"], "previous_container_left", container_id=old_id, reason=left[0])
         result["note"] = f"{left[0]} (a heartbeat round removes it)"
     return result
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.write_text(text)
 
 
 def _as_tool_error(raised: Exception) -> PiDeployError:

@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import os
 import shutil
-import socket
 import statistics
 import tempfile
 import time
@@ -34,6 +33,7 @@ import tools
 from engine import LABEL_NAMESPACE, DockerEngine, Engine, MemoryEngine
 from errors import PiDeployError
 from evals.llm_server import ReplayServer
+from localio import free_port
 from observability import Outcome
 from proxy import MemoryProxy, NginxProxy, Proxy
 
@@ -66,12 +66,6 @@ REPLAY_SCRIPT = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @contextlib.contextmanager
 def _site() -> Iterator[tuple[Path, config_module.Config]]:
     """A private home (short, under /tmp: the embedded cluster's socket lives there)."""
@@ -82,7 +76,7 @@ def _site() -> Iterator[tuple[Path, config_module.Config]]:
         "PIDEPLOY_HOME": str(home),
         "PIDEPLOY_CONFIG": str(replay_toml),
         "PIDEPLOY_NAMESPACE": f"bench{uuid.uuid4().hex[:8]}",
-        "PIDEPLOY_NGINX_LISTEN": f"127.0.0.1:{_free_port()}",
+        "PIDEPLOY_NGINX_LISTEN": f"127.0.0.1:{free_port()}",
     }
     for name in ("DATABASE_URL", "DOCKER_HOST"):
         if os.environ.get(name):
