@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import api
 import config as config_module
 import db
+import httpd
 import tasks
 from config import Config
 from errors import BadRequest, ConfigError, InfraUnavailable, NotFound, PiDeployError
@@ -426,7 +427,7 @@ def _dashboard_url(config: Config, host: str, port: int) -> str:
         return base
     user = re.sub(r"[^A-Za-z0-9_.@-]", "", getpass.getuser()) or "admin"
     # The token goes into the URL only for a loopback listener: that URL is for the operator's own browser.
-    token = config.api_token if api.is_loopback(host) else "<PIDEPLOY_API_TOKEN>"
+    token = config.api_token if httpd.is_loopback(host) else "<PIDEPLOY_API_TOKEN>"
     return base + "?" + urllib.parse.urlencode({"token": token, "user": user})
 
 
@@ -449,7 +450,7 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     workers = args.workers or config.workers
     grace = config.shutdown_grace if args.grace is None else args.grace
     host, port = _listen_address(args.listen or config.listen)
-    if not config.api_token and not api.is_loopback(host):
+    if not config.api_token and not httpd.is_loopback(host):
         raise ConfigError(
             f"refusing to listen on {host}:{port} without PIDEPLOY_API_TOKEN: set a token, or listen on 127.0.0.1",
             key="listen",
@@ -476,7 +477,7 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
             poll_interval=config.poll_interval,
         )
         try:
-            server = api.make_server(api.Api(config, rt.db, queue, rt.proxy), host, port)
+            server = httpd.make_server(api.Api(config, rt.db, queue, rt.proxy), host, port)
         except OSError as error:  # most often: another serve (or anything) already listens there
             raise InfraUnavailable(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
         threads = [threading.Thread(target=server.serve_forever, args=(0.5,), name="http", daemon=True)]
