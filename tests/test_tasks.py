@@ -464,7 +464,10 @@ def test_a_create_that_ends_without_building_leaves_its_instance_error(
     assert events[0]["kind"] == "create_failed" and events[0]["task_id"] == claimed["id"]
     # A create that succeeded, or an instance the tool already moved on, is left alone.
     built, done = queue.submit_create("alice", "built", None, "img", None)
-    database.execute("instance_set_status", id=built["id"], status="running", last_error=None)
+    with database.transaction() as conn:  # as the tool leaves it
+        conn.execute(
+            "UPDATE instance SET status = 'running', last_error = NULL WHERE id = %s", (built["id"],)
+        )
     assert queue.claim("w", LEASE) is not None
     queue.finish(done.task["id"], "w", "failed", stuck, 1.0)
     assert (database.one("instance_get", id=built["id"]) or {})["status"] == "running"
