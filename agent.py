@@ -37,7 +37,7 @@ from errors import (
     TooManyTurns,
 )
 from models import Budget, Chain, Completion, Playbook, ToolCall
-from observability import Redactor, Trace, evaluate_alerts
+from observability import Outcome, Redactor, Trace, evaluate_alerts
 
 logger = logging.getLogger(__name__)
 
@@ -229,19 +229,6 @@ class Finished(Exception):
     def __init__(self, report: dict[str, Any]) -> None:
         super().__init__(report.get("action", ""))
         self.report = report
-
-
-@dataclass
-class Outcome:
-    status: str  # "succeeded" | "failed"
-    result: dict[str, Any] | None
-    error_class: str | None
-    error: str | None
-    turns: int
-    cost_usd: float
-    tokens: int
-    trace_file: str
-    playbook: bool = False
 
 
 class LoopGuard:

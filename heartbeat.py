@@ -101,7 +101,7 @@ from config import Config
 from db import Row
 from engine import LABEL_INSTANCE, LABEL_NAMESPACE, Container
 from errors import PiDeployError
-from observability import Trace, alert, prune_traces
+from observability import Outcome, Trace, alert, prune_traces
 from proxy import route_instance, route_key, shown_key
 
 logger = logging.getLogger(__name__)
@@ -600,7 +600,7 @@ def probe_all(ports: Mapping[int, int], timeout: float, workers: int = 32) -> di
 class _Run:
     """One agent run of a round."""
 
-    outcome: agent.Outcome
+    outcome: Outcome
     trace: Trace
 
     def summary(self) -> dict[str, Any]:
@@ -885,7 +885,7 @@ class Heartbeat:
             )
             self._run(report, task, models.Chain([], self.cooldowns, self.limits))
 
-    def _run(self, report: RoundReport, task: agent.TaskSpec, chain: models.Chain) -> agent.Outcome:
+    def _run(self, report: RoundReport, task: agent.TaskSpec, chain: models.Chain) -> Outcome:
         trace = agent.new_trace(task, self.config, chain)
         outcome = agent.run_task(task, agent.ToolsEnvironment(self.rt), chain, self.limits, trace=trace)
         run = _Run(outcome, trace)

@@ -31,11 +31,10 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import jsonschema
 
-import gate
 from config import Config
 from db import Database, Row
 from engine import LABEL_INSTANCE, LABEL_NAMESPACE, LABEL_USER, Container, ContainerSpec, Engine
@@ -54,8 +53,12 @@ from errors import (
     ToolError,
     ToolRefused,
 )
+from localio import LOOPBACK, write_atomic
 from observability import Span, Trace
 from proxy import NginxProxy, Proxy, route_key
+
+if TYPE_CHECKING:
+    import gate  # imported by the bash tool: bashlex is a tenth of a second the CLI need not pay
 
 logger = logging.getLogger(__name__)
 # A connection to an unforwarded loopback port is refused at once; waiting longer only
@@ -410,9 +413,7 @@ def render_config(rt: Runtime, row: Row, config: Mapping[str, Any], storage: Pat
     }
     document = {**{k: v for k, v in config.items() if k != "env"}, **own}
     path = storage / CONFIG_FILE
-    temp = storage / f".{CONFIG_FILE}.tmp"
-    temp.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-    os.replace(temp, path)
+    write_atomic(path, json.dumps(document, indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -448,14 +449,10 @@ def container_spec(rt: Runtime, row: Row, image: str, port: int, config: Mapping
     )
 
 
-# Loopback probes never go through an HTTP proxy an operator's environment may set.
-_LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
 def healthz(port: int, timeout: float = 1.0) -> tuple[bool, str]:
     """One GET http://127.0.0.1:<port>/healthz: (answered 200, what happened)."""
     try:
-        with _LOOPBACK.open(f"http://127.0.0.1:{port}/healthz", timeout=timeout) as response:
+        with LOOPBACK.open(f"http://127.0.0.1:{port}/healthz", timeout=timeout) as response:
             return response.status == 200, f"HTTP {response.status}"
     except urllib.error.HTTPError as error:
         return False, f"HTTP {error.code}"
@@ -1141,7 +1138,7 @@ def _update(rt: Runtime, ctx: ToolContext, row: Row, image: str, config: dict[st
     except Exception as raised:  # not only ours: a disk-full OSError must not skip the rollback
         error = _as_tool_error(raised)
         restore = (
-            None if previous_config is None else functools.partial(_write_text, config_file, previous_config)
+            None if previous_config is None else functools.partial(write_atomic, config_file, previous_config)
         )
         if step == "keep_old":  # the rename failed: whether the engine did it is unknown
             old_name = None
@@ -1164,10 +1161,6 @@ def _update(rt: Runtime, ctx: ToolContext, row: Row, image: str, config: dict[st
         record_event(rt, ctx, row["id"], "previous_container_left", container_id=old_id, reason=left[0])
         result["note"] = f"{left[0]} (a heartbeat round removes it)"
     return result
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.write_text(text)
 
 
 def _as_tool_error(raised: Exception) -> PiDeployError:
@@ -1362,6 +1355,8 @@ def remove_stray_container(rt: Runtime, ctx: ToolContext, container_id: str) -> 
 
 
 def bash(rt: Runtime, ctx: ToolContext, command: str) -> Result:
+    import gate
+
     ports: set[int] | None = None  # a heartbeat may connect anywhere on loopback
     containers: Callable[[], gate.Containers] | None = None  # ... and name any container
     if not ctx.system:
@@ -1409,6 +1404,8 @@ def secret_values(rt: Runtime) -> set[str]:
 
 def nginx_pin(rt: Runtime) -> gate.NginxPin:
     """The only -p/-c nginx may run with: those of the proxy's own test command."""
+    import gate
+
     return (
         gate.NginxPin.from_command(rt.proxy.test_cmd) if isinstance(rt.proxy, NginxProxy) else gate.NginxPin()
     )
@@ -1417,6 +1414,8 @@ def nginx_pin(rt: Runtime) -> gate.NginxPin:
 def read_roots(rt: Runtime, ctx: ToolContext) -> list[Path]:
     """What bash may read: a heartbeat sees nginx's files, traces and alerts; a user's task
     only that user's instance folders (never the database files or other users' traces)."""
+    import gate
+
     if ctx.system:
         return [rt.config.home / "nginx", rt.config.traces, rt.config.alerts, *gate.DEFAULT_READ_ROOTS]
     own = rt.db.all("instance_list_for_user", user_id=ctx.user_id)
@@ -1450,6 +1449,8 @@ def _own_containers(rt: Runtime, ctx: ToolContext) -> gate.Containers:
     """Every container of the engine (what any word of a docker command could name) and which
     are this user's: labelled with this deployment's namespace, one of the user's instances in
     the database, and the user. One engine call, made only when a command names containers."""
+    import gate
+
     instances = {str(r["id"]) for r in rt.db.all("instance_list_for_user", user_id=ctx.user_id)}
     every = rt.engine.list({})
     own = {

@@ -59,6 +59,7 @@ from config import Config, ModelConfig
 from engine import LABEL_INSTANCE, LABEL_NAMESPACE, DockerEngine, Engine, MemoryEngine
 from errors import PiDeployError
 from evals.llm_server import ReplayServer, validate_script
+from localio import LOOPBACK, free_port, write_atomic
 from proxy import MemoryProxy, NginxProxy, Proxy, route_instance, route_key
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,6 @@ DEFAULT_MODEL = {"name": "minimax-m2.5-free", "input_usd_per_mtok": 0.0, "output
 BASE_SETTINGS = {"health_timeout": 10, "stop_timeout": 3}
 PORT_BASE, PORT_SLOT, PORT_SLOTS = 30000, 40, 60  # each case its own port range, below the ephemeral ones
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class CaseError(ValueError):
@@ -358,12 +358,6 @@ def fill_world(value: Any, known: dict[str, dict[str, Any]]) -> Any:
 # ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _nginx_binary() -> str | None:
     return shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
 
@@ -617,7 +611,7 @@ def _wait(what: str, check: Any, timeout: float = 15.0) -> None:
 
 def _get(url: str) -> tuple[int, str]:
     try:
-        with _NO_PROXY.open(url, timeout=3) as response:
+        with LOOPBACK.open(url, timeout=3) as response:
             return int(response.status), response.read().decode(errors="replace")
     except urllib.error.HTTPError as error:
         return error.code, ""
@@ -923,7 +917,7 @@ def case_config(
     env = {
         "PIDEPLOY_HOME": str(home),
         "PIDEPLOY_NAMESPACE": f"ev{uuid.uuid4().hex[:8]}",
-        "PIDEPLOY_NGINX_LISTEN": f"127.0.0.1:{_free_port()}",
+        "PIDEPLOY_NGINX_LISTEN": f"127.0.0.1:{free_port()}",
         "PIDEPLOY_NGINX_BIN": site.nginx_bin,
         "PIDEPLOY_PORT_RANGE": site.port_range(operator.ports if operator is not None else None),
         "PIDEPLOY_TRACE_DIR": str(traces),
@@ -1123,10 +1117,7 @@ def problems_text(records: list[RunRecord]) -> str:
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(temp, path)
+    write_atomic(path, json.dumps(report, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------

@@ -87,14 +87,14 @@ def run(
     limits: agent.Limits | None = None,
     *,
     playbook: bool = True,
-) -> agent.Outcome:
+) -> observability.Outcome:
     limits = limits or agent.Limits(retries=1)
     return agent.run_task(
         task, agent.ToolsEnvironment(w.rt), chain(configs, limits, playbook=playbook), limits
     )
 
 
-def trace_of(outcome: agent.Outcome) -> dict[str, Any]:
+def trace_of(outcome: observability.Outcome) -> dict[str, Any]:
     return json.loads(Path(outcome.trace_file).read_text())  # type: ignore[no-any-return]
 
 
@@ -108,7 +108,7 @@ def spans(trace: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
-def chat_spans(outcome: agent.Outcome) -> list[dict[str, Any]]:
+def chat_spans(outcome: observability.Outcome) -> list[dict[str, Any]]:
     chats = [s for s in spans(trace_of(outcome)) if s["attributes"].get("gen_ai.operation.name") == "chat"]
     return sorted(chats, key=lambda s: s["start"])
 
@@ -1103,7 +1103,7 @@ def test_the_loop_is_one_short_function() -> None:
 
 def test_concurrent_runs_do_not_share_state(memory_world: World, replay: ReplayServer) -> None:
     replay.set_script(script(call("instance_create", name="{{task.params.name}}"), report(), model_name=None))
-    outcomes: list[agent.Outcome] = []
+    outcomes: list[observability.Outcome] = []
 
     def one(name: str) -> None:
         outcomes.append(

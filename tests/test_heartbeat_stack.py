@@ -39,8 +39,9 @@ from config import Config, ModelConfig
 from engine import LABEL_INSTANCE, LABEL_NAMESPACE, Container, DockerEngine
 from errors import RolledBack
 from evals.llm_server import ReplayServer
+from localio import free_port
 from proxy import NginxProxy, proxy_from_config, render_map, route_key
-from tests.conftest import ROOT, EngineOutage, free_port, make_config, nginx_binary, require_stack
+from tests.conftest import ROOT, EngineOutage, make_config, nginx_binary, require_stack
 
 pytestmark = pytest.mark.stack
 

@@ -18,6 +18,7 @@ import agent
 from config import ModelConfig
 from errors import DatabaseError, ModelContextOverflow, ModelServerError, RunCrashed, ToolRefused
 from models import Chain, ChatModel, Completion, Link, MemoryCooldowns, ScriptedModel, ToolCall
+from observability import Outcome
 from tests.conftest import make_config
 from tests.memory_env import MemoryEnvironment
 
@@ -68,18 +69,18 @@ def run(
     *models: ScriptedModel,
     limits: agent.Limits | None = None,
     playbook: bool = True,
-) -> agent.Outcome:
+) -> Outcome:
     limits = limits or agent.Limits(retries=1)
     return agent.run_task(
         task, env, chain(*(link(m) for m in models), limits=limits, playbook=playbook), limits
     )
 
 
-def trace_of(outcome: agent.Outcome) -> dict[str, Any]:
+def trace_of(outcome: Outcome) -> dict[str, Any]:
     return json.loads(Path(outcome.trace_file).read_text())  # type: ignore[no-any-return]
 
 
-def called(outcome: agent.Outcome) -> list[str]:
+def called(outcome: Outcome) -> list[str]:
     return [
         c["function"]["name"]
         for m in trace_of(outcome)["transcript"]

@@ -22,6 +22,7 @@ import models
 import tools
 from config import ModelConfig
 from errors import ModelContextOverflow, ModelServerError
+from observability import Outcome
 from tests.conformance.conftest import KillAtRequest, LlamaServer, record_calls
 from tests.conftest import World
 from tests.test_serve import Site, wait_for
@@ -49,7 +50,7 @@ def llama_model(url: str, **compat: Any) -> ModelConfig:
     )
 
 
-def run(w: World, task: agent.TaskSpec, model: ModelConfig, limits: agent.Limits = LIMITS) -> agent.Outcome:
+def run(w: World, task: agent.TaskSpec, model: ModelConfig, limits: agent.Limits = LIMITS) -> Outcome:
     chain = models.Chain([models.Link(models.OpenAIChat(model), model)], models.MemoryCooldowns(), limits)
     return agent.run_task(task, agent.ToolsEnvironment(w.rt), chain, limits)
 
