@@ -31,6 +31,7 @@ import pytest
 
 import agent
 import db
+import drift
 import heartbeat as hb
 import models
 import tasks
@@ -191,7 +192,7 @@ def stack(
         proxy.close(stop=True)
 
 
-def _trace(report: hb.RoundReport) -> dict[str, Any]:
+def _trace(report: drift.RoundReport) -> dict[str, Any]:
     assert report.trace_file
     data: dict[str, Any] = json.loads(Path(report.trace_file).read_text())
     return data
@@ -223,7 +224,7 @@ def test_a_killed_container_is_recovered_and_routed_again(stack: Stack) -> None:
     assert trace["extra"]["drifts"][0]["kind"] == "container_exited"
     assert trace["extra"]["actions"][0]["tool"] == "instance_start"
     assert trace["extra"]["cost_usd"] == 0
-    assert Path(report.agent_runs[0]["trace_file"]).is_file()  # the playbook's own run
+    assert Path(report.agent_runs[0]["trace_file"]).is_file()  # the playbook ran in the round's trace
     last = stack.rounds()[-1]
     assert (last["source"], last["drifts"], last["repaired"], last["unrepaired"]) == ("cron", 1, 1, 0)
     assert last["trace_file"] == report.trace_file
@@ -448,7 +449,7 @@ def test_overlapping_once_and_serve_rounds_do_not_double_act(stack: Stack) -> No
         skipped = stack.cli("--format", "json", heartbeat_interval="1")
         stack.kill(iid)
         # Now a serve round and a cron round both want the lock while it is held.
-        serve: list[hb.RoundReport] = []
+        serve: list[drift.RoundReport] = []
         waiter = threading.Thread(target=lambda: serve.append(stack.heartbeat().round("serve")))
         waiter.start()
         cron = subprocess.Popen(
@@ -732,7 +733,7 @@ def test_an_engine_outage_mid_update_is_rolled_back_by_the_next_round(
 
     outage.end()
     clock = Clock()
-    clock.advance(hb.INTERRUPTED_GRACE + 1)
+    clock.advance(drift.INTERRUPTED_GRACE + 1)
     report = stack.heartbeat(clock=clock).round("cron")
 
     assert [(d.kind, d.instance_id) for d in report.drifts] == [("interrupted_transition", iid)]
