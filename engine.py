@@ -31,11 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import docker
-import docker.errors
-import docker.utils
-import requests.exceptions
-
 from errors import ContainerNotFound, EngineError, EngineUnreachable, ImageNotFound
 
 if TYPE_CHECKING:
@@ -164,6 +159,10 @@ class DockerEngine:
         self.where = f"{self.base_url} ({'DOCKER_HOST' if not base_url else 'docker_host'})"
         self.calls: collections.Counter[str] = collections.Counter()
         self._calls_lock = threading.Lock()
+        # The SDK is imported by the engine that uses it: the CLI's listings and the in-memory
+        # engine never load it (a tenth of a second).
+        import docker
+
         try:
             self.client = docker.DockerClient(
                 base_url=self.base_url, version=API_VERSION, timeout=max(1, round(timeout))
@@ -175,6 +174,9 @@ class DockerEngine:
     @contextlib.contextmanager
     def _call(self, method: str, ref: str = "", image: bool = False) -> Iterator[None]:
         """Count one engine API call and translate what the SDK raises (`image`: a 404 means the image)."""
+        import docker.errors
+        import requests.exceptions
+
         with self._calls_lock:
             self.calls[method] += 1
         try:
@@ -296,6 +298,8 @@ class DockerEngine:
     # -- changing ----------------------------------------------------------
 
     def tag_image(self, source: str, target: str) -> None:
+        import docker.utils
+
         repository, tag = docker.utils.parse_repository_tag(target)
         with self._call("tag_image", source, image=True):
             ok = self.api.tag(source, repository, tag or "latest", force=True)

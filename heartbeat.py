@@ -8,13 +8,15 @@ One round is four steps, each small and separately testable:
    just theirs), ONE query of the instance table, the live nginx route map and
    whether nginx serves it (one GET), and a concurrent, bounded `GET /healthz`
    of each running instance that is not busy.
-2. `diff(observation, config)`: pure; the drifts, each with its evidence.
-3. `plan(drifts, rows, now, config)`: pure; the deterministic repair steps,
+2. `drift.diff(observation, config)`: pure; the drifts, each with its evidence.
+3. `drift.plan(drifts, rows, now, config)`: pure; the deterministic repair steps,
    with the recovery rules applied (backoff, give up after N, never start a
    stopped instance). With no step to take the round makes no model call at
    all. Otherwise the agent gets the drift report, the plan and the repair
-   tools under the heartbeat's cost cap; when the model chain is unavailable
-   or a cap is reached, the plan runs as a playbook instead.
+   tools under the heartbeat's cost cap, each of its tool calls recorded in
+   the round's report as it returns; when the model chain is unavailable or a
+   cap is reached, the heartbeat runs the plan's steps itself (the playbook):
+   it calls the repair tools directly, in the round's trace and scope.
 4. Record: the drifted instances are observed AGAIN (the model's own report is
    never trusted) to tell repaired from unrepaired; recovery counters, events,
    a `heartbeat_round` row, alert lines and the round's trace are written.
@@ -64,9 +66,9 @@ Recovery rules
   `nginx_down` alert and an event. nginx sends no events, so `run` also looks every
   NGINX_CHECK_INTERVAL seconds between rounds and starts a full round when it is down
   (not again after a round that could not repair it: the interval paces those).
-- The fast path: a round triggered by a `die` event whose only steps are
-  `instance_start` runs the plan as a playbook, with no model call, so a crash
-  is repaired in about half a second whatever the model's latency. Interval
+- The fast path: a round triggered by a `die` event (the event hands the round its
+  instance) whose only steps are `instance_start` runs the plan itself, with no
+  model call, so a crash is repaired in about half a second whatever the model's latency. Interval
   and cron rounds (and event rounds with anything else to do) go to the agent.
 
 Overlapping rounds
@@ -90,45 +92,44 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import agent
 import instances
+import models
 import runtime
 import tools
 from config import Config
 from db import Row
-from engine import LABEL_INSTANCE, LABEL_NAMESPACE, Container
-from errors import PiDeployError
-from observability import Trace, alert, prune_traces
-from proxy import route_instance, route_key, shown_key
+from drift import (
+    CLEAR,
+    NGINX_DOWN,
+    ORPHAN,
+    STRAY,
+    STUCK,
+    Counters,
+    Observation,
+    Probe,
+    RoundReport,
+    Step,
+    after_attempt,
+    diff,
+    iso,
+    own_container,
+    plan,
+    recovery_due_at,
+    settle,
+)
+from engine import LABEL_INSTANCE, LABEL_NAMESPACE
+from errors import DatabaseError, PiDeployError, RunTimedOut
+from observability import Outcome, Trace, alert, evaluate_alerts, prune_traces
 
 logger = logging.getLogger(__name__)
 
 _HEARTBEAT_LOCK = 8_700_003  # advisory lock key: one heartbeat round at a time, across processes
 
-# Drift kinds.
-CONTAINER_EXITED = "container_exited"  # a running row's container is not running (crash, kill, OOM)
-CONTAINER_UNHEALTHY = "container_unhealthy"  # it runs but /healthz does not answer 200
-CONTAINER_MISSING = "container_missing"  # a running row has no container at all (removed by hand)
-STOPPED_BUT_RUNNING = "stopped_but_running"  # the row says stopped, its container runs
-ORPHAN = "orphan_container"  # a labelled container with no row
-STRAY = "stray_container"  # a labelled container its row does not expect (runtime.stray_reason)
-ROUTE_MISSING = "route_missing"  # a running instance has no nginx route
-ROUTE_STALE = "route_stale"  # a route to a wrong port, or for an instance that is not running
-NGINX_DOWN = "nginx_down"  # nginx does not serve the live route map (dead, or a stale master)
-INTERRUPTED = "interrupted_transition"  # creating/updating with no task and no lock holder
-STUCK = "stuck_transition"  # deleting for too long, no task working on it
-
-DOWN = (CONTAINER_EXITED, CONTAINER_UNHEALTHY, CONTAINER_MISSING)
-ROUTES = (ROUTE_MISSING, ROUTE_STALE)
 TARGETED_LIST_MAX = 8  # a round about this many instances or fewer lists each one's containers alone
-TRANSITIONAL = runtime.TRANSITIONAL
-# A row another process has just put in a transition may not show its task or lock yet (a
-# direct tool call inserts the row a moment before it takes the lock): not yet interrupted.
-INTERRUPTED_GRACE = 5.0
 NGINX_CHECK_INTERVAL = 5.0  # serve looks at nginx this often between rounds
 
 # Run endings that mean "the model could not do it", after which the plan runs as a playbook.
@@ -143,434 +144,6 @@ MODEL_FAILURES = frozenset(
         "agent_stuck",
     }
 )
-
-
-# ---------------------------------------------------------------------------
-# Observations, drifts, steps: plain data
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Probe:
-    ok: bool
-    detail: str  # "HTTP 200", "HTTP 404", "timed out", "connection refused" ...
-
-
-@dataclass(frozen=True)
-class Observation:
-    """What one round saw, at `now` (epoch seconds)."""
-
-    now: float
-    containers: list[Container]
-    rows: list[Row]
-    routes: dict[str, int]
-    probes: dict[int, Probe]  # only running instances whose container runs (and, if targeted, in `only`)
-    busy: frozenset[int] = frozenset()  # instances an unfinished task is about, or whose lock is held
-    engine_calls: int = 1
-    proxy_problem: str = ""  # why nginx does not serve the live map ("" when it does)
-
-
-@dataclass(frozen=True)
-class Drift:
-    kind: str
-    instance_id: int | None
-    evidence: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def family(self) -> str:
-        """Drifts one repair answers together: any `down` kind is fixed by one restart."""
-        return "down" if self.kind in DOWN else "routes" if self.kind in ROUTES else self.kind
-
-    @property
-    def key(self) -> tuple[str, int | None]:
-        return (self.family, self.instance_id)
-
-    def describe(self) -> str:
-        e = self.evidence
-        match self.kind:
-            case "container_exited":
-                oom = " (OOM killed)" if e.get("oom_killed") else ""
-                what = f"container {e.get('state')} with exit code {e.get('exit_code')}{oom}"
-            case "container_unhealthy":
-                what = f"container runs but /healthz failed: {e.get('probe')}"
-            case "container_missing":
-                what = "the row says running but its container is gone"
-            case "stopped_but_running":
-                what = "the row says stopped but its container runs"
-            case "orphan_container":
-                what = f"container {e.get('name')} ({e.get('state')}) has no instance row"
-            case "stray_container":
-                what = f"container {e.get('name')} ({e.get('state')}) is not expected: {e.get('reason')}"
-            case "nginx_down":
-                what = f"nginx does not serve the route map: {e.get('problem')}"
-            case "interrupted_transition":
-                what = f"{e.get('status')} since {e.get('since')} with no task working on it"
-            case "route_missing":
-                what = f"no nginx route (expected port {e.get('expected_port')})"
-            case "route_stale":
-                what = f"nginx routes to port {e.get('routed_port')}, expected {e.get('expected_port')}"
-            case _:
-                what = f"{e.get('status')} for {e.get('age_s')}s with no task working on it"
-        where = f"instance {self.instance_id}" if self.instance_id is not None else f"route {e.get('route')}"
-        if self.kind == NGINX_DOWN:
-            where = "nginx"
-        elif self.instance_id is None and self.kind == ORPHAN:
-            where = "a container with no instance label"
-        return f"{where}: {what}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "instance_id": self.instance_id, "evidence": self.evidence}
-
-
-@dataclass(frozen=True)
-class Step:
-    """One deterministic repair: a tool call (the Playbook reads `tool` and `arguments`)."""
-
-    tool: str
-    arguments: dict[str, Any]
-    instance_id: int | None
-    reason: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "tool": self.tool,
-            "arguments": self.arguments,
-            "instance_id": self.instance_id,
-            "reason": self.reason,
-        }
-
-
-@dataclass(frozen=True)
-class Counters:
-    """The heartbeat's columns of one instance row."""
-
-    failures: int
-    next_recovery_at: float | None
-    healthy_since: float | None
-
-    def on(self, row: Row) -> Row:
-        """`row` with these counters."""
-        return {
-            **row,
-            "recovery_failures": self.failures,
-            "next_recovery_at": self.next_recovery_at,
-            "healthy_since": self.healthy_since,
-        }
-
-    @classmethod
-    def of(cls, row: Row) -> Counters:
-        return cls(
-            int(row["recovery_failures"] or 0), _ts(row["next_recovery_at"]), _ts(row["healthy_since"])
-        )
-
-
-CLEAR = Counters(0, None, None)
-
-
-# ---------------------------------------------------------------------------
-# Pure functions: diff, plan, counters
-# ---------------------------------------------------------------------------
-
-
-def _ts(value: datetime | float | None) -> float | None:
-    if value is None:
-        return None
-    return value.timestamp() if isinstance(value, datetime) else float(value)
-
-
-def _iso(epoch: float | None) -> str | None:
-    return None if epoch is None else datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
-
-
-def instance_label(container: Container) -> int | None:
-    value = container.labels.get(LABEL_INSTANCE, "")
-    return int(value) if value.isascii() and value.isdigit() else None
-
-
-own_container = runtime.recorded_container
-
-
-def diff(observation: Observation, config: Config) -> list[Drift]:
-    """Every drift between the rows, the containers, the routes, nginx and the probes. No I/O.
-
-    A busy instance (an unfinished task is about it, or someone holds its lock) is its task's:
-    no drift is reported for it, its containers and its route included."""
-    obs = observation
-    rows = {int(row["id"]): row for row in obs.rows}
-    by_instance: dict[int, list[Container]] = {}
-    drifts: list[Drift] = []
-    for labelled in obs.containers:
-        iid = instance_label(labelled)
-        if iid is not None and iid in obs.busy:
-            continue
-        evidence: dict[str, Any] = {
-            "container_id": labelled.id,
-            "name": labelled.name,
-            "state": labelled.state,
-        }
-        row = rows.get(iid) if iid is not None else None
-        if row is not None:
-            by_instance.setdefault(int(row["id"]), []).append(labelled)
-            reason = runtime.stray_reason(row, labelled)
-            if reason:
-                drifts.append(Drift(STRAY, iid, {**evidence, "reason": reason}))
-            continue
-        drifts.append(Drift(ORPHAN, iid, {**evidence, "user": labelled.labels.get("pideploy.user")}))
-
-    for iid, row in rows.items():
-        if iid in obs.busy:
-            continue
-        status = row["status"]
-        container = own_container(row, by_instance.get(iid, []))
-        if status == "running":
-            if container is None:
-                others = [c.id[:12] for c in by_instance.get(iid, [])]
-                drifts.append(
-                    Drift(
-                        CONTAINER_MISSING,
-                        iid,
-                        {"container_id": row["container_id"], "other_containers": others},
-                    )
-                )
-            elif not container.running:
-                evidence = {
-                    "container_id": container.id,
-                    "state": container.state,
-                    "exit_code": container.exit_code,
-                    "oom_killed": container.oom_killed,
-                }
-                drifts.append(Drift(CONTAINER_EXITED, iid, evidence))
-            elif iid in obs.probes and not obs.probes[iid].ok:
-                evidence = {
-                    "container_id": container.id,
-                    "port": row["port"],
-                    "probe": obs.probes[iid].detail,
-                }
-                drifts.append(Drift(CONTAINER_UNHEALTHY, iid, evidence))
-        elif status == "stopped":
-            if container is not None and container.running:
-                drifts.append(Drift(STOPPED_BUT_RUNNING, iid, {"container_id": container.id}))
-        elif status in TRANSITIONAL:
-            age = obs.now - (_ts(row["updated_at"]) or obs.now)
-            since = {"status": status, "age_s": round(age), "since": _iso(_ts(row["updated_at"]))}
-            if status in ("creating", "updating") and age > INTERRUPTED_GRACE:
-                drifts.append(Drift(INTERRUPTED, iid, since))
-            elif status == "deleting" and age > config.stuck_timeout:
-                drifts.append(Drift(STUCK, iid, since))
-
-    # Evidence names a route without its token: it reaches events, traces and the model. A busy
-    # instance's route is left to its task.
-    routable = [r for r in obs.rows if int(r["id"]) not in obs.busy]
-    keys = {r["id"]: route_key(r, config) for r in routable}
-    expected_routes = runtime.wanted_routes(routable, keys, obs.routes)
-    for key, port in expected_routes.items():
-        if key not in obs.routes:
-            missing = {"route": shown_key(key), "expected_port": port}
-            drifts.append(Drift(ROUTE_MISSING, route_instance(key), missing))
-    for key, routed in obs.routes.items():
-        if route_instance(key) in obs.busy:
-            continue
-        if expected_routes.get(key) != routed:
-            # A key in another form than route_key's (from before an upgrade) is stale too.
-            stale = {
-                "route": shown_key(key),
-                "routed_port": routed,
-                "expected_port": expected_routes.get(key),
-            }
-            drifts.append(Drift(ROUTE_STALE, route_instance(key), stale))
-    if obs.proxy_problem:
-        drifts.append(Drift(NGINX_DOWN, None, {"problem": obs.proxy_problem}))
-    return drifts
-
-
-def effective_failures(row: Row, now: float, config: Config) -> int:
-    """The streak's length, or 0 once the instance has stayed healthy for `healthy_reset`."""
-    counters = Counters.of(row)
-    if counters.healthy_since is not None and now - counters.healthy_since >= config.healthy_reset:
-        return 0
-    return counters.failures
-
-
-def backoff(failures: int, config: Config) -> float:
-    """Seconds to wait after the `failures`-th recovery of a streak before the next one."""
-    if failures <= 0:
-        return 0.0
-    return float(min(config.recovery_backoff_max, config.recovery_backoff * 2 ** (failures - 1)))
-
-
-def recovery_due_at(row: Row, now: float, config: Config) -> float | None:
-    """When the next recovery may start, if that is in the future; None if now is fine."""
-    if effective_failures(row, now, config) == 0:
-        return None
-    due = Counters.of(row).next_recovery_at
-    return due if due is not None and due > now else None
-
-
-def after_attempt(row: Row, healthy: bool, now: float, config: Config) -> Counters:
-    """The counters after one recovery attempt of `row` (as it was before the attempt)."""
-    failures = effective_failures(row, now, config) + 1
-    return Counters(failures, now + backoff(failures, config), now if healthy else None)
-
-
-def settle(observation: Observation, skip: Iterable[int], config: Config) -> dict[int, Counters]:
-    """Counter bookkeeping for instances that need no recovery now (only rows that change)."""
-    obs, skipped, updates = observation, set(skip), {}
-    for row in obs.rows:
-        iid, counters = int(row["id"]), Counters.of(row)
-        if iid in skipped or counters == CLEAR:
-            continue
-        if row["status"] != "running":  # stopped, error...: the streak is over
-            updates[iid] = CLEAR
-        elif iid in obs.probes and obs.probes[iid].ok:
-            if counters.healthy_since is None:
-                updates[iid] = Counters(counters.failures, counters.next_recovery_at, obs.now)
-            elif obs.now - counters.healthy_since >= config.healthy_reset:
-                updates[iid] = CLEAR
-    return updates
-
-
-def plan(drifts: Iterable[Drift], rows: Mapping[int, Row], now: float, config: Config) -> list[Step]:
-    """The deterministic repair plan. No I/O. Instances in backoff get no step, nor does a
-    container with no instance label (reported only: nothing scopes it to an instance)."""
-    removals: list[Step] = []
-    rollbacks: list[Step] = []
-    stops: list[Step] = []
-    starts: list[Step] = []
-    errors: list[Step] = []
-    nginx: list[Drift] = []
-    seen: set[int] = set()
-    for drift in drifts:
-        iid = drift.instance_id
-        if drift.family == "routes" or drift.kind == NGINX_DOWN:
-            nginx.append(drift)
-            continue
-        if drift.kind in (ORPHAN, STRAY):
-            if iid is not None:
-                step = Step(
-                    "remove_stray_container",
-                    {"container_id": drift.evidence["container_id"]},
-                    iid,
-                    drift.describe(),
-                )
-                removals.append(step)
-            continue
-        if iid is None or iid in seen or iid not in rows:
-            continue
-        row = rows[iid]
-        if drift.family == "down" and row["status"] == "running":
-            seen.add(iid)
-            failures = effective_failures(row, now, config)
-            if failures >= config.recovery_max_failures:
-                reason = f"{failures} consecutive recoveries did not hold; last: {drift.describe()}"
-                errors.append(Step("mark_error", {"instance_id": iid, "reason": reason[:500]}, iid, reason))
-            elif recovery_due_at(row, now, config) is None:
-                starts.append(Step("instance_start", {"instance_id": iid}, iid, drift.describe()))
-        elif drift.kind == STOPPED_BUT_RUNNING and row["status"] == "stopped":
-            seen.add(iid)
-            stops.append(Step("instance_stop", {"instance_id": iid}, iid, drift.describe()))
-        elif drift.kind == INTERRUPTED and row["status"] in ("creating", "updating"):
-            seen.add(iid)
-            rollbacks.append(Step("instance_rollback", {"instance_id": iid}, iid, drift.describe()))
-        elif drift.kind == STUCK and row["status"] in TRANSITIONAL:
-            seen.add(iid)
-            reason = f"stuck: {drift.describe()}"
-            errors.append(Step("mark_error", {"instance_id": iid, "reason": reason[:500]}, iid, reason))
-    # Strays first: one may hold the name or the port the rest of the plan needs.
-    steps = [
-        *removals,
-        *sorted(rollbacks, key=_by_id),
-        *sorted(stops, key=_by_id),
-        *sorted(starts, key=_by_id),
-    ]
-    steps += sorted(errors, key=_by_id)
-    if nginx:
-        reason = "; ".join(d.describe() for d in nginx)
-        steps.append(Step("nginx_sync", {}, None, reason[:500]))
-    return steps
-
-
-def _by_id(step: Step) -> int:
-    return step.instance_id or 0
-
-
-# ---------------------------------------------------------------------------
-# The round's report
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class RoundReport:
-    source: str
-    started_at: float
-    drifts: list[Drift] = field(default_factory=list)
-    plan: list[Step] = field(default_factory=list)
-    actions: list[dict[str, Any]] = field(default_factory=list)
-    repaired: list[Drift] = field(default_factory=list)
-    unrepaired: list[Drift] = field(default_factory=list)
-    cost_usd: float = 0.0
-    duration_s: float = 0.0
-    trace_file: str | None = None
-    skipped: bool = False
-    only: list[int] | None = None
-    model_calls: int = 0
-    engine_calls: int = 0
-    agent_runs: list[dict[str, Any]] = field(default_factory=list)
-    marked_error: list[int] = field(default_factory=list)
-    retry_at: dict[int, float] = field(default_factory=dict)  # deferred recoveries: when they are due
-
-    @property
-    def ok(self) -> bool:
-        """No unrepaired drift at the end of the round (a skipped round is ok: another one ran)."""
-        return not self.unrepaired
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "source": self.source,
-            "started_at": _iso(self.started_at),
-            "skipped": self.skipped,
-            "only": self.only,
-            "duration_s": round(self.duration_s, 4),
-            "drifts": [d.to_dict() for d in self.drifts],
-            "plan": [s.to_dict() for s in self.plan],
-            "actions": self.actions,
-            "repaired": [d.to_dict() for d in self.repaired],
-            "unrepaired": [d.to_dict() for d in self.unrepaired],
-            "marked_error": self.marked_error,
-            "retry_at": {str(k): _iso(v) for k, v in self.retry_at.items()},
-            "cost_usd": round(self.cost_usd, 6),
-            "model_calls": self.model_calls,
-            "engine_calls": self.engine_calls,
-            "agent_runs": self.agent_runs,
-            "trace_file": self.trace_file,
-        }
-
-    def render(self) -> str:
-        """The text `heartbeat --once` prints."""
-        if self.skipped:
-            return "heartbeat: skipped, another round holds the heartbeat lock (it does this work)"
-        lines = [
-            f"heartbeat ({self.source}): {len(self.drifts)} drift(s), {len(self.repaired)} repaired, "
-            f"{len(self.unrepaired)} unrepaired in {self.duration_s:.2f}s; "
-            f"{self.model_calls} model call(s), ${self.cost_usd:.4f}; {self.engine_calls} engine call(s) to observe"
-        ]
-        for drift in self.repaired:
-            lines.append(f"  repaired    {drift.kind:<20} {drift.describe()}")
-        for drift in self.unrepaired:
-            note = ""
-            if drift.kind == ORPHAN and drift.instance_id is None:
-                note = "  (reported only: no instance label; remove it by hand if it is not needed)"
-            elif drift.instance_id in self.marked_error:
-                note = "  (marked error)"
-            elif drift.instance_id in self.retry_at:
-                note = f"  (next recovery at {_iso(self.retry_at[drift.instance_id])})"
-            lines.append(f"  UNREPAIRED  {drift.kind:<20} {drift.describe()}{note}")
-        for action in self.actions:
-            verdict = "ok" if action.get("ok") else f"failed: {action.get('error')}"
-            lines.append(f"  action      {action['tool']} {json.dumps(action.get('arguments'))} -> {verdict}")
-        if self.trace_file:
-            lines.append(f"  trace       {self.trace_file}")
-        return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------
@@ -593,62 +166,118 @@ def probe_all(ports: Mapping[int, int], timeout: float, workers: int = 32) -> di
 
 
 # ---------------------------------------------------------------------------
-# The heartbeat
+# Acting: the plan's steps called directly, or a model's calls recorded
 # ---------------------------------------------------------------------------
 
+# The tool entry points the plan's steps name (drift.plan); each checks its own scope.
+REPAIRS: dict[str, Callable[..., tools.Result]] = {
+    "remove_stray_container": tools.remove_stray_container,
+    "instance_rollback": tools.instance_rollback,
+    "instance_stop": tools.instance_stop,
+    "instance_start": tools.instance_start,
+    "mark_error": tools.mark_error,
+    "nginx_sync": tools.nginx_sync,
+}
 
-@dataclass
-class _Run:
-    """One agent run of a round."""
 
-    outcome: agent.Outcome
-    trace: Trace
+def action(tool: str, arguments: object, failed: tuple[str, str] | None = None) -> dict[str, Any]:
+    """One entry of a round's `actions`: a tool call, and its (error_class, error) if it failed."""
+    return {
+        "tool": tool,
+        "arguments": arguments,
+        "ok": failed is None,
+        "error": failed[1] if failed else None,
+        "error_class": failed[0] if failed else None,
+    }
 
-    def summary(self) -> dict[str, Any]:
-        models = [
-            s
-            for s in self.trace.spans()
-            if s.attributes.get("gen_ai.operation.name") == "chat"
-            and s.attributes.get("pideploy.model_name") != "playbook"
-        ]
-        return {
-            "status": self.outcome.status,
-            "error_class": self.outcome.error_class,
-            "error": self.outcome.error,
-            "cost_usd": self.outcome.cost_usd,
-            "model_calls": len(models),
-            "playbook": self.outcome.playbook,
-            "turns": self.outcome.turns,
-            "trace_file": self.outcome.trace_file,
-        }
 
-    def actions(self) -> list[dict[str, Any]]:
-        """The tool calls of the run (report_result aside) with what each returned."""
-        calls: dict[str, dict[str, Any]] = {}
-        actions: list[dict[str, Any]] = []
-        for message in self.trace.transcript:
-            if message.get("role") == "assistant":
-                for call in message.get("tool_calls") or []:
-                    name = call["function"]["name"]
-                    if name == "report_result":
-                        continue
-                    try:
-                        arguments = json.loads(call["function"]["arguments"] or "{}")
-                    except ValueError:
-                        arguments = call["function"]["arguments"]
-                    entry = {"tool": name, "arguments": arguments, "ok": None, "error": None}
-                    calls[call["id"]] = entry
-                    actions.append(entry)
-            elif message.get("role") == "tool" and message.get("tool_call_id") in calls:
-                entry = calls[message["tool_call_id"]]
-                try:
-                    content = json.loads(message.get("content") or "{}")
-                except ValueError:
-                    content = {}
-                entry["ok"] = bool(content.get("ok"))
-                entry["error"] = content.get("error")
-                entry["error_class"] = content.get("error_class")
-        return actions
+def failure(error: Exception, trace: Trace) -> tuple[str, str]:
+    """A tool's error as a tool result shows it: its class and its message, secrets hidden."""
+    if isinstance(error, PiDeployError):
+        return error.error_class, trace.redactor.text(error.message)
+    return "tool_execution_error", trace.redactor.text(f"{type(error).__name__}: {error}")
+
+
+class RecordingEnvironment:
+    """The real tools for a model's run, each call (report_result aside) appended to `actions`
+    as it returns: the round's report says what the model did without reading its transcript."""
+
+    def __init__(self, inner: agent.ToolsEnvironment, actions: list[dict[str, Any]]) -> None:
+        self.inner, self.actions = inner, actions
+
+    @property
+    def config(self) -> Config:
+        return self.inner.config
+
+    def toolset(self, task_type: str) -> tuple[str, ...]:
+        return self.inner.toolset(task_type)
+
+    def specs(self, allowed: tuple[str, ...]) -> list[dict[str, Any]]:
+        return self.inner.specs(allowed)
+
+    def call(
+        self, ctx: tools.ToolContext, name: str, arguments: object, allowed: tuple[str, ...]
+    ) -> dict[str, Any]:
+        try:
+            result = self.inner.call(ctx, name, arguments, allowed)
+        except Exception as error:
+            if name != "report_result":
+                with contextlib.suppress(PiDeployError):  # hidden as the model's tool message hides it
+                    ctx.trace.redactor = ctx.trace.redactor.including(self.secret_values())
+                self.actions.append(action(name, arguments, failure(error, ctx.trace)))
+            raise
+        if name != "report_result":
+            self.actions.append(action(name, arguments))
+        return result
+
+    def snapshot(self, ctx: tools.ToolContext) -> dict[str, Any]:
+        return self.inner.snapshot(ctx)
+
+    def verify(self, task: agent.TaskSpec) -> str:
+        return self.inner.verify(task)
+
+    def secret_values(self) -> set[str]:
+        return self.inner.secret_values()
+
+
+class Handoff:
+    """The instances `die` events named, from the event follower to the round loop: `put` one,
+    `take` them all (several deaths in a burst become one round). `full` asks for a full round
+    (the event stream broke: events may have been missed); `wake` tells the loop."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ids: set[int] = set()
+        self._full = False
+        self.wake = threading.Event()
+
+    def put(self, instance_id: int | None = None, *, full: bool = False) -> None:
+        with self._lock:
+            if instance_id is not None:
+                self._ids.add(instance_id)
+            self._full = self._full or full
+        self.wake.set()
+
+    def give_back(self, ids: Iterable[int]) -> None:
+        """Instances a round could not look at (another one held the lock): for the next round."""
+        with self._lock:
+            self._ids.update(ids)
+
+    def take(self) -> tuple[set[int], bool]:
+        """The instances handed over since the last take, and whether a full round was asked for."""
+        with self._lock:
+            ids, full = self._ids, self._full
+            self._ids, self._full = set(), False
+        return ids, full
+
+    def pending(self) -> bool:
+        with self._lock:
+            return bool(self._ids)
+
+
+# ---------------------------------------------------------------------------
+# The heartbeat
+# ---------------------------------------------------------------------------
 
 
 class Heartbeat:
@@ -659,7 +288,7 @@ class Heartbeat:
         rt: tools.Runtime,
         config: Config,
         *,
-        chain: agent.Chain | None = None,
+        chain: models.Chain | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         lock_wait: float | None = None,
@@ -667,15 +296,12 @@ class Heartbeat:
     ) -> None:
         self.rt, self.config = rt, config
         self.limits = agent.Limits.from_config(config, heartbeat=True)
-        self.cooldowns = agent.DatabaseCooldowns(rt.db)
-        self.chain = chain or agent.Chain.from_config(config, self.cooldowns, self.limits)
+        self.cooldowns = models.DatabaseCooldowns(rt.db)
+        self.chain = chain or models.Chain.from_config(config, self.cooldowns, self.limits)
         self.clock, self.sleep = clock, sleep
         # Waiting longer than half an interval for another round would only delay the next one.
         self.lock_wait = min(30.0, config.heartbeat_interval / 2) if lock_wait is None else lock_wait
         self.debounce = debounce
-        self._pending: set[int] = set()  # instances a `die` event asked about
-        self._full_round_requested = False
-        self._pending_lock = threading.Lock()
         self._pruned_at: float | None = None  # monotonic time of the last retention pass
 
     # -- one round -----------------------------------------------------------
@@ -767,13 +393,15 @@ class Heartbeat:
             self._write_counters(settle(observation, down | observation.busy, self.config))
             if report.plan:
                 with trace.span("heartbeat.act", **{"pideploy.steps": len(report.plan)}):
-                    self._act(report, report.plan, self._fast_path(source, report.plan))
+                    self._act(report, report.plan, trace, model=self._wants_model(source, report.plan))
             if report.drifts:
                 with trace.span("heartbeat.verify"):
                     self._verify(report, rows, ctx)
             report.cost_usd = sum(r["cost_usd"] for r in report.agent_runs)
             report.model_calls = sum(r["model_calls"] for r in report.agent_runs)
             trace.finish("succeeded" if report.ok else "failed")
+            if trace.summary()["tool_calls"]:  # the plan's steps ran here: checked as a run is
+                evaluate_alerts(trace, self.config)
         except BaseException as error:
             trace.finish("failed", error=error)
             raise
@@ -851,48 +479,116 @@ class Heartbeat:
 
     # -- act -----------------------------------------------------------------
 
-    def _fast_path(self, source: str, steps: list[Step]) -> agent.Chain | None:
-        """A `die` event whose only repair is to start the container again needs no model:
-        the playbook does it at once (a model's turns would cost seconds of downtime)."""
-        if source == "event" and all(s.tool == "instance_start" for s in steps):
-            return agent.Chain([], self.cooldowns, self.limits)
-        return None
+    def _wants_model(self, source: str, steps: list[Step]) -> bool:
+        """Whether a model works the plan. Not without one in the chain, nor for a `die` event
+        whose only repair is to start the container again: the heartbeat does that at once (a
+        model's turns would cost seconds of downtime)."""
+        fast = source == "event" and all(s.tool == "instance_start" for s in steps)
+        return bool(self.chain.links) and not fast
 
-    def _act(self, report: RoundReport, steps: list[Step], chain: agent.Chain | None = None) -> None:
-        """Hand the drift report and the plan to the agent; the playbook if the model cannot."""
-        chain = chain or self.chain
+    def _act(self, report: RoundReport, steps: list[Step], trace: Trace, *, model: bool = False) -> None:
+        """Hand the drift report and the plan to the agent (`model`), else run the plan's steps
+        directly; directly too when the model cannot."""
         allowed = {s.instance_id for s in steps if s.instance_id is not None}
         allowed |= {
             d.instance_id for d in report.drifts if d.family == "routes" and d.instance_id is not None
         }
-        nginx = ("routes", NGINX_DOWN)
-        task = agent.TaskSpec(
-            type="heartbeat",
-            user_id=None,
-            params={
-                "drifts": [
-                    d.to_dict() for d in report.drifts if d.instance_id in allowed or d.family in nginx
-                ],
-                "plan": [s.to_dict() for s in steps],
-            },
-            allowed_instances=frozenset(allowed),
-        )
-        outcome = self._run(report, task, chain)
-        if chain.links and outcome.status == "failed" and outcome.error_class in MODEL_FAILURES:
+        if model:
+            nginx = ("routes", NGINX_DOWN)
+            task = agent.TaskSpec(
+                type="heartbeat",
+                user_id=None,
+                params={
+                    "drifts": [
+                        d.to_dict() for d in report.drifts if d.instance_id in allowed or d.family in nginx
+                    ],
+                    "plan": [s.to_dict() for s in steps],
+                },
+                allowed_instances=frozenset(allowed),
+            )
+            outcome = self._run(report, task)
+            if outcome.status != "failed" or outcome.error_class not in MODEL_FAILURES:
+                return
             logger.warning(
                 "heartbeat agent run failed (%s): running the repair plan as a playbook",
                 outcome.error_class,
                 extra={"action": "heartbeat_playbook_fallback", "trace_file": outcome.trace_file},
             )
-            self._run(report, task, agent.Chain([], self.cooldowns, self.limits))
+        deadline = time.monotonic() + self.limits.timeout_s
+        self._play(report, steps, tools.ToolContext(trace, None, None, None, frozenset(allowed), deadline))
 
-    def _run(self, report: RoundReport, task: agent.TaskSpec, chain: agent.Chain) -> agent.Outcome:
-        trace = agent.new_trace(task, self.config, chain)
-        outcome = agent.run_task(task, self.rt, chain, self.limits, trace=trace)
-        run = _Run(outcome, trace)
-        report.agent_runs.append(run.summary())
-        report.actions.extend(run.actions())
+    def _run(self, report: RoundReport, task: agent.TaskSpec) -> Outcome:
+        """One agent run over the real tools, each call recorded in the report as it returns."""
+        trace = agent.new_trace(task, self.config, self.chain)
+        env = RecordingEnvironment(agent.ToolsEnvironment(self.rt), report.actions)
+        outcome = agent.run_task(task, env, self.chain, self.limits, trace=trace)
+        chats = [
+            s
+            for s in trace.spans()
+            if s.attributes.get("gen_ai.operation.name") == "chat"
+            and s.attributes.get("pideploy.model_name") != models.Playbook.name
+        ]
+        report.agent_runs.append(
+            {
+                "status": outcome.status,
+                "error_class": outcome.error_class,
+                "error": outcome.error,
+                "cost_usd": outcome.cost_usd,
+                "model_calls": len(chats),
+                "playbook": outcome.playbook,
+                "turns": outcome.turns,
+                "trace_file": outcome.trace_file,
+            }
+        )
         return outcome
+
+    def _play(self, report: RoundReport, steps: list[Step], ctx: tools.ToolContext) -> None:
+        """The playbook: call each step's tool entry point in the round's trace and scope, its
+        result or typed error recorded in the report as it returns. A lost database ends the
+        round (the next one starts over from what it observes)."""
+        with contextlib.suppress(PiDeployError):  # the values the recorded errors must not show
+            ctx.trace.redactor = ctx.trace.redactor.including(tools.secret_values(self.rt))
+        failures: list[tuple[str, str]] = []
+        ended: RunTimedOut | None = None
+        for step in steps:
+            if time.monotonic() >= ctx.deadline:
+                ended = RunTimedOut(self.limits.timeout_s)
+                break
+            failed = self._step(step, ctx)
+            report.actions.append(action(step.tool, step.arguments, failed))
+            failures += [failed] if failed else []
+        error_class, error = (ended.error_class, ended.message) if ended else (None, None)
+        if failures and not ended:
+            error_class, error = failures[-1][0], "; ".join(message for _, message in failures)
+        report.agent_runs.append(
+            {
+                "status": "failed" if error_class else "succeeded",
+                "error_class": error_class,
+                "error": error,
+                "cost_usd": 0.0,
+                "model_calls": 0,
+                "playbook": True,
+                "turns": 0,
+                "trace_file": str(ctx.trace.path),
+            }
+        )
+
+    def _step(self, step: Step, ctx: tools.ToolContext) -> tuple[str, str] | None:
+        """One step, traced as a run traces a tool call: None, or its (error_class, error)."""
+        attributes = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": step.tool}
+        with ctx.trace.span(f"execute_tool {step.tool}", **attributes) as span:
+            try:
+                REPAIRS[step.tool](self.rt, ctx, **step.arguments)
+            except DatabaseError:
+                raise
+            except PiDeployError as error:
+                span.fail(error)
+                return failure(error, ctx.trace)
+            except Exception as error:  # a tool bug must not end the round: logged, and recorded
+                logger.exception("tool %s crashed", step.tool, extra={"action": "tool_crashed"})
+                span.fail(error)
+                return failure(error, ctx.trace)
+        return None
 
     # -- verify and record ---------------------------------------------------
 
@@ -918,11 +614,11 @@ class Heartbeat:
             if healthy:
                 instances.record_event(self.rt, ctx, iid, "recovered", **detail)
                 continue
-            due = _iso(counters.next_recovery_at)
+            due = iso(counters.next_recovery_at)
             instances.record_event(self.rt, ctx, iid, "recovery_failed", **detail, next_recovery_at=due)
             giving_up += plan([drift], {iid: now_rows[iid]}, after.now, self.config)
         if giving_up:  # the last recovery of the streak failed: mark it error now, not a round later
-            self._act(report, giving_up, agent.Chain([], self.cooldowns, self.limits))
+            self._act(report, giving_up, ctx.trace)
         self._record_errors(report, str(ctx.trace.path))
         for drift in report.drifts:
             given_up = drift.instance_id in report.marked_error and drift.family in ("down", STUCK)
@@ -960,19 +656,16 @@ class Heartbeat:
                 )
 
     def _record_errors(self, report: RoundReport, trace_file: str) -> None:
-        """Instances this round marked error: alert, and clear their counters (an operator restarts them)."""
-        for action in report.actions:
-            iid = action["arguments"].get("instance_id") if isinstance(action["arguments"], dict) else None
-            if (
-                action["tool"] != "mark_error"
-                or not action["ok"]
-                or iid is None
-                or iid in report.marked_error
-            ):
+        """Instances this round marked error (its recorded mark_error calls that succeeded):
+        alert, and clear their counters (an operator restarts them)."""
+        for done in report.actions:
+            arguments = done["arguments"] if isinstance(done["arguments"], dict) else {}
+            iid = arguments.get("instance_id")
+            if done["tool"] != "mark_error" or not done["ok"] or iid is None or iid in report.marked_error:
                 continue
             report.marked_error.append(iid)
             self._write_counters({iid: CLEAR})
-            reason = action["arguments"].get("reason", "")
+            reason = arguments.get("reason", "")
             alert(
                 self.config.alerts,
                 "instance_error",
@@ -1001,26 +694,24 @@ class Heartbeat:
 
         `follow_events=False` leaves only the interval rounds (what a cron-only deployment gets).
         """
-        wake = threading.Event()
+        handoff = Handoff()  # the follower hands the loop the instances `die` events name
         follower = threading.Thread(
-            target=self._follow_events, args=(stop, wake), name="heartbeat-events", daemon=True
+            target=self._follow_events, args=(stop, handoff), name="heartbeat-events", daemon=True
         )
         if follow_events:
             follower.start()
 
         def wake_on_stop() -> None:
             stop.wait()
-            wake.set()
+            handoff.wake.set()
 
         threading.Thread(target=wake_on_stop, name="heartbeat-stop", daemon=True).start()
         next_full = next_nginx_check = time.monotonic()
         retries: dict[int, float] = {}  # instance -> clock time its deferred recovery is due
         nginx_left_down = False  # the last round could not repair nginx: wait for the next one
         while not stop.is_set():
-            with self._pending_lock:
-                targeted, self._pending = self._pending, set()
-                full = self._full_round_requested or time.monotonic() >= next_full
-                self._full_round_requested = False
+            targeted, full = handoff.take()
+            full = full or time.monotonic() >= next_full
             targeted |= {iid for iid, due in retries.items() if due <= self.clock()}
             try:
                 if not full and time.monotonic() >= next_nginx_check:
@@ -1036,8 +727,7 @@ class Heartbeat:
                 else:
                     report = None
                 if report is not None and report.skipped and report.only:
-                    with self._pending_lock:  # the round holding the lock may have looked too early
-                        self._pending |= set(report.only)
+                    handoff.give_back(report.only)  # the round holding the lock may have looked too early
                 elif report is not None:
                     if report.only is None:
                         retries.clear()
@@ -1053,14 +743,14 @@ class Heartbeat:
                 next_nginx_check - now,
                 *(due - self.clock() for due in retries.values()),
             ]
-            wake.wait(max(0.0, min(waits)))
-            wake.clear()
-            if self._pending and not stop.is_set():
+            handoff.wake.wait(max(0.0, min(waits)))
+            handoff.wake.clear()
+            if handoff.pending() and not stop.is_set():
                 stop.wait(self.debounce)  # let a burst of die events arrive before the targeted round
         if follower.is_alive():
             follower.join(timeout=5)
 
-    def _follow_events(self, stop: threading.Event, wake: threading.Event) -> None:
+    def _follow_events(self, stop: threading.Event, handoff: Handoff) -> None:
         """Follow the engine's container events; reconnect with backoff when the stream breaks."""
         pause = 1.0
         labels = {LABEL_NAMESPACE: self.config.namespace}
@@ -1075,9 +765,7 @@ class Heartbeat:
                             iid,
                             extra={"action": "heartbeat_die_event", "instance_id": int(iid)},
                         )
-                        with self._pending_lock:
-                            self._pending.add(int(iid))
-                        wake.set()
+                        handoff.put(int(iid))
             except PiDeployError as error:
                 logger.warning(
                     "engine event stream broke (%s); reconnecting in %.0fs",
@@ -1090,9 +778,7 @@ class Heartbeat:
             if stop.wait(pause):
                 return
             pause = min(pause * 2, 30.0)
-            with self._pending_lock:  # events may have been missed meanwhile: look at everything
-                self._full_round_requested = True
-            wake.set()
+            handoff.put(full=True)  # events may have been missed meanwhile: look at everything
 
 
 def cli(rt: tools.Runtime, config: Config, *, once: bool, fmt: str = "text") -> int:

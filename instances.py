@@ -36,6 +36,7 @@ from errors import (
     ToolError,
     ToolRefused,
 )
+from localio import write_atomic
 from proxy import route_key
 from runtime import (
     CONFIG_FILE,
@@ -654,7 +655,7 @@ def _update(rt: Runtime, ctx: ToolContext, row: InstanceRow, image: str, config:
     except Exception as raised:  # not only ours: a disk-full OSError must not skip the rollback
         error = _as_tool_error(raised)
         restore = (
-            None if previous_config is None else functools.partial(_write_text, config_file, previous_config)
+            None if previous_config is None else functools.partial(write_atomic, config_file, previous_config)
         )
         if step == "keep_old":  # the rename failed: whether the engine did it is unknown
             old_name = None
@@ -677,10 +678,6 @@ def _update(rt: Runtime, ctx: ToolContext, row: InstanceRow, image: str, config:
         record_event(rt, ctx, row["id"], "previous_container_left", container_id=old_id, reason=left[0])
         result["note"] = f"{left[0]} (a heartbeat round removes it)"
     return result
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.write_text(text)
 
 
 def _as_tool_error(raised: Exception) -> PiDeployError:

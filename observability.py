@@ -57,22 +57,17 @@ import os
 import re
 import secrets
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import docker.errors
-import httpx2
-import openai
-import psycopg
-import requests.exceptions
-
 from config import Config
 from errors import ERROR_CLASSES, PiDeployError
+from localio import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +83,13 @@ def classify(error: BaseException) -> str:
     """The error class (one of errors.ERROR_CLASSES) a failure is counted under."""
     if isinstance(error, PiDeployError):
         return error.error_class if error.error_class in ERROR_CLASSES else "tool_execution_error"
+    # Imported here, not at the top: the CLI's listings load this module and none of these.
+    import docker.errors
+    import httpx2
+    import openai
+    import psycopg
+    import requests.exceptions
+
     if isinstance(error, openai.RateLimitError):
         return "llm_rate_limited"
     if isinstance(error, (openai.APITimeoutError, httpx2.TimeoutException)):
@@ -465,7 +467,7 @@ class Trace:
         """Write (or rewrite) the trace file atomically. Never raises: a failure is logged."""
         try:
             text = json.dumps(self.to_dict(), indent=1, default=str)
-            _write_atomic(self._path, text.encode())
+            write_atomic(self._path, text.encode(), mode=0o600)
         except Exception:  # called from a `finally`: the run's own outcome must survive a bad trace
             logger.exception(
                 "cannot write trace %s",
@@ -498,27 +500,6 @@ def _plain(value: Any, depth: int = 0) -> Any:
     return str(value)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
 # Names Trace gives its files (and its temp files): what prune_traces may delete, and nothing else
 # that an operator keeps in the same folder.
 _TRACE_NAME = re.compile(r"\.?[0-9]{8}T[0-9]{6}-[a-z_]+-[a-z0-9]+-[0-9a-f]{6}\.json(\.[A-Za-z0-9_]+\.tmp)?")
@@ -542,6 +523,24 @@ def prune_traces(trace_dir: Path, before: float) -> int:
                 os.unlink(entry.path)
                 removed += 1
     return removed
+
+
+# ---------------------------------------------------------------------------
+# How a run ended (an agent run or a heartbeat round as a task): what the queue records
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    status: str  # "succeeded" | "failed"
+    result: dict[str, Any] | None
+    error_class: str | None
+    error: str | None
+    turns: int
+    cost_usd: float
+    tokens: int
+    trace_file: str
+    playbook: bool = False
 
 
 # ---------------------------------------------------------------------------

@@ -29,21 +29,24 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import api
 import config as config_module
 import db
-import gate
-import heartbeat
+import httpd
 import tasks
-import tools
 from config import Config
-from engine import DockerEngine, engine_from_config
 from errors import BadRequest, ConfigError, InfraUnavailable, NotFound, PiDeployError
-from evals.record import RecordError, record
-from observability import setup_logging
+from observability import Outcome, setup_logging
 from proxy import proxy_from_config
+
+# The agent loop (openai), the engine (docker), the bash gate (bashlex), the heartbeat and the
+# eval harness are imported by the commands that use them: `--help`, `tasks` and `instances`
+# start without them (tests/test_pideploy.py checks; `make bench` times them).
+if TYPE_CHECKING:
+    import agent
+    import tools
 
 logger = logging.getLogger("pideploy")  # run as a script, __name__ would be "__main__"
 
@@ -76,6 +79,9 @@ def open_database(config: Config) -> Iterator[db.Postgres]:
 @contextlib.contextmanager
 def open_runtime(config: Config, *, pool_size: int = 10) -> Iterator[tools.Runtime]:
     """Postgres, the engine and the proxy (nginx running), closed in reverse order."""
+    import tools
+    from engine import engine_from_config
+
     with contextlib.ExitStack() as opened:
         postgres = db.Postgres(config, max_size=pool_size)
         opened.callback(postgres.close)
@@ -85,6 +91,50 @@ def open_runtime(config: Config, *, pool_size: int = 10) -> Iterator[tools.Runti
         opened.callback(proxy.close)
         proxy.ensure_running()
         yield tools.Runtime(config, postgres.db, engine, proxy)
+
+
+def task_runner(rt: tools.Runtime, config: Config) -> tasks.Runner:
+    """The real runner: one chain per worker, the agent loop for each task (a heartbeat task
+    is a round like any other; the queue only schedules it)."""
+    import agent
+    import heartbeat
+    import models
+
+    limits = agent.Limits.from_config(config)
+    chain = models.Chain.from_config(config, models.DatabaseCooldowns(rt.db), limits)
+
+    def run(task: db.Row, cancelled: tasks.Cancelled) -> Outcome:
+        if task["type"] == "heartbeat":
+            report = heartbeat.Heartbeat(rt, config).round("task")
+            left = None if report.ok else f"{len(report.unrepaired)} drift(s) left unrepaired"
+            return Outcome(
+                "failed" if left else "succeeded",
+                report.to_dict(),
+                "tool_execution_error" if left else None,
+                left,
+                0,
+                report.cost_usd,
+                0,
+                report.trace_file or "",
+            )
+        return agent.run_task(
+            spec_from_row(task), agent.ToolsEnvironment(rt), chain, limits, cancelled=cancelled
+        )
+
+    return run
+
+
+def spec_from_row(task: db.Row) -> agent.TaskSpec:
+    import agent
+
+    system = task["type"] == "heartbeat" and task["user_id"] == tasks.SYSTEM_USER
+    return agent.TaskSpec(
+        type=task["type"],
+        user_id=None if system else task["user_id"],
+        params=dict(task["params"] or {}),
+        instance_id=task["instance_id"],
+        id=task["id"],
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -126,6 +176,8 @@ def doctor_checks(config: Config, online: bool) -> list[Check]:
     checks.append(_check("database", database, "set DATABASE_URL, or install PostgreSQL server binaries"))
 
     def engine() -> str:
+        from engine import DockerEngine
+
         engine = DockerEngine(config.docker_host or None, timeout=10)
         info = engine.version()
         if not engine.image_exists(config.image):
@@ -162,6 +214,8 @@ def doctor_checks(config: Config, online: bool) -> list[Check]:
         )
 
     def bash_sandbox() -> str:
+        import gate
+
         if not gate.landlock_abi():
             raise PiDeployError(gate.sandbox_status())
         trial = gate.run("uptime", timeout=10)  # the sandbox is set up for real, not only detected
@@ -231,6 +285,8 @@ def cmd_doctor(args: argparse.Namespace, config: Config) -> int:
 
 @command("gate")
 def cmd_gate(args: argparse.Namespace, config: Config) -> int:
+    import gate
+
     # An operator's scope: piDeploy's files, and nginx only with piDeploy's own configuration
     # (its home holds every instance's storage folder, which the instance itself writes).
     nginx = gate.NginxPin.from_command(proxy_from_config(config).test_cmd)  # nothing is started
@@ -374,7 +430,7 @@ def _dashboard_url(config: Config, host: str, port: int) -> str:
         return base
     user = re.sub(r"[^A-Za-z0-9_.@-]", "", getpass.getuser()) or "admin"
     # The token goes into the URL only for a loopback listener: that URL is for the operator's own browser.
-    token = config.api_token if api.is_loopback(host) else "<PIDEPLOY_API_TOKEN>"
+    token = config.api_token if httpd.is_loopback(host) else "<PIDEPLOY_API_TOKEN>"
     return base + "?" + urllib.parse.urlencode({"token": token, "user": user})
 
 
@@ -397,7 +453,7 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     workers = args.workers or config.workers
     grace = config.shutdown_grace if args.grace is None else args.grace
     host, port = _listen_address(args.listen or config.listen)
-    if not config.api_token and not api.is_loopback(host):
+    if not config.api_token and not httpd.is_loopback(host):
         raise ConfigError(
             f"refusing to listen on {host}:{port} without PIDEPLOY_API_TOKEN: set a token, or listen on 127.0.0.1",
             key="listen",
@@ -418,13 +474,13 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
         queue = tasks.Queue(rt.db, config.max_attempts)
         pool = tasks.WorkerPool(
             queue,
-            lambda: tasks.agent_runner(rt, config),
+            lambda: task_runner(rt, config),
             workers,
             lease_s=config.lease_seconds,
             poll_interval=config.poll_interval,
         )
         try:
-            server = api.make_server(api.Api(config, rt.db, queue, rt.proxy), host, port)
+            server = httpd.make_server(api.Api(config, rt.db, queue, rt.proxy), host, port)
         except OSError as error:  # most often: another serve (or anything) already listens there
             raise InfraUnavailable(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
         threads = [threading.Thread(target=server.serve_forever, args=(0.5,), name="http", daemon=True)]
@@ -432,6 +488,8 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
         watchdog = threading.Thread(target=rt.db.watch, args=(stop,), name="db-watch", daemon=True)
         threads.append(watchdog)
         if not args.no_heartbeat:
+            import heartbeat
+
             loop = heartbeat.Heartbeat(rt, config)
             threads.append(threading.Thread(target=loop.run, args=(stop,), name="heartbeat", daemon=True))
         pool.start()
@@ -647,6 +705,8 @@ def _add_heartbeat_command(sub: Any) -> None:
 
 @command("heartbeat")
 def cmd_heartbeat(args: argparse.Namespace, config: Config) -> int:
+    import heartbeat
+
     with open_runtime(config) as rt:
         return heartbeat.cli(rt, config, once=args.once, fmt=args.format)
 
@@ -666,6 +726,8 @@ def _add_eval_command(sub: Any) -> None:
 
 @command("eval")
 def cmd_eval(args: argparse.Namespace, config: Config) -> int:
+    from evals.record import RecordError, record
+
     try:
         path = record(args.trace_file, args.out)
     except RecordError as error:

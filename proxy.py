@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from errors import ProxyError
+from localio import loopback_opener, write_atomic
 
 if TYPE_CHECKING:
     from config import Config
@@ -274,21 +275,6 @@ http {{
 """
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write beside `path`, fsync, rename over it, fsync the folder."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(temp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
 def _read(path: Path) -> str | None:
     try:
         return path.read_text()
@@ -301,7 +287,7 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+_opener = loopback_opener(_NoRedirect())
 
 
 def _get(url: str, timeout: float) -> tuple[int | None, str]:
@@ -442,7 +428,7 @@ class NginxProxy:
                 if not shutil.which(program):
                     raise ProxyError(f"nginx test command not found: {program!r} (PIDEPLOY_NGINX_TEST_CMD)")
                 if _read(self.map_path) is None:
-                    _write_atomic(self.map_path, render_map({}, secrets.token_hex(8)))
+                    write_atomic(self.map_path, render_map({}, secrets.token_hex(8)))
                 return
             self._ensure_embedded()
 
@@ -457,10 +443,10 @@ class NginxProxy:
             if last_good is not None and current == wanted and self._serving(generation):
                 return
             generation = secrets.token_hex(8)
-            _write_atomic(self.map_path, render_map(wanted, generation))
+            write_atomic(self.map_path, render_map(wanted, generation))
             problem = self._test()
             if problem:
-                _write_atomic(self.map_path, last_good or render_map({}, secrets.token_hex(8)))
+                write_atomic(self.map_path, last_good or render_map({}, secrets.token_hex(8)))
                 raise ProxyError(f"nginx rejected the new routes; the last good map is kept: {problem}")
             self._confirm(generation, self._reload())
         logger.info(
@@ -673,13 +659,13 @@ class NginxProxy:
         conf = embedded_conf(self.prefix, self.listen, self.map_path)
         conf_changed = _read(self._conf_path) != conf
         if conf_changed:
-            _write_atomic(self._conf_path, conf)
+            write_atomic(self._conf_path, conf)
         text = _read(self.map_path)
         generation = parse_map(text or "")[1]
         if text is None or not generation:
             routes = parse_map(text or "")[0]
             generation = secrets.token_hex(8)
-            _write_atomic(self.map_path, render_map(routes, generation))
+            write_atomic(self.map_path, render_map(routes, generation))
         pid = self._master_pid()
         if pid is not None:
             if conf_changed or not self._serving(generation):

@@ -53,12 +53,6 @@ INSERT INTO instance (user_id, name, status, image, config)
 VALUES (%(user_id)s, %(name)s, 'creating', %(image)s, %(config)s)
 RETURNING *;
 
--- name: instance_set_status
-UPDATE instance
-SET status = %(status)s, last_error = %(last_error)s, updated_at = now()
-WHERE id = %(id)s
-RETURNING *;
-
 -- name: instance_set_runtime
 -- Container, port and storage of an instance, with its status, in one statement.
 UPDATE instance

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import socket
 import time
@@ -39,6 +38,7 @@ from errors import (
     ToolError,
     ToolRefused,
 )
+from localio import LOOPBACK, write_atomic
 from observability import Span, Trace
 from proxy import Proxy, route_key
 
@@ -179,9 +179,7 @@ def render_config(rt: Runtime, row: Mapping[str, Any], config: Mapping[str, Any]
     }
     document = {**{k: v for k, v in config.items() if k != "env"}, **own}
     path = storage / CONFIG_FILE
-    temp = storage / f".{CONFIG_FILE}.tmp"
-    temp.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-    os.replace(temp, path)
+    write_atomic(path, json.dumps(document, indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -219,14 +217,10 @@ def container_spec(
     )
 
 
-# Loopback probes never go through an HTTP proxy an operator's environment may set.
-_LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
 def healthz(port: int, timeout: float = 1.0) -> tuple[bool, str]:
     """One GET http://127.0.0.1:<port>/healthz: (answered 200, what happened)."""
     try:
-        with _LOOPBACK.open(f"http://127.0.0.1:{port}/healthz", timeout=timeout) as response:
+        with LOOPBACK.open(f"http://127.0.0.1:{port}/healthz", timeout=timeout) as response:
             return response.status == 200, f"HTTP {response.status}"
     except urllib.error.HTTPError as error:
         return False, f"HTTP {error.code}"

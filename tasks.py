@@ -31,13 +31,11 @@ from typing import Any
 
 import psycopg
 
-import agent
-import heartbeat
 import instances
 import tools
-from config import Config
 from db import Database, Row
 from errors import BadRequest, Conflict, DatabaseError, NotFound, PiDeployError, RunCrashed
+from observability import Outcome
 from runtime import InstanceRow
 
 logger = logging.getLogger(__name__)
@@ -321,7 +319,7 @@ class Queue:
         return None if row is None else bool(row["cancel_requested"])
 
     def finish(
-        self, task_id: int, worker: str, status: str, outcome: agent.Outcome | None, duration_s: float
+        self, task_id: int, worker: str, status: str, outcome: Outcome | None, duration_s: float
     ) -> Row | None:
         """Record the end of a run; None if the task was no longer ours (the result is dropped)."""
         return self._finish_row(
@@ -462,47 +460,12 @@ def action_key(task_type: str, instance_id: int, after_task: int) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Running a task: the agent loop (or a heartbeat round)
+# Running a task: the queue is handed a runner (pideploy.task_runner: the agent loop, or a
+# heartbeat round), so it knows neither
 # ---------------------------------------------------------------------------
 
 Cancelled = Callable[[], bool]
-Runner = Callable[[Row, Cancelled], agent.Outcome]
-
-
-def spec_from_row(task: Row) -> agent.TaskSpec:
-    system = task["type"] == "heartbeat" and task["user_id"] == SYSTEM_USER
-    return agent.TaskSpec(
-        type=task["type"],
-        user_id=None if system else task["user_id"],
-        params=dict(task["params"] or {}),
-        instance_id=task["instance_id"],
-        id=task["id"],
-    )
-
-
-def agent_runner(rt: tools.Runtime, config: Config) -> Runner:
-    """The real runner: one chain per worker, the agent loop for each task."""
-    limits = agent.Limits.from_config(config)
-    chain = agent.Chain.from_config(config, agent.DatabaseCooldowns(rt.db), limits)
-
-    def run(task: Row, cancelled: Cancelled) -> agent.Outcome:
-        if task["type"] == "heartbeat":
-            # A heartbeat task is a round like any other; the queue only schedules it.
-            report = heartbeat.Heartbeat(rt, config).round("task")
-            left = None if report.ok else f"{len(report.unrepaired)} drift(s) left unrepaired"
-            return agent.Outcome(
-                "failed" if left else "succeeded",
-                report.to_dict(),
-                "tool_execution_error" if left else None,
-                left,
-                0,
-                report.cost_usd,
-                0,
-                report.trace_file or "",
-            )
-        return agent.run_task(spec_from_row(task), rt, chain, limits, cancelled=cancelled)
-
-    return run
+Runner = Callable[[Row, Cancelled], Outcome]
 
 
 # ---------------------------------------------------------------------------
@@ -647,7 +610,7 @@ class Lease:
             self.cancel_requested = state
 
 
-CANCELLED_BEFORE_RUN = agent.Outcome("failed", None, "cancelled", "cancelled before it ran", 0, 0.0, 0, "")
+CANCELLED_BEFORE_RUN = Outcome("failed", None, "cancelled", "cancelled before it ran", 0, 0.0, 0, "")
 
 
 class Worker(threading.Thread):

@@ -21,11 +21,10 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import jsonschema
 
-import gate
 import instances
 from engine import LABEL_INSTANCE, LABEL_NAMESPACE, LABEL_USER
 from errors import Conflict, PiDeployError, ToolArgumentError, ToolError, ToolRefused
@@ -42,6 +41,9 @@ from runtime import (
     step_span,
     sync_routes,
 )
+
+if TYPE_CHECKING:
+    import gate  # imported by the bash tool: bashlex is a tenth of a second the CLI need not pay
 
 __all__ = ["Result", "Runtime", "ToolContext"]
 
@@ -330,6 +332,8 @@ def remove_stray_container(rt: Runtime, ctx: ToolContext, container_id: str) -> 
 
 
 def bash(rt: Runtime, ctx: ToolContext, command: str) -> Result:
+    import gate
+
     ports: set[int] | None = None  # a heartbeat may connect anywhere on loopback
     containers: Callable[[], gate.Containers] | None = None  # ... and name any container
     if not ctx.system:
@@ -377,6 +381,8 @@ def secret_values(rt: Runtime) -> set[str]:
 
 def nginx_pin(rt: Runtime) -> gate.NginxPin:
     """The only -p/-c nginx may run with: those of the proxy's own test command."""
+    import gate
+
     return (
         gate.NginxPin.from_command(rt.proxy.test_cmd) if isinstance(rt.proxy, NginxProxy) else gate.NginxPin()
     )
@@ -385,6 +391,8 @@ def nginx_pin(rt: Runtime) -> gate.NginxPin:
 def read_roots(rt: Runtime, ctx: ToolContext) -> list[Path]:
     """What bash may read: a heartbeat sees nginx's files, traces and alerts; a user's task
     only that user's instance folders (never the database files or other users' traces)."""
+    import gate
+
     if ctx.system:
         return [rt.config.home / "nginx", rt.config.traces, rt.config.alerts, *gate.DEFAULT_READ_ROOTS]
     own = rt.db.all("instance_list_for_user", user_id=ctx.user_id)
@@ -418,6 +426,8 @@ def _own_containers(rt: Runtime, ctx: ToolContext) -> gate.Containers:
     """Every container of the engine (what any word of a docker command could name) and which
     are this user's: labelled with this deployment's namespace, one of the user's instances in
     the database, and the user. One engine call, made only when a command names containers."""
+    import gate
+
     instances = {str(r["id"]) for r in rt.db.all("instance_list_for_user", user_id=ctx.user_id)}
     every = rt.engine.list({})
     own = {

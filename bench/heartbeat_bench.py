@@ -44,6 +44,7 @@ from bench.tools_bench import _ctx
 from config import Config
 from db import Postgres
 from engine import LABEL_NAMESPACE, DockerEngine, Engine, MemoryEngine
+from localio import LOOPBACK
 from observability import prune_traces
 from proxy import MemoryProxy, NginxProxy, Proxy
 
@@ -53,12 +54,11 @@ REAL_MAX = int(os.environ.get("HEARTBEAT_BENCH_REAL_MAX", "200"))
 SIZES = (10, 50, 200)
 TRACE_BYTES: dict[int, int] = {}  # instances -> bytes of a healthy round's trace
 ROUNDS = 5
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def _answers(url: str) -> bool:
     try:
-        with _NO_PROXY.open(url, timeout=0.5) as response:
+        with LOOPBACK.open(url, timeout=0.5) as response:
             return bool(response.status == 200)
     except (urllib.error.URLError, OSError):
         return False

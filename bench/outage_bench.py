@@ -45,12 +45,12 @@ from psycopg.rows import dict_row
 
 import db
 from engine import LABEL_INSTANCE, LABEL_NAMESPACE, DockerEngine
+from localio import LOOPBACK, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTAGE = float(os.environ.get("OUTAGE_BENCH_SECONDS", "10"))
 INTERVAL = os.environ.get("OUTAGE_BENCH_INTERVAL", "60")
 NEVER_HEALTHY = {"env": {"GATEWAY_HEALTHZ_DELAY": "600"}}
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class Relay:
@@ -125,8 +125,8 @@ class Serve:
             DOCKER_HOST=f"unix://{self.relay.path}",
             PIDEPLOY_HOME=str(self.home),
             PIDEPLOY_NAMESPACE=f"o{uuid.uuid4().hex[:10]}",
-            PIDEPLOY_LISTEN=f"127.0.0.1:{_free_port()}",
-            PIDEPLOY_NGINX_LISTEN=f"127.0.0.1:{_free_port()}",
+            PIDEPLOY_LISTEN=f"127.0.0.1:{free_port()}",
+            PIDEPLOY_NGINX_LISTEN=f"127.0.0.1:{free_port()}",
             PIDEPLOY_PORT_RANGE=f"{low}-{low + 99}",
             PIDEPLOY_AGENT="off",
             PIDEPLOY_HEALTH_TIMEOUT="5",
@@ -163,7 +163,7 @@ class Serve:
 
     def healthz(self) -> int:
         try:
-            with _NO_PROXY.open(f"http://{self.env['PIDEPLOY_LISTEN']}/healthz", timeout=5) as reply:
+            with LOOPBACK.open(f"http://{self.env['PIDEPLOY_LISTEN']}/healthz", timeout=5) as reply:
                 return int(reply.status)
         except urllib.error.HTTPError as error:
             return error.code
@@ -178,7 +178,7 @@ class Serve:
             headers={"X-User-Id": "bench", "Content-Type": "application/json"},
         )
         try:
-            with _NO_PROXY.open(request, timeout=10) as reply:
+            with LOOPBACK.open(request, timeout=10) as reply:
                 return reply.status, json.loads(reply.read())
         except urllib.error.HTTPError as error:
             return error.code, json.loads(error.read() or b"{}")
@@ -205,8 +205,9 @@ class Serve:
 
     def routed(self, iid: int, path: str = "healthz") -> str | None:
         try:
-            url = f"http://{self.env['PIDEPLOY_NGINX_LISTEN']}/i/{iid}/{path}"
-            with _NO_PROXY.open(url, timeout=3) as reply:
+            key = f"{iid}-{self.row(iid)['route_token']}"  # routes carry the instance's token
+            url = f"http://{self.env['PIDEPLOY_NGINX_LISTEN']}/i/{key}/{path}"
+            with LOOPBACK.open(url, timeout=3) as reply:
                 return reply.read().decode().strip() if reply.status == 200 else None
         except OSError:
             return None
@@ -217,12 +218,6 @@ class Serve:
         )
         assert status == 202, reply
         return int(reply["instance_id"]), int(reply["task_id"])
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _until(what: str, check: Callable[[], Any], timeout: float = 120.0) -> float:

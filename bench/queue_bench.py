@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import os
 import shutil
-import socket
 import statistics
 import tempfile
 import time
@@ -28,16 +27,20 @@ from typing import Any
 import agent
 import config as config_module
 import db
+import models
+import pideploy
 import tasks
 import tools
 from engine import LABEL_NAMESPACE, DockerEngine, Engine, MemoryEngine
 from errors import PiDeployError
 from evals.llm_server import ReplayServer
+from localio import free_port
+from observability import Outcome
 from proxy import MemoryProxy, NginxProxy, Proxy
 
 NOOP_TASKS = 300
 LATENCY_RUNS = 5
-NOOP = agent.Outcome("succeeded", {}, None, None, 0, 0.0, 0, "")
+NOOP = Outcome("succeeded", {}, None, None, 0, 0.0, 0, "")
 
 REPLAY_SCRIPT = {
     "conversations": [
@@ -64,12 +67,6 @@ REPLAY_SCRIPT = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @contextlib.contextmanager
 def _site() -> Iterator[tuple[Path, config_module.Config]]:
     """A private home (short, under /tmp: the embedded cluster's socket lives there)."""
@@ -80,7 +77,7 @@ def _site() -> Iterator[tuple[Path, config_module.Config]]:
         "PIDEPLOY_HOME": str(home),
         "PIDEPLOY_CONFIG": str(replay_toml),
         "PIDEPLOY_NAMESPACE": f"bench{uuid.uuid4().hex[:8]}",
-        "PIDEPLOY_NGINX_LISTEN": f"127.0.0.1:{_free_port()}",
+        "PIDEPLOY_NGINX_LISTEN": f"127.0.0.1:{free_port()}",
     }
     for name in ("DATABASE_URL", "DOCKER_HOST"):
         if os.environ.get(name):
@@ -152,7 +149,7 @@ def latency(database: db.Database, base: config_module.Config) -> None:
                 names.append(f"direct-{i}")
                 direct.append(_direct_create(rt, names[-1]))
             queue = tasks.Queue(database)
-            pool = tasks.WorkerPool(queue, lambda: tasks.agent_runner(rt, config), 1, poll_interval=0.5)
+            pool = tasks.WorkerPool(queue, lambda: pideploy.task_runner(rt, config), 1, poll_interval=0.5)
             pool.start()
             queued: list[tuple[float, float]] = []
             pickup: list[float] = []
@@ -199,7 +196,7 @@ def _running_at(database: db.Database, instance_id: int) -> float:
 
 def _context(rt: tools.Runtime, name: str) -> tools.ToolContext:
     spec = agent.TaskSpec("instance_create", "bench", {"name": name})
-    chain = agent.Chain([], agent.MemoryCooldowns(), agent.Limits())
+    chain = models.Chain([], models.MemoryCooldowns(), agent.Limits())
     return tools.ToolContext(agent.new_trace(spec, rt.config, chain), "bench")
 
 

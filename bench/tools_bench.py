@@ -21,6 +21,7 @@ from pathlib import Path
 from unittest import mock
 
 import gate
+import sandbox
 import tools
 from bench.queue_bench import _site, _world
 from db import Postgres
@@ -63,8 +64,8 @@ def _gate_runs(sandboxed: bool) -> list[float]:
         timings = []
         # _warned_unsandboxed: the check-only runs are on purpose, no warning for them.
         with (
-            mock.patch.object(gate, "landlock_abi", return_value=abi),
-            mock.patch.object(gate, "_warned_unsandboxed", True),
+            mock.patch.object(sandbox, "landlock_abi", return_value=abi),
+            mock.patch.object(sandbox, "_warned_unsandboxed", True),
         ):
             for _ in range(GATE_RUNS):
                 started = time.monotonic()

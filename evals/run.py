@@ -53,12 +53,14 @@ import psycopg
 import agent
 import config as config_module
 import db
+import models
 import runtime
 import tools
 from config import Config, ModelConfig
 from engine import LABEL_INSTANCE, LABEL_NAMESPACE, DockerEngine, Engine, MemoryEngine
 from errors import PiDeployError
 from evals.llm_server import ReplayServer, validate_script
+from localio import LOOPBACK, free_port, write_atomic
 from proxy import MemoryProxy, NginxProxy, Proxy, route_instance, route_key
 
 logger = logging.getLogger(__name__)
@@ -72,7 +74,6 @@ DEFAULT_MODEL = {"name": "minimax-m2.5-free", "input_usd_per_mtok": 0.0, "output
 BASE_SETTINGS = {"health_timeout": 10, "stop_timeout": 3}
 PORT_BASE, PORT_SLOT, PORT_SLOTS = 30000, 40, 60  # each case its own port range, below the ephemeral ones
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class CaseError(ValueError):
@@ -358,12 +359,6 @@ def fill_world(value: Any, known: dict[str, dict[str, Any]]) -> Any:
 # ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _nginx_binary() -> str | None:
     return shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
 
@@ -555,7 +550,7 @@ class World:
             squatter.listen()
             self.held.append(squatter)
 
-    def run_task(self, step: dict[str, Any], chain: agent.Chain, limits: agent.Limits) -> StepResult:
+    def run_task(self, step: dict[str, Any], chain: models.Chain, limits: agent.Limits) -> StepResult:
         task = step["task"]
         instance = task.get("instance")
         spec = agent.TaskSpec(
@@ -565,7 +560,7 @@ class World:
             instance_id=self.ids[instance] if instance else None,
         )
         started = time.monotonic()
-        outcome = agent.run_task(spec, self.rt, chain, limits)
+        outcome = agent.run_task(spec, agent.ToolsEnvironment(self.rt), chain, limits)
         seconds = time.monotonic() - started
         trace = json.loads(Path(outcome.trace_file).read_text())
         return StepResult(
@@ -577,12 +572,15 @@ class World:
         started = time.monotonic()
         report = beat.round("eval")
         seconds = time.monotonic() - started
-        traces = [json.loads(Path(run["trace_file"]).read_text()) for run in report.agent_runs]
+        # A model's run has a trace of its own; the plan's steps run without one (the playbook)
+        # are in the round's trace, which ends in no report_result: no model was asked.
+        files = dict.fromkeys(run["trace_file"] for run in report.agent_runs)
+        traces = [json.loads(Path(file).read_text()) for file in files]
         return StepResult(
             "heartbeat",
             "ok" if report.ok else "unrepaired",
             None,
-            all(t.get("result") is not None for t in traces),
+            all(t.get("result") is not None for t in traces if t["task_type"] != "round"),
             traces,
             seconds,
         )
@@ -617,7 +615,7 @@ def _wait(what: str, check: Any, timeout: float = 15.0) -> None:
 
 def _get(url: str) -> tuple[int, str]:
     try:
-        with _NO_PROXY.open(url, timeout=3) as response:
+        with LOOPBACK.open(url, timeout=3) as response:
             return int(response.status), response.read().decode(errors="replace")
     except urllib.error.HTTPError as error:
         return error.code, ""
@@ -923,7 +921,7 @@ def case_config(
     env = {
         "PIDEPLOY_HOME": str(home),
         "PIDEPLOY_NAMESPACE": f"ev{uuid.uuid4().hex[:8]}",
-        "PIDEPLOY_NGINX_LISTEN": f"127.0.0.1:{_free_port()}",
+        "PIDEPLOY_NGINX_LISTEN": f"127.0.0.1:{free_port()}",
         "PIDEPLOY_NGINX_BIN": site.nginx_bin,
         "PIDEPLOY_PORT_RANGE": site.port_range(operator.ports if operator is not None else None),
         "PIDEPLOY_TRACE_DIR": str(traces),
@@ -990,17 +988,17 @@ def run_case(case: dict[str, Any], site: Site, attempt: int = 1, operator: Confi
             world.build(case["world"])
             replay = None
             if operator is not None:
-                models = list(operator.models if operator.agent == "on" else ())
+                configs = list(operator.models if operator.agent == "on" else ())
             else:
                 script = fill_world(case["recorded_turns"], world.values)
                 replay = cleanup.enter_context(ReplayServer(script))
-                models = replay_models(case, replay.url)
-            config = dataclasses.replace(config, models=tuple(models))
+                configs = replay_models(case, replay.url)
+            config = dataclasses.replace(config, models=tuple(configs))
             world.rt = dataclasses.replace(world.rt, config=config)
             limits = dataclasses.replace(agent.Limits.from_config(config), **case.get("limits", {}))
-            links = [agent.Link(agent.OpenAIChat(m), m) for m in models]
+            links = [models.Link(models.OpenAIChat(m), m) for m in configs]
             sleep = time.sleep if live else (lambda _: None)  # replayed backoff is not worth waiting for
-            chain = agent.Chain(links, agent.MemoryCooldowns(), limits, sleep=sleep)
+            chain = models.Chain(links, models.MemoryCooldowns(), limits, sleep=sleep)
             setup_s = time.monotonic() - started
             steps = _run_steps(case, world, chain, limits)
             world_problems = check_world(world, case["expect"]["world"])
@@ -1017,7 +1015,7 @@ def run_case(case: dict[str, Any], site: Site, attempt: int = 1, operator: Confi
 
 
 def _run_steps(
-    case: dict[str, Any], world: World, chain: agent.Chain, limits: agent.Limits
+    case: dict[str, Any], world: World, chain: models.Chain, limits: agent.Limits
 ) -> list[StepResult]:
     import heartbeat  # here: a replay of task cases needs nothing of it
 
@@ -1123,10 +1121,7 @@ def problems_text(records: list[RunRecord]) -> str:
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(temp, path)
+    write_atomic(path, json.dumps(report, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------

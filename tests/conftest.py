@@ -13,7 +13,6 @@ import itertools
 import os
 import random
 import shutil
-import socket
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
+
+from localio import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -131,13 +132,6 @@ from engine import DockerEngine  # noqa: E402
 from errors import EngineError  # noqa: E402
 
 GATEWAY_IMAGE = "localhost/pideploy-gateway:latest"
-
-
-def free_port() -> int:
-    """A loopback TCP port nobody listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @functools.cache

@@ -22,6 +22,7 @@ import pytest
 
 import agent
 import db
+import models
 import observability
 import runtime
 import tools
@@ -56,9 +57,9 @@ def model(
     )
 
 
-def chain(models: list[ModelConfig], limits: agent.Limits, *, playbook: bool = True) -> agent.Chain:
-    links = [agent.Link(agent.OpenAIChat(m), m) for m in models]
-    return agent.Chain(links, agent.MemoryCooldowns(), limits, use_playbook=playbook, sleep=lambda _: None)
+def chain(configs: list[ModelConfig], limits: agent.Limits, *, playbook: bool = True) -> models.Chain:
+    links = [models.Link(models.OpenAIChat(m), m) for m in configs]
+    return models.Chain(links, models.MemoryCooldowns(), limits, use_playbook=playbook, sleep=lambda _: None)
 
 
 def call(tool: str, /, **arguments: Any) -> dict[str, Any]:
@@ -83,16 +84,18 @@ def make_instance(w: World, name: str = "alpha", user: str = "alice") -> int:
 def run(
     w: World,
     task: agent.TaskSpec,
-    models: list[ModelConfig],
+    configs: list[ModelConfig],
     limits: agent.Limits | None = None,
     *,
     playbook: bool = True,
-) -> agent.Outcome:
+) -> observability.Outcome:
     limits = limits or agent.Limits(retries=1)
-    return agent.run_task(task, w.rt, chain(models, limits, playbook=playbook), limits)
+    return agent.run_task(
+        task, agent.ToolsEnvironment(w.rt), chain(configs, limits, playbook=playbook), limits
+    )
 
 
-def trace_of(outcome: agent.Outcome) -> dict[str, Any]:
+def trace_of(outcome: observability.Outcome) -> dict[str, Any]:
     return json.loads(Path(outcome.trace_file).read_text())  # type: ignore[no-any-return]
 
 
@@ -106,7 +109,7 @@ def spans(trace: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
-def chat_spans(outcome: agent.Outcome) -> list[dict[str, Any]]:
+def chat_spans(outcome: observability.Outcome) -> list[dict[str, Any]]:
     chats = [s for s in spans(trace_of(outcome)) if s["attributes"].get("gen_ai.operation.name") == "chat"]
     return sorted(chats, key=lambda s: s["start"])
 
@@ -260,13 +263,19 @@ def test_a_model_that_keeps_failing_is_skipped_by_the_next_run(
     limits = agent.Limits(retries=2)
     shared = chain([model(replay, MODEL_A), model(replay, MODEL_B)], limits)
     first = agent.run_task(
-        agent.TaskSpec("instance_create", "alice", {"name": "one"}), memory_world.rt, shared, limits
+        agent.TaskSpec("instance_create", "alice", {"name": "one"}),
+        agent.ToolsEnvironment(memory_world.rt),
+        shared,
+        limits,
     )
     assert first.status == "succeeded", first.error
     asked_first = _models_asked(replay)
     replay.reset_counters(forget_requests=True)
     second = agent.run_task(
-        agent.TaskSpec("instance_create", "alice", {"name": "two"}), memory_world.rt, shared, limits
+        agent.TaskSpec("instance_create", "alice", {"name": "two"}),
+        agent.ToolsEnvironment(memory_world.rt),
+        shared,
+        limits,
     )
     assert second.status == "succeeded", second.error
     assert MODEL_A not in _models_asked(replay)  # skipped without a call: it cools down
@@ -281,17 +290,25 @@ def test_a_cool_down_in_the_database_holds_across_processes(
     other_process = db.Database(database_url)
     try:
         limits = agent.Limits(retries=1)
-        links = [agent.Link(agent.OpenAIChat(m), m) for m in (model(replay, MODEL_A), model(replay, MODEL_B))]
-        here = agent.Chain(links, agent.DatabaseCooldowns(memory_world.rt.db), limits, sleep=lambda _: None)
-        there = agent.Chain(links, agent.DatabaseCooldowns(other_process), limits, sleep=lambda _: None)
+        links = [
+            models.Link(models.OpenAIChat(m), m) for m in (model(replay, MODEL_A), model(replay, MODEL_B))
+        ]
+        here = models.Chain(links, models.DatabaseCooldowns(memory_world.rt.db), limits, sleep=lambda _: None)
+        there = models.Chain(links, models.DatabaseCooldowns(other_process), limits, sleep=lambda _: None)
         replay.set_script(_a_fails_b_works({"fault": "http_500"}))
         first = agent.run_task(
-            agent.TaskSpec("instance_create", "alice", {"name": "one"}), memory_world.rt, here, limits
+            agent.TaskSpec("instance_create", "alice", {"name": "one"}),
+            agent.ToolsEnvironment(memory_world.rt),
+            here,
+            limits,
         )
         asked_first = _models_asked(replay)
         replay.reset_counters(forget_requests=True)
         second = agent.run_task(
-            agent.TaskSpec("instance_create", "alice", {"name": "two"}), memory_world.rt, there, limits
+            agent.TaskSpec("instance_create", "alice", {"name": "two"}),
+            agent.ToolsEnvironment(memory_world.rt),
+            there,
+            limits,
         )
         assert second.status == "succeeded" and _models_asked(replay) == [MODEL_B, MODEL_B]
         assert first.status == "succeeded" and MODEL_A in asked_first
@@ -302,7 +319,7 @@ def test_a_cool_down_in_the_database_holds_across_processes(
 def test_database_cooldowns_are_shared_and_expire(database: db.Database, database_url: str) -> None:
     other_process = db.Database(database_url)
     try:
-        mine, theirs = agent.DatabaseCooldowns(database), agent.DatabaseCooldowns(other_process)
+        mine, theirs = models.DatabaseCooldowns(database), models.DatabaseCooldowns(other_process)
         assert mine.active() == theirs.active() == set()
         mine.start(MODEL_A, 60, "x" * 2000)
         assert theirs.active() == {MODEL_A}
@@ -335,7 +352,10 @@ def test_429_retries_the_same_model_honouring_retry_after(memory_world: World, r
     shared = chain([model(replay, MODEL_A)], limits)
     shared.sleep = pauses.append
     outcome = agent.run_task(
-        agent.TaskSpec("instance_create", "alice", {"name": "alpha"}), memory_world.rt, shared, limits
+        agent.TaskSpec("instance_create", "alice", {"name": "alpha"}),
+        agent.ToolsEnvironment(memory_world.rt),
+        shared,
+        limits,
     )
     assert outcome.status == "succeeded", outcome.error
     assert len(pauses) == 1 and pauses[0] >= 3.0
@@ -348,12 +368,15 @@ def test_a_retry_after_beyond_the_run_moves_on_instead_of_timing_out(
 ) -> None:
     pauses: list[float] = []
     replay.set_script(_a_fails_b_works({"fault": "http_429", "retry_after": 3600}))
-    models = [model(replay, MODEL_A)] + ([model(replay, MODEL_B)] if next_link == MODEL_B else [])
+    configs = [model(replay, MODEL_A)] + ([model(replay, MODEL_B)] if next_link == MODEL_B else [])
     limits = agent.Limits(retries=2, backoff_s=0.1, timeout_s=30)
-    shared = chain(models, limits)
+    shared = chain(configs, limits)
     shared.sleep = pauses.append
     outcome = agent.run_task(
-        agent.TaskSpec("instance_create", "alice", {"name": "alpha"}), memory_world.rt, shared, limits
+        agent.TaskSpec("instance_create", "alice", {"name": "alpha"}),
+        agent.ToolsEnvironment(memory_world.rt),
+        shared,
+        limits,
     )
     assert outcome.status == "succeeded", outcome.error
     assert pauses == []  # nobody waited an hour for a run with 30 s to live
@@ -379,7 +402,10 @@ def test_a_dropped_connection_is_retried_on_the_same_model(memory_world: World, 
     shared = chain([model(replay, MODEL_A), model(replay, MODEL_B)], limits)
     shared.sleep = pauses.append
     outcome = agent.run_task(
-        agent.TaskSpec("instance_create", "alice", {"name": "alpha"}), memory_world.rt, shared, limits
+        agent.TaskSpec("instance_create", "alice", {"name": "alpha"}),
+        agent.ToolsEnvironment(memory_world.rt),
+        shared,
+        limits,
     )
     assert outcome.status == "succeeded", outcome.error
     calls = chat_spans(outcome)
@@ -432,7 +458,10 @@ def test_an_answer_cut_at_max_tokens_is_its_own_class_and_moves_on(
     limits = agent.Limits(retries=1)
     shared = chain([model(replay, MODEL_A), model(replay, MODEL_B)], limits)
     outcome = agent.run_task(
-        agent.TaskSpec("instance_create", "alice", {"name": "alpha"}), memory_world.rt, shared, limits
+        agent.TaskSpec("instance_create", "alice", {"name": "alpha"}),
+        agent.ToolsEnvironment(memory_world.rt),
+        shared,
+        limits,
     )
     assert outcome.status == "succeeded", outcome.error
     first = chat_spans(outcome)[0]
@@ -469,7 +498,10 @@ def test_a_context_overflow_moves_on_without_a_cool_down(memory_world: World, re
     limits = agent.Limits(retries=2)
     shared = chain([model(replay, MODEL_A), model(replay, MODEL_B)], limits)
     first = agent.run_task(
-        agent.TaskSpec("instance_create", "alice", {"name": "one"}), memory_world.rt, shared, limits
+        agent.TaskSpec("instance_create", "alice", {"name": "one"}),
+        agent.ToolsEnvironment(memory_world.rt),
+        shared,
+        limits,
     )
     assert first.status == "succeeded", first.error
     failed = [s for s in chat_spans(first) if s["attributes"]["pideploy.model_name"] == MODEL_A]
@@ -480,7 +512,10 @@ def test_a_context_overflow_moves_on_without_a_cool_down(memory_world: World, re
     assert shared.cooldowns.active() == set()
     replay.reset_counters(forget_requests=True)
     second = agent.run_task(
-        agent.TaskSpec("instance_create", "alice", {"name": "two"}), memory_world.rt, shared, limits
+        agent.TaskSpec("instance_create", "alice", {"name": "two"}),
+        agent.ToolsEnvironment(memory_world.rt),
+        shared,
+        limits,
     )
     assert second.status == "succeeded" and _models_asked(replay)[0] == MODEL_A
 
@@ -608,13 +643,13 @@ def test_a_link_that_keeps_answering_badly_gives_way_to_the_next(
     # Issue 13, fault 8: bad output ended the run; the next model and the playbook were never tried.
     replay.set_script(script({"repeat": bad_turn}))
     limits = agent.Limits(retries=1)
-    models = chain([model(replay, MODEL_A)], limits)
+    shared = chain([model(replay, MODEL_A)], limits)
     task = agent.TaskSpec("instance_create", "alice", {"name": "alpha"})
-    outcome = agent.run_task(task, memory_world.rt, models, limits)
+    outcome = agent.run_task(task, agent.ToolsEnvironment(memory_world.rt), shared, limits)
     assert outcome.status == "succeeded" and outcome.playbook
     row = memory_world.rt.db.one("instance_by_name", user_id="alice", name="alpha")
     assert row is not None and row["status"] == "running"
-    assert MODEL_A in models.cooldowns.active()  # treated like a failing link: cooled down
+    assert MODEL_A in shared.cooldowns.active()  # treated like a failing link: cooled down
     assert MODEL_A in " ".join(trace_of(outcome)["extra"]["chain_failures"])
 
 
@@ -655,12 +690,12 @@ def test_a_looping_model_gives_way_to_the_playbook(memory_world: World, replay: 
     iid = make_instance(memory_world)
     replay.set_script(script({"repeat": call("instance_status", instance_id=iid)}))
     limits = agent.Limits(retries=1)
-    models = chain([model(replay, MODEL_A)], limits)
+    shared = chain([model(replay, MODEL_A)], limits)
     task = agent.TaskSpec("instance_stop", "alice", {}, instance_id=iid)
-    outcome = agent.run_task(task, memory_world.rt, models, limits)
+    outcome = agent.run_task(task, agent.ToolsEnvironment(memory_world.rt), shared, limits)
     assert outcome.status == "succeeded" and outcome.playbook, outcome.error
     assert memory_world.row(iid)["status"] == "stopped"  # type: ignore[index]
-    assert MODEL_A in models.cooldowns.active()
+    assert MODEL_A in shared.cooldowns.active()
     assert "3 times in a row" in " ".join(trace_of(outcome)["extra"]["chain_failures"])
 
 
@@ -671,7 +706,10 @@ def test_the_loop_guard_threshold_is_configurable(memory_world: World, replay: R
     assert limits.loop_guard_repeats == 2
     task = agent.TaskSpec("instance_stop", "alice", {}, instance_id=iid)
     outcome = agent.run_task(
-        task, memory_world.rt, chain([model(replay, MODEL_A)], limits, playbook=False), limits
+        task,
+        agent.ToolsEnvironment(memory_world.rt),
+        chain([model(replay, MODEL_A)], limits, playbook=False),
+        limits,
     )
     assert outcome.status == "failed" and outcome.error_class == "agent_stuck"
     assert outcome.turns == 3 and "2 times in a row" in (outcome.error or "")
@@ -752,7 +790,9 @@ def test_cost_cap_stops_the_run_before_the_crossing_call(memory_world: World, re
     expensive = model(replay, MODEL_A, price_in=10.0, price_out=30.0)  # $ per million tokens
     limits = agent.Limits(cost_cap_usd=0.2, max_tokens=1000, max_turns=50)
     task = agent.TaskSpec("instance_stop", "alice", {}, instance_id=iid)
-    outcome = agent.run_task(task, memory_world.rt, chain([expensive], limits, playbook=False), limits)
+    outcome = agent.run_task(
+        task, agent.ToolsEnvironment(memory_world.rt), chain([expensive], limits, playbook=False), limits
+    )
     assert outcome.status == "failed" and outcome.error_class == "cost_cap"
     assert 0 < outcome.cost_usd <= 0.2
     requests = len(replay.requests)
@@ -767,7 +807,10 @@ def test_token_cap_stops_free_models_too(memory_world: World, replay: ReplayServ
     limits = agent.Limits(token_cap=12_000, max_tokens=1000, max_turns=50)
     task = agent.TaskSpec("instance_stop", "alice", {}, instance_id=iid)
     outcome = agent.run_task(
-        task, memory_world.rt, chain([model(replay, MODEL_A)], limits, playbook=False), limits
+        task,
+        agent.ToolsEnvironment(memory_world.rt),
+        chain([model(replay, MODEL_A)], limits, playbook=False),
+        limits,
     )
     assert outcome.status == "failed" and outcome.error_class == "token_cap", outcome.error
     assert outcome.tokens <= 12_000 and outcome.cost_usd == 0
@@ -821,7 +864,10 @@ def test_timeout_cuts_a_stalled_stream(memory_world: World, replay: ReplayServer
     started = time.monotonic()
     task = agent.TaskSpec("instance_create", "alice", {"name": "alpha"})
     outcome = agent.run_task(
-        task, memory_world.rt, chain([model(replay, MODEL_A, timeout=30)], limits, playbook=False), limits
+        task,
+        agent.ToolsEnvironment(memory_world.rt),
+        chain([model(replay, MODEL_A, timeout=30)], limits, playbook=False),
+        limits,
     )
     assert time.monotonic() - started < 10
     assert outcome.status == "failed" and outcome.error_class == "timeout"
@@ -907,9 +953,12 @@ def test_a_playbook_whose_steps_do_not_hold_is_not_blamed_on_a_model(
 
 def test_agent_off_uses_the_playbook_and_calls_no_model(memory_world: World, replay: ReplayServer) -> None:
     limits = agent.Limits()
-    off = agent.Chain([], agent.MemoryCooldowns(), limits)
+    off = models.Chain([], models.MemoryCooldowns(), limits)
     outcome = agent.run_task(
-        agent.TaskSpec("instance_create", "alice", {"name": "quiet"}), memory_world.rt, off, limits
+        agent.TaskSpec("instance_create", "alice", {"name": "quiet"}),
+        agent.ToolsEnvironment(memory_world.rt),
+        off,
+        limits,
     )
     assert outcome.status == "succeeded" and outcome.playbook and replay.requests == []
 
@@ -933,22 +982,24 @@ class BrokenAdapter:
 
     def complete(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], max_tokens: int, timeout: float
-    ) -> agent.Completion:
+    ) -> models.Completion:
         raise RuntimeError("adapter bug")
 
 
-def _lost_database_chain(database_url: str, replay: ReplayServer, limits: agent.Limits) -> agent.Chain:
+def _lost_database_chain(database_url: str, replay: ReplayServer, limits: agent.Limits) -> models.Chain:
     lost = db.Database(database_url)
     lost.close()  # the cool-down store's database goes away under the run
-    links = [agent.Link(agent.OpenAIChat(model(replay, MODEL_A)), model(replay, MODEL_A))]
-    return agent.Chain(links, agent.DatabaseCooldowns(lost), limits, sleep=lambda _: None)
+    links = [models.Link(models.OpenAIChat(model(replay, MODEL_A)), model(replay, MODEL_A))]
+    return models.Chain(links, models.DatabaseCooldowns(lost), limits, sleep=lambda _: None)
 
 
-def _broken_adapter_chain(database_url: str, replay: ReplayServer, limits: agent.Limits) -> agent.Chain:
-    return agent.Chain([agent.Link(BrokenAdapter(), model(replay, MODEL_A))], agent.MemoryCooldowns(), limits)
+def _broken_adapter_chain(database_url: str, replay: ReplayServer, limits: agent.Limits) -> models.Chain:
+    return models.Chain(
+        [models.Link(BrokenAdapter(), model(replay, MODEL_A))], models.MemoryCooldowns(), limits
+    )
 
 
-def _verify_crash_chain(database_url: str, replay: ReplayServer, limits: agent.Limits) -> agent.Chain:
+def _verify_crash_chain(database_url: str, replay: ReplayServer, limits: agent.Limits) -> models.Chain:
     replay.set_script(_create_script(MODEL_A))
     return chain([model(replay, MODEL_A)], limits)
 
@@ -984,7 +1035,7 @@ def test_a_crash_is_recorded_as_a_failed_run_then_raised(
     task = agent.TaskSpec("instance_create", "alice", {"name": "alpha"}, id=77)
     trace = agent.new_trace(task, w.rt.config, shared)
     with pytest.raises(RunCrashed) as crash:
-        agent.run_task(task, w.rt, shared, limits, trace=trace)
+        agent.run_task(task, agent.ToolsEnvironment(w.rt), shared, limits, trace=trace)
     assert isinstance(crash.value.__cause__, error) and crash.value.error_class == error_class
     assert crash.value.data == {"trace_file": str(trace.path)}  # as a finished run records it
 
@@ -1013,10 +1064,10 @@ def test_a_tool_that_loses_the_database_ends_the_run_for_the_queue_to_retry(
     stop = dataclasses.replace(tools.TOOLS["instance_stop"], handler=lost)
     monkeypatch.setitem(tools.TOOLS, "instance_stop", stop)
     limits = agent.Limits(retries=0)
-    playbook = agent.Chain([], agent.MemoryCooldowns(), limits)
+    playbook = models.Chain([], models.MemoryCooldowns(), limits)
     task = agent.TaskSpec(type="instance_stop", user_id="alice", params={}, instance_id=iid, id=78)
     with pytest.raises(RunCrashed) as crash:
-        agent.run_task(task, w.rt, playbook, limits)
+        agent.run_task(task, agent.ToolsEnvironment(w.rt), playbook, limits)
     assert isinstance(crash.value.__cause__, DatabaseError) and crash.value.error_class == "infra_unavailable"
 
 
@@ -1053,7 +1104,7 @@ def test_the_loop_is_one_short_function() -> None:
 
 def test_concurrent_runs_do_not_share_state(memory_world: World, replay: ReplayServer) -> None:
     replay.set_script(script(call("instance_create", name="{{task.params.name}}"), report(), model_name=None))
-    outcomes: list[agent.Outcome] = []
+    outcomes: list[observability.Outcome] = []
 
     def one(name: str) -> None:
         outcomes.append(
@@ -1079,9 +1130,12 @@ def test_models_without_a_key_are_left_out_and_the_trace_says_so(
     keyless = dataclasses.replace(model(replay, MODEL_A), api_key="")
     config = dataclasses.replace(memory_world.rt.config, models=(keyless,))
     limits = agent.Limits()
-    chain = agent.Chain.from_config(config, agent.MemoryCooldowns(), limits)
+    chain = models.Chain.from_config(config, models.MemoryCooldowns(), limits)
     outcome = agent.run_task(
-        agent.TaskSpec("instance_create", "alice", {"name": "nokey"}), memory_world.rt, chain, limits
+        agent.TaskSpec("instance_create", "alice", {"name": "nokey"}),
+        agent.ToolsEnvironment(memory_world.rt),
+        chain,
+        limits,
     )
     assert outcome.status == "succeeded" and outcome.playbook
     assert replay.requests == []  # nothing was tried, so nothing waited on retries
@@ -1233,11 +1287,11 @@ class CapturedServer:
         threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
-    def chat(self, **compat: Any) -> agent.OpenAIChat:
+    def chat(self, **compat: Any) -> models.OpenAIChat:
         config = ModelConfig(
             name="llama", base_url=self.url, model="m1", api_key_env="K", api_key="k", timeout=5, **compat
         )
-        return agent.OpenAIChat(config)
+        return models.OpenAIChat(config)
 
     def close(self) -> None:
         self.httpd.shutdown()
@@ -1358,7 +1412,10 @@ def test_a_context_overflow_as_an_empty_stream_moves_on_without_a_cool_down(
     limits = agent.Limits(retries=2)
     shared = chain([model(replay, MODEL_A), model(replay, MODEL_B)], limits)
     outcome = agent.run_task(
-        agent.TaskSpec("instance_create", "alice", {"name": "one"}), memory_world.rt, shared, limits
+        agent.TaskSpec("instance_create", "alice", {"name": "one"}),
+        agent.ToolsEnvironment(memory_world.rt),
+        shared,
+        limits,
     )
     assert outcome.status == "succeeded", outcome.error
     failed = [s for s in chat_spans(outcome) if s["attributes"]["pideploy.model_name"] == MODEL_A]

@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 
 import api
+import httpd
+import pideploy
 import tasks
 import tools
 from config import Config
@@ -114,10 +116,10 @@ def _service(database: Database, tmp_path: Path, token: str, root: Path) -> Iter
     proxy = MemoryProxy()
     rt = tools.Runtime(config, database, engine, proxy)
     queue = tasks.Queue(database, config.max_attempts)
-    server = api.make_server(api.Api(config, database, queue, proxy, root=root), "127.0.0.1", 0)
+    server = httpd.make_server(api.Api(config, database, queue, proxy, root=root), "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, args=(0.1,), daemon=True)
     thread.start()
-    pool = tasks.WorkerPool(queue, lambda: tasks.agent_runner(rt, config), 2, lease_s=10, poll_interval=0.1)
+    pool = tasks.WorkerPool(queue, lambda: pideploy.task_runner(rt, config), 2, lease_s=10, poll_interval=0.1)
     started: list[bool] = []
 
     def start_workers() -> None:
@@ -358,7 +360,8 @@ def test_bad_input_is_a_4xx_and_writes_nothing(service: Service) -> None:
     c = service.client
     iid = c.call("POST", "/api/instances", {"name": "target"}).body["instance_id"]
     gone = c.call("POST", "/api/instances", {"name": "gone"}).body["instance_id"]
-    service.database.execute("instance_set_status", id=gone, status="deleting", last_error=None)
+    with service.database.transaction() as conn:
+        conn.execute("UPDATE instance SET status = 'deleting', last_error = NULL WHERE id = %s", (gone,))
     before = service.counts()
     cases: list[tuple[int, str, str, dict[str, Any]]] = [
         (400, "POST", "/api/instances", {"raw": b"{not json"}),
@@ -445,9 +448,11 @@ def test_no_dashboard_file_is_a_404(service: Service) -> None:
 
 
 def test_loopback_detection() -> None:
-    assert api.is_loopback("127.0.0.1") and api.is_loopback("::1") and api.is_loopback("localhost")
+    assert httpd.is_loopback("127.0.0.1") and httpd.is_loopback("::1") and httpd.is_loopback("localhost")
     assert (
-        not api.is_loopback("0.0.0.0") and not api.is_loopback("10.1.2.3") and not api.is_loopback("example")
+        not httpd.is_loopback("0.0.0.0")
+        and not httpd.is_loopback("10.1.2.3")
+        and not httpd.is_loopback("example")
     )
 
 
@@ -570,7 +575,7 @@ def edge(database: Database, tmp_path: Path) -> Iterator[tuple[int, Path]]:
     (root / "dashboard.html").write_bytes(b"<html>" + b"x" * 8_000_000)
     config = make_config(tmp_path, agent="off", namespace="apiedge")
     queue = tasks.Queue(database, config.max_attempts)
-    server = api.make_server(
+    server = httpd.make_server(
         api.Api(config, database, queue, MemoryProxy(), root=root),
         "127.0.0.1",
         0,

@@ -30,9 +30,10 @@ from engine import (
     MemoryEngine,
 )
 from errors import ContainerNotFound, EngineError, ImageNotFound
-from tests.conftest import GATEWAY_IMAGE, free_port
+from localio import LOOPBACK, free_port
+from tests.conftest import GATEWAY_IMAGE
 
-_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+_opener = LOOPBACK
 
 
 def get(port: int, path: str, timeout: float = 2.0) -> tuple[int | None, str]:

@@ -24,6 +24,7 @@ import pytest
 
 import agent
 import db
+import models
 import tools
 from config import ModelConfig
 from evals import record as recording
@@ -377,9 +378,9 @@ def test_a_recorded_run_replays_as_a_passing_case(
     with ReplayServer({"conversations": [{"model": "real-model", "turns": turns}]}) as server:
         model = ModelConfig("real-model", server.url, "real-model", "K", api_key="k")
         limits = agent.Limits(retries=0)
-        chain = agent.Chain([agent.Link(agent.OpenAIChat(model), model)], agent.MemoryCooldowns(), limits)
+        chain = models.Chain([models.Link(models.OpenAIChat(model), model)], models.MemoryCooldowns(), limits)
         task = agent.TaskSpec("instance_start", "alice", instance_id=iid)
-        outcome = agent.run_task(task, w.rt, chain, limits)
+        outcome = agent.run_task(task, agent.ToolsEnvironment(w.rt), chain, limits)
     assert outcome.status == "succeeded", outcome.error
     trace = json.loads(Path(outcome.trace_file).read_text())
     (before,) = trace["extra"]["world_before"]["instances"]

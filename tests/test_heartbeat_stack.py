@@ -31,8 +31,10 @@ import pytest
 
 import agent
 import db
+import drift
 import heartbeat as hb
 import instances
+import models
 import runtime
 import tasks
 import tools
@@ -40,8 +42,9 @@ from config import Config, ModelConfig
 from engine import LABEL_INSTANCE, LABEL_NAMESPACE, Container, DockerEngine
 from errors import RolledBack
 from evals.llm_server import ReplayServer
+from localio import free_port
 from proxy import NginxProxy, proxy_from_config, render_map, route_key
-from tests.conftest import ROOT, EngineOutage, free_port, make_config, nginx_binary, require_stack
+from tests.conftest import ROOT, EngineOutage, make_config, nginx_binary, require_stack
 
 pytestmark = pytest.mark.stack
 
@@ -191,7 +194,7 @@ def stack(
         proxy.close(stop=True)
 
 
-def _trace(report: hb.RoundReport) -> dict[str, Any]:
+def _trace(report: drift.RoundReport) -> dict[str, Any]:
     assert report.trace_file
     data: dict[str, Any] = json.loads(Path(report.trace_file).read_text())
     return data
@@ -223,7 +226,7 @@ def test_a_killed_container_is_recovered_and_routed_again(stack: Stack) -> None:
     assert trace["extra"]["drifts"][0]["kind"] == "container_exited"
     assert trace["extra"]["actions"][0]["tool"] == "instance_start"
     assert trace["extra"]["cost_usd"] == 0
-    assert Path(report.agent_runs[0]["trace_file"]).is_file()  # the playbook's own run
+    assert Path(report.agent_runs[0]["trace_file"]).is_file()  # the playbook ran in the round's trace
     last = stack.rounds()[-1]
     assert (last["source"], last["drifts"], last["repaired"], last["unrepaired"]) == ("cron", 1, 1, 0)
     assert last["trace_file"] == report.trace_file
@@ -388,7 +391,7 @@ class _NeverCalled:
 
     def complete(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], max_tokens: int, timeout: float
-    ) -> agent.Completion:
+    ) -> models.Completion:
         self.calls += 1
         raise AssertionError("a healthy round must not call a model")
 
@@ -423,7 +426,7 @@ def test_a_healthy_fleet_costs_one_engine_call_and_no_model_call(stack: Stack) -
     model = _NeverCalled()
     config = ModelConfig("never", "http://127.0.0.1:9/v1", "never", "NEVER_KEY", output_usd_per_mtok=1.0)
     limits = agent.Limits.from_config(stack.config, heartbeat=True)
-    chain = agent.Chain([agent.Link(model, config)], agent.MemoryCooldowns(), limits)
+    chain = models.Chain([models.Link(model, config)], models.MemoryCooldowns(), limits)
     before = dict(stack.engine.calls)
 
     report = stack.heartbeat(chain=chain).round("cron")
@@ -448,7 +451,7 @@ def test_overlapping_once_and_serve_rounds_do_not_double_act(stack: Stack) -> No
         skipped = stack.cli("--format", "json", heartbeat_interval="1")
         stack.kill(iid)
         # Now a serve round and a cron round both want the lock while it is held.
-        serve: list[hb.RoundReport] = []
+        serve: list[drift.RoundReport] = []
         waiter = threading.Thread(target=lambda: serve.append(stack.heartbeat().round("serve")))
         waiter.start()
         cron = subprocess.Popen(
@@ -561,7 +564,7 @@ def test_retention_prunes_old_traces_and_rounds_at_most_hourly(stack: Stack) -> 
 # ---------------------------------------------------------------------------
 
 
-def _replay_chain(stack: Stack, server: ReplayServer, usd_per_mtok: float) -> agent.Chain:
+def _replay_chain(stack: Stack, server: ReplayServer, usd_per_mtok: float) -> models.Chain:
     model = ModelConfig(
         "replay",
         server.url,
@@ -572,7 +575,7 @@ def _replay_chain(stack: Stack, server: ReplayServer, usd_per_mtok: float) -> ag
         api_key="test",
     )
     limits = agent.Limits.from_config(stack.config, heartbeat=True)
-    return agent.Chain([agent.Link(agent.OpenAIChat(model), model)], agent.MemoryCooldowns(), limits)
+    return models.Chain([models.Link(models.OpenAIChat(model), model)], models.MemoryCooldowns(), limits)
 
 
 START = {
@@ -734,7 +737,7 @@ def test_an_engine_outage_mid_update_is_rolled_back_by_the_next_round(
 
     outage.end()
     clock = Clock()
-    clock.advance(hb.INTERRUPTED_GRACE + 1)
+    clock.advance(drift.INTERRUPTED_GRACE + 1)
     report = stack.heartbeat(clock=clock).round("cron")
 
     assert [(d.kind, d.instance_id) for d in report.drifts] == [("interrupted_transition", iid)]

@@ -26,8 +26,9 @@ import pytest
 
 import proxy
 from errors import ProxyError
+from localio import free_port, loopback_opener
 from proxy import MemoryProxy, NginxProxy
-from tests.conftest import ROOT, free_port, make_config, nginx_binary, require_stack
+from tests.conftest import ROOT, make_config, nginx_binary, require_stack
 
 
 class _Backend(http.server.BaseHTTPRequestHandler):
@@ -94,7 +95,7 @@ def nginx(tmp_path: Path) -> Iterator[NginxProxy]:
     started.close(stop=True)
 
 
-_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), proxy._NoRedirect())
+_opener = loopback_opener(proxy._NoRedirect())
 
 
 def fetch(url: str) -> tuple[int, str, str | None]:

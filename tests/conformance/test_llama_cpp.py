@@ -18,9 +18,11 @@ from typing import Any
 import pytest
 
 import agent
+import models
 import tools
 from config import ModelConfig
 from errors import ModelContextOverflow, ModelServerError
+from observability import Outcome
 from tests.conformance.conftest import KillAtRequest, LlamaServer, record_calls
 from tests.conftest import World
 from tests.test_serve import Site, wait_for
@@ -48,9 +50,9 @@ def llama_model(url: str, **compat: Any) -> ModelConfig:
     )
 
 
-def run(w: World, task: agent.TaskSpec, model: ModelConfig, limits: agent.Limits = LIMITS) -> agent.Outcome:
-    chain = agent.Chain([agent.Link(agent.OpenAIChat(model), model)], agent.MemoryCooldowns(), limits)
-    return agent.run_task(task, w.rt, chain, limits)
+def run(w: World, task: agent.TaskSpec, model: ModelConfig, limits: agent.Limits = LIMITS) -> Outcome:
+    chain = models.Chain([models.Link(models.OpenAIChat(model), model)], models.MemoryCooldowns(), limits)
+    return agent.run_task(task, agent.ToolsEnvironment(w.rt), chain, limits)
 
 
 def transcript_calls(trace: dict[str, Any]) -> list[tuple[str, str]]:
@@ -139,7 +141,7 @@ def test_whole_answers_carry_the_server_s_own_token_count(real_world: World, lla
 def test_a_stream_the_server_cuts_is_a_retryable_server_error(llama: LlamaServer) -> None:
     # llama.cpp ends an in-flight stream with [DONE] and no finish_reason when another request
     # arrives (interrupt_requests is on by default).
-    chat = agent.OpenAIChat(llama_model(llama.url, stream=True))
+    chat = models.OpenAIChat(llama_model(llama.url, stream=True))
     messages = [{"role": "user", "content": "Write a very long story about a lighthouse keeper."}]
     outcome: dict[str, Any] = {}
 
@@ -152,7 +154,7 @@ def test_a_stream_the_server_cuts_is_a_retryable_server_error(llama: LlamaServer
     caller = threading.Thread(target=long_call)
     caller.start()
     time.sleep(3)  # the first answer is streaming by now (a 2,000-token story takes minutes here)
-    agent.OpenAIChat(llama_model(llama.url, stream=False)).complete(
+    models.OpenAIChat(llama_model(llama.url, stream=False)).complete(
         [{"role": "user", "content": "Hi"}], [], 8 * 32, 120
     )
     caller.join(240)
@@ -169,7 +171,7 @@ def test_a_prompt_over_the_context_reaches_the_context_path(
     # Streamed, llama.cpp answers an empty 200; whole, a 400 context_length_exceeded.
     small = LlamaServer(*llama_parts, tmp_path, n_ctx=512)
     try:
-        chat = agent.OpenAIChat(
+        chat = models.OpenAIChat(
             llama_model(small.url, stream=stream, tool_choice="auto", tool_schema="plain")
         )
         specs = [tools.TOOLS[name].spec() for name in tools.TOOLSETS["instance_create"]]

@@ -40,8 +40,9 @@ import pytest
 import db
 from engine import LABEL_NAMESPACE, DockerEngine
 from errors import ContainerNotFound, EngineError
+from localio import free_port
 from proxy import NginxProxy
-from tests.conftest import GATEWAY_IMAGE, ROOT, free_port, nginx_binary, require_stack
+from tests.conftest import GATEWAY_IMAGE, ROOT, nginx_binary, require_stack
 
 try:
     from playwright.sync_api import Browser, Dialog, Locator, Page, expect, sync_playwright
