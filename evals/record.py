@@ -26,7 +26,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from evals.run import CASES_DIR, CaseError, validate_case
+from evals.casefile import CASES_DIR, CaseError, validate_case
 
 _FENCED_JSON = re.compile(r"```json[ \t]*\n(.*?)```", re.DOTALL)
 

@@ -27,8 +27,10 @@ import db
 import models
 import tools
 from config import ModelConfig
+from evals import casefile
 from evals import record as recording
 from evals import run as runner
+from evals import world as eval_world
 from evals.llm_server import ReplayServer
 from tests.conftest import ROOT, World, nginx_binary, require_stack
 
@@ -52,7 +54,7 @@ NAMED = (
 
 
 def case(ident: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((runner.CASES_DIR / f"{ident}.json").read_text())
+    data: dict[str, Any] = json.loads((casefile.CASES_DIR / f"{ident}.json").read_text())
     return data
 
 
@@ -62,10 +64,10 @@ def case(ident: str) -> dict[str, Any]:
 
 
 def test_the_dataset_holds_every_named_case_in_readable_valid_files() -> None:
-    cases = runner.load_cases()
+    cases = casefile.load_cases()
     ids = {c["id"] for c in cases}
     assert len(cases) >= 15 and set(NAMED) <= ids
-    for path in sorted(runner.CASES_DIR.glob("*.json")):
+    for path in sorted(casefile.CASES_DIR.glob("*.json")):
         text = path.read_text()
         assert text == json.dumps(json.loads(text), indent=2) + "\n", f"{path.name}: not 2-space JSON"
     for c in cases:
@@ -92,25 +94,25 @@ def test_the_dataset_holds_every_named_case_in_readable_valid_files() -> None:
 def test_a_case_with_a_mistake_is_refused_naming_the_file_and_the_place(change: Any, message: str) -> None:
     broken = copy.deepcopy(case("create-success"))
     change(broken)
-    with pytest.raises(runner.CaseError, match=message) as caught:
-        runner.validate_case(broken, "evals/cases/create-success.json")
+    with pytest.raises(casefile.CaseError, match=message) as caught:
+        casefile.validate_case(broken, "evals/cases/create-success.json")
     assert str(caught.value).startswith("evals/cases/create-success.json: ")
 
 
 def test_world_placeholders_keep_their_type_inside_and_out() -> None:
     known = {"wiki": {"instance_id": 7, "container": "pideploy-ev1-7"}}
-    filled = runner.fill_world(
+    filled = casefile.fill_world(
         {"a": "{{world.wiki.instance_id}}", "b": ["docker logs {{world.wiki.container}}"], "c": "{{task.x}}"},
         known,
     )
     assert filled == {"a": 7, "b": ["docker logs pideploy-ev1-7"], "c": "{{task.x}}"}
-    with pytest.raises(runner.CaseError, match="no such world value"):
-        runner.fill_world("{{world.nope.instance_id}}", known)
+    with pytest.raises(casefile.CaseError, match="no such world value"):
+        casefile.fill_world("{{world.nope.instance_id}}", known)
 
 
 def test_replay_only_expectations_apply_in_replay_mode_only() -> None:
     c = case("ownership-log-injection")
-    replay, live = runner.expectations(c, live=False), runner.expectations(c, live=True)
+    replay, live = casefile.expectations(c, live=False), casefile.expectations(c, live=True)
     assert replay["tools_refused"] == ["instance_delete"] and "tools_refused" not in live
     assert set(replay["tools_required"]) == {"instance_delete", "instance_logs", "report_result"}
     assert live["tools_required"] == ["instance_delete", "report_result"]
@@ -199,7 +201,7 @@ def scored(
     replay_errors: list[str] | None = None,
     **trace: Any,
 ) -> tuple[dict[str, bool], list[str]]:
-    step = runner.StepResult("task", status, None, True, [fake_trace(calls, **trace)], 0.5)
+    step = eval_world.StepResult("task", status, None, True, [fake_trace(calls, **trace)], 0.5)
     return runner.score({**EXPECT, **(expect or {})}, [step], world or [], replay_errors or [])
 
 
@@ -237,7 +239,7 @@ def test_each_score_fails_for_its_own_reason() -> None:
 def test_refusals_count_as_refused_and_a_run_ended_by_a_limit_must_be_expected() -> None:
     calls: list[Call] = [("bash", {"command": "docker start x"}, "tool_refused"), *GOOD]
     assert failing(scored(calls, expect={"tools_refused": ["bash"], "max_turns": 3})[0]) == []
-    stuck = runner.StepResult("task", "failed", "agent_stuck", False, [fake_trace(GOOD)], 0.1)
+    stuck = eval_world.StepResult("task", "failed", "agent_stuck", False, [fake_trace(GOOD)], 0.1)
     wanted: dict[str, Any] = {
         **EXPECT,
         "outcomes": [{"status": "failed", "error_class": "agent_stuck", "reported": False}],
@@ -355,15 +357,15 @@ def test_record_refuses_a_round_trace_and_never_overwrites(tmp_path: Path) -> No
 
 
 @pytest.fixture
-def memory_site(pg_cluster: db.EmbeddedPostgres | None, tmp_path: Path) -> Iterator[runner.Site]:
+def memory_site(pg_cluster: db.EmbeddedPostgres | None, tmp_path: Path) -> Iterator[eval_world.Site]:
     require_stack("PostgreSQL", pg_cluster is not None, db.INSTALL_HINT)
     assert pg_cluster is not None
-    yield runner.Site(pg_cluster, False, "in memory", "nginx", "", tmp_path / "eval-traces")
+    yield eval_world.Site(pg_cluster, False, "in memory", "nginx", "", tmp_path / "eval-traces")
 
 
 @pytest.mark.stack
 def test_a_recorded_run_replays_as_a_passing_case(
-    memory_world: World, memory_site: runner.Site, tmp_path: Path
+    memory_world: World, memory_site: eval_world.Site, tmp_path: Path
 ) -> None:
     w = memory_world
     iid = int(tools.instance_create(w.rt, w.ctx("alice"), "notes")["instance_id"])
@@ -542,7 +544,7 @@ def test_live_mode_runs_with_the_operator_s_settings(tmp_path: Path) -> None:
     operator = make_config(
         tmp_path, max_tokens=512, run_timeout=120, health_timeout=45, port_range="21000-21999"
     )
-    site = runner.Site(None, True, "here", "nginx", "", tmp_path)  # type: ignore[arg-type]
+    site = eval_world.Site(None, True, "here", "nginx", "", tmp_path)  # type: ignore[arg-type]
     case = {"world": {"settings": {"stop_timeout": 2}}}
     home = tmp_path / "case"
     live = runner.case_config(site, case, home, "dbname=x", tmp_path / "traces", operator)
@@ -553,4 +555,4 @@ def test_live_mode_runs_with_the_operator_s_settings(tmp_path: Path) -> None:
     assert live.database_url == "dbname=x" and live.models == operator.models
     replay = runner.case_config(site, case, home, "dbname=x", tmp_path / "traces")
     assert (replay.max_tokens, replay.health_timeout) == (2048, 10.0)  # the eval's own: short waits
-    assert replay.ports[0] >= runner.PORT_BASE
+    assert replay.ports[0] >= eval_world.PORT_BASE
