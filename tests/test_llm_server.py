@@ -18,7 +18,8 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletion
 
-from evals.llm_server import ReplayServer, validate_script
+from evals.llm_server import ReplayServer
+from evals.replay_script import validate_script
 from tests.conftest import ROOT
 
 TASK = {"type": "instance_create", "task_id": 17, "user_id": "u1", "params": {"name": "web", "replicas": 2}}
