@@ -22,7 +22,7 @@ from typing import Any
 import agent
 import tools
 from config import Config
-from evals.llm_server import validate_script
+from evals.replay_script import validate_script
 
 CASES_DIR = Path(__file__).resolve().parent / "cases"
 

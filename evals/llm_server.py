@@ -55,8 +55,8 @@ from evals.replay_script import (
     refusal,
     reply,
     select_conversation,
+    validate_script,
 )
-from evals.replay_script import validate_script as validate_script  # evals/run.py imports it from here
 from evals.replay_wire import compact, completion_body, stream_events
 
 logger = logging.getLogger(__name__)
